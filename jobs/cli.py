@@ -1,0 +1,166 @@
+"""`cai`: run, stage, status, constitution, model. Errors print as one line; --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CaiError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .controller import Controller
+    from .executors import LocalExecutor
+    from .store import open_store
+
+    config = load_run_config(args.config)
+    if args.rounds is not None:
+        config.rounds = args.rounds
+    if args.store:
+        config.store = args.store
+    store = open_store(config.store)
+    state = Controller(config, store, LocalExecutor(), run_id=args.run_id).run()
+    root = store.uri_for(f"runs/{state['run_id']}")
+    print(f"run {state['run_id']}: {state['status']}")
+    for rnd in state["rounds"]:
+        for name, st in rnd["stages"].items():
+            print(f"  round {rnd['round']} {name}: {st['status']} -> {store.uri_for(st['output'])}")
+    print(f"results: {root}")
+    print(f"status:  cai status {state['run_id']} --store {config.store}")
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from .stages import run_stage
+
+    run_stage(args.name, args.spec)
+    return 0
+
+
+def format_status(state: dict) -> str:
+    lines = [
+        f"run {state['run_id']}  status={state['status']}  constitution={state.get('constitution', '?')}  "
+        f"prompts={state.get('prompts', '?')}  rounds={len(state['rounds'])}/{state.get('max_rounds', '?')}",
+        f"created {state.get('created_at', '?')}  updated {state.get('updated_at', '?')}",
+    ]
+    for rnd in state["rounds"]:
+        for name, st in rnd["stages"].items():
+            counts = st.get("counts", {})
+            extra = ", ".join(f"{k}={counts[k]}" for k in ("prompts", "revisions_empty", "revisions_unchanged", "tokens_per_second") if k in counts)
+            total = st.get("timings", {}).get("total_s")
+            lines.append(f"  round {rnd['round']:<2} {name:<9} {st['status']:<10} {f'{total:.1f}s' if total else '':>8}  {extra}")
+    for d in state.get("decisions", []):
+        lines.append(f"  decision after round {d['round']}: {d['decision']} ({d['reason']})")
+    if state.get("error"):
+        lines.append(f"  error: {state['error']}")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    store = open_store(args.store)
+    key = f"runs/{args.run_id}/run.json"
+    if not store.exists(key):
+        raise CaiError(f"{store.uri_for(key)}: no such run; list runs with `ls {store.uri_for('runs')}`")
+    state = store.read_json(key)
+    print(json.dumps(state, indent=2) if args.json else format_status(state))
+    return 0
+
+
+def _cmd_constitution_validate(args: argparse.Namespace) -> int:
+    from .constitution import load_constitution
+
+    failed = 0
+    for f in args.files:
+        try:
+            c = load_constitution(f)
+            print(f"{f}: ok ({c.name}, {len(c.principles)} principles, {len(c.few_shot)} few-shot examples)")
+        except CaiError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def _cmd_constitution_show(args: argparse.Namespace) -> int:
+    from .constitution import load_constitution
+
+    c = load_constitution(args.file)
+    print(f"{c.name}: {c.description}")
+    total = sum(p.weight for p in c.principles)
+    for p in c.principles:
+        print(f"\n- {p.name}  (scope {p.scope}, weight {p.weight:g} = {p.weight / total:.0%} of draws)")
+        print(f"    critique:   {p.critique}")
+        print(f"    revision:   {p.revision}")
+        print(f"    comparison: {p.comparison}")
+    if c.few_shot:
+        print(f"\nfew-shot examples: {len(c.few_shot)} ({', '.join(e.principle for e in c.few_shot)})")
+    return 0
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from .models import resolve_model
+
+    print(resolve_model(args.ref))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI as batch jobs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run rounds of CAI for a config (resumes when re-run)")
+    p.add_argument("-c", "--config", type=Path, help="run config YAML (default: built-in defaults)")
+    p.add_argument("--store", help="artifact store (a directory); overrides the config's `store`")
+    p.add_argument("--run-id", help="run id (default: derived from the config, so re-running resumes)")
+    p.add_argument("--rounds", type=int, help="override the config's `rounds`")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("stage", help="run one stage from its spec (what each pod runs)")
+    p.add_argument("name", choices=["generate"])
+    p.add_argument("--spec", required=True, help="URI of the StageSpec JSON in the store")
+    p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("status", help="show a run's rounds, stages and decisions")
+    p.add_argument("run_id")
+    p.add_argument("--store", default="./cai-store")
+    p.add_argument("--json", action="store_true", help="print run.json as is")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("constitution", help="validate or show constitutions")
+    csub = p.add_subparsers(dest="action", required=True)
+    v = csub.add_parser("validate", help="check files; one line per error")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=_cmd_constitution_validate)
+    s = csub.add_parser("show", help="print principles and sampling shares")
+    s.add_argument("file")
+    s.set_defaults(func=_cmd_constitution_show)
+
+    p = sub.add_parser("model", help="model utilities")
+    msub = p.add_subparsers(dest="action", required=True)
+    m = msub.add_parser("prepare", help="resolve a model reference (converts the bundled model once) and print its path")
+    m.add_argument("ref", nargs="?", default="bundled:smollm2-135m-instruct")
+    m.set_defaults(func=_cmd_model_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CaiError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

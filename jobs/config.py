@@ -1,0 +1,118 @@
+"""Run configuration and the StageSpec every stage process receives.
+
+RunConfig is what a user writes (`recipes/*.yaml`); StageSpec is what the controller hands a stage
+(a JSON file in the store, the same for a local subprocess and a Kubernetes pod).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from .schema import StrictModel, load_file
+
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+PromptKind = Literal["red-team", "ordinary"]
+
+
+class PromptSource(StrictModel):
+    source: str = Field(
+        description="`bundled:<set>` (red-team, helpful), a JSONL file, a saved `datasets` directory, "
+        "or `hf:<dataset name>` (needs the dataset in the local HF cache)."
+    )
+    split: str | None = Field("train", description="Rows whose `split` equals this (bundled/JSONL) or the datasets split; null = all rows.")
+    kind: PromptKind | None = Field(None, description="Prompt kind for every row; null = the row's own `kind`, else `ordinary`.")
+    limit: int | None = Field(None, gt=0, description="Keep at most this many prompts (after cleaning), in file order.")
+    column: str = Field("prompt", description="Column holding the prompt text (or use a `messages` column).")
+
+
+class DataConfig(StrictModel):
+    train: list[PromptSource] = Field(
+        default_factory=lambda: [
+            PromptSource(source="bundled:red-team"),
+            PromptSource(source="bundled:helpful"),
+        ],
+        description="Prompt sources for generation; the bundled sets' eval split is never used here.",
+    )
+    max_prompt_chars: int = Field(4000, gt=0, description="Longer prompts are dropped and counted (a 135M model has 8k tokens of context).")
+
+
+class EngineConfig(StrictModel):
+    backend: Literal["auto", "hf"] = Field("auto", description="Text engine; `auto` picks the best installed one.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto`: bfloat16 on GPU, float32 on CPU (faster there with transformers, and exact)."
+    )
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1` ...")
+    batch_size: int = Field(32, gt=0, description="Sequences per forward pass; 32 keeps 2 CPU cores busy without swapping.")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code (off: safer).")
+
+
+class GenerateConfig(StrictModel):
+    revision_rounds: int = Field(2, ge=1, le=8, description="Critique->revision passes per prompt (the paper used up to 4).")
+    few_shot: int = Field(1, ge=0, description="Worked examples prepended to each critique request, rotated per prompt.")
+    max_new_tokens: int = Field(128, gt=0, description="Token cap for responses and revisions.")
+    critique_max_new_tokens: int = Field(96, gt=0, description="Token cap for critiques (they only need to name the problem).")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (reproducible); > 0 samples with the run seed.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    chunk_size: int = Field(256, gt=0, description="Prompts taken through all steps together before results are written.")
+
+
+class RunConfig(StrictModel):
+    name: str = Field("cai", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Prefix for generated run ids.")
+    model: str = Field(BUNDLED_MODEL, description="`bundled:smollm2-135m-instruct`, a local HF directory or a hub id in the local cache.")
+    constitution: str = Field("default", description="Shipped name (default, telehealth, customer-service) or a YAML path.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    stages: list[Literal["generate"]] = Field(["generate"], min_length=1, description="Stages each round runs, in order.")
+    rounds: int = Field(1, ge=1, description="Rounds of the whole pipeline.")
+    seed: int = Field(0, description="Seeds principle sampling, few-shot rotation and sampling.")
+    store: str = Field("./cai-store", description="Artifact store: a local directory (s3:// comes with the S3 store).")
+
+    @field_validator("stages")
+    @classmethod
+    def _no_repeats(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError("a stage is listed twice; list each stage once")
+        return stages
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results; the store and the round budget do not
+        (so `--rounds 3` extends a finished 2-round run instead of starting over)."""
+        data = self.model_dump(mode="json", exclude={"store", "rounds"})
+        return canonical_hash(data)
+
+
+class StageSpec(StrictModel):
+    """Everything one stage process needs; its hash decides whether the stage is already done."""
+
+    stage: Literal["generate"]
+    run_id: str
+    round: int = Field(ge=1)
+    store: str = Field(description="Store URI the stage reads and writes.")
+    output: str = Field(description="Key prefix of the stage's outputs, e.g. runs/<id>/round-1/generate.")
+    model: str = Field(description="Model reference: bundled:..., store:<key>, a directory or hub id.")
+    inputs: dict[str, str] = Field(default_factory=dict, description="Input name -> store key.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The stage's config section.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    seed: int = 0
+
+    def spec_hash(self) -> str:
+        return canonical_hash(self.model_dump(mode="json", exclude={"store"}))
+
+    @property
+    def spec_key(self) -> str:
+        return f"{self.output}/spec.json"
+
+
+def canonical_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def load_run_config(path: str | Path | None) -> RunConfig:
+    return RunConfig() if path is None else load_file(RunConfig, path)

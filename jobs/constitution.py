@@ -1,0 +1,115 @@
+"""Constitutions: principles as data, loaded from YAML and validated with one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .errors import ConfigError
+from .schema import StrictModel, load_file
+
+Scope = Literal["red-team", "ordinary", "all"]
+NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"
+
+#: directory of the constitutions shipped with the repository (`constitutions/` at its top level)
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "constitutions"
+
+
+class Principle(StrictModel):
+    name: str = Field(pattern=NAME_RE, description="Short unique id, e.g. `harmless`.")
+    critique: str = Field(min_length=1, description="Critique request: how the last response falls short of this principle.")
+    revision: str = Field(min_length=1, description="Revision request: rewrite the response to satisfy the principle.")
+    comparison: str = Field(min_length=1, description="The judge's question, answered by choosing (A) or (B).")
+    scope: Scope = Field("all", description="Prompt kind this principle is sampled for: red-team, ordinary or all.")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight.")
+
+    def applies_to(self, kind: str) -> bool:
+        return self.scope == "all" or self.scope == kind
+
+
+class FewShotExample(StrictModel):
+    principle: str = Field(description="Name of the principle this worked example demonstrates.")
+    prompt: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+    critique: str = Field(min_length=1)
+    revision: str = Field(min_length=1)
+
+
+class Constitution(StrictModel):
+    name: str = Field(pattern=NAME_RE)
+    description: str = ""
+    principles: list[Principle] = Field(min_length=1)
+    few_shot: list[FewShotExample] = Field(default_factory=list)
+
+    @field_validator("principles")
+    @classmethod
+    def _unique_names(cls, principles: list[Principle]) -> list[Principle]:
+        seen: set[str] = set()
+        for p in principles:
+            if p.name in seen:
+                raise ValueError(f"duplicate principle name {p.name!r}; give each principle a unique name")
+            seen.add(p.name)
+        return principles
+
+    @model_validator(mode="after")
+    def _few_shot_refs(self) -> "Constitution":
+        names = {p.name for p in self.principles}
+        for i, ex in enumerate(self.few_shot):
+            if ex.principle not in names:
+                raise ValueError(
+                    f"few_shot[{i}].principle {ex.principle!r} names no principle; use one of {sorted(names)}"
+                )
+        return self
+
+    def principle(self, name: str) -> Principle:
+        for p in self.principles:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def for_kind(self, kind: str) -> list[Principle]:
+        """Principles sampled for a prompt kind; all of them when none is scoped to it."""
+        chosen = [p for p in self.principles if p.applies_to(kind)]
+        return chosen or list(self.principles)
+
+    def as_system_prompt(self) -> str:
+        """The constitution as a system prompt (used to tell prompt-level guardrails from alignment)."""
+        lines = [f"Follow these principles ({self.name}):"]
+        lines += [f"- {p.revision}" for p in self.principles]
+        return "\n".join(lines)
+
+
+def sample_principle(constitution: Constitution, kind: str, seed: int, prompt_id: str, step: int) -> Principle:
+    """Weighted draw that depends only on (seed, prompt, step): independent of batching and sharding."""
+    pool = constitution.for_kind(kind)
+    rng = random.Random(f"{seed}:{prompt_id}:{step}")
+    return rng.choices(pool, weights=[p.weight for p in pool], k=1)[0]
+
+
+def resolve_path(ref: str | Path) -> Path:
+    """A file path, or the name of a shipped constitution (`default`, `telehealth`, ...)."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    if re.fullmatch(NAME_RE, str(ref)):
+        shipped = SHIPPED_DIR / f"{ref}.yaml"
+        if shipped.exists():
+            return shipped
+    raise ConfigError(f"{ref}: constitution not found; give a YAML path or a shipped name ({', '.join(shipped_names())})")
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml")) if SHIPPED_DIR.is_dir() else []
+
+
+def load_constitution(ref: str | Path) -> Constitution:
+    return load_file(Constitution, resolve_path(ref))
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

