@@ -7,6 +7,7 @@ current response, and the critique or revision request.
 
 from __future__ import annotations
 
+import difflib
 import random
 import re
 
@@ -106,6 +107,14 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
 
 
+#: a revision this similar to the critique is the critique echoed back, not a response
+COPY_SIMILARITY = 0.8
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, normalise(a), normalise(b), autojunk=False).ratio()
+
+
 def revision_flags(previous: str, revision: str, critique: str = "") -> dict[str, bool]:
     """`empty` and `copies_critique` revisions are unusable (the previous response is kept);
     `unchanged` ones are usable but carry no new signal."""
@@ -113,5 +122,5 @@ def revision_flags(previous: str, revision: str, critique: str = "") -> dict[str
     return {
         "empty": not rev,
         "unchanged": bool(rev) and rev == normalise(previous),
-        "copies_critique": bool(rev) and rev == normalise(critique),
+        "copies_critique": bool(rev) and bool(critique.strip()) and similarity(revision, critique) >= COPY_SIMILARITY,
     }

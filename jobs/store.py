@@ -32,7 +32,7 @@ _FILE_MODE = 0o666 & ~_current_umask()  # mkstemp creates 0600; artifacts get no
 
 
 def _temp_file(path: Path) -> tuple[int, str]:
-    fd, tmp = _temp_file(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, _FILE_MODE)
     return fd, tmp
 

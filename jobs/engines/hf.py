@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Sequence
 
@@ -10,6 +11,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ModelError
 from .base import Conversation, EngineStats, SamplingParams, apply_stop
+
+# In a pod or a piped subprocess the bar goes to a log: update it rarely there.
+_BAR_INTERVAL = 2 if sys.stderr.isatty() else 15
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +106,7 @@ class HFEngine:
         outputs: list[str] = [""] * len(texts)
         start = time.perf_counter()
         new_tokens = 0
-        bar = tqdm(total=len(texts), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=2)
+        bar = tqdm(total=len(texts), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=_BAR_INTERVAL)
         for b, idx in enumerate(self._batches([len(e) for e in encoded])):
             ids, mask = self._pad_left([encoded[i] for i in idx])
             kwargs = dict(
@@ -149,7 +153,7 @@ class HFEngine:
             pairs.append((p_ids, c_ids))
         scores = [0.0] * len(pairs)
         start = time.perf_counter()
-        bar = tqdm(total=len(pairs), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=2)
+        bar = tqdm(total=len(pairs), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=_BAR_INTERVAL)
         for idx in self._batches([len(p) + len(c) for p, c in pairs]):
             seqs = [pairs[i][0] + pairs[i][1] for i in idx]
             ids, mask = self._pad_left(seqs)

@@ -1,0 +1,87 @@
+"""`cai run` end to end through the local executor (a real subprocess per stage), resume and status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import format_status, main
+from jobs.executors.local import stage_command
+
+
+def cai(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_run_resume_and_status(tmp_path, tiny_run_config):
+    store = tmp_path / "store"
+    first = cai("run", "-c", str(tiny_run_config), "--store", str(store), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_id = next(l.split()[1].rstrip(":") for l in first.stdout.splitlines() if l.startswith("run "))
+    run = json.loads((store / "runs" / run_id / "run.json").read_text())
+    assert run["status"] == "completed"
+    assert run["rounds"][0]["stages"]["generate"]["status"] == "completed"
+    assert run["rounds"][0]["stages"]["generate"]["counts"]["prompts"] == 6
+    assert run["decisions"][-1]["decision"] == "stop"
+    gen = store / "runs" / run_id / "round-1" / "generate"
+    assert {"sft.jsonl", "traces.jsonl", "stage.json", "spec.json"} <= {p.name for p in gen.iterdir()}
+    assert "[generate] done" in (gen / "logs" / "stage.log").read_text()
+    report = json.loads((store / "runs" / run_id / "inputs" / "data_report.json").read_text())
+    assert report["prompts"] == 6
+
+    stamp = (gen / "sft.jsonl").stat().st_mtime_ns
+    again = cai("run", "-c", str(tiny_run_config), "--store", str(store), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already complete" in again.stderr
+    assert (gen / "sft.jsonl").stat().st_mtime_ns == stamp
+    run = json.loads((store / "runs" / run_id / "run.json").read_text())
+    assert run["rounds"][0]["stages"]["generate"]["status"] == "skipped"
+
+    status = cai("status", run_id, "--store", str(store), cwd=tmp_path)
+    assert status.returncode == 0 and "generate" in status.stdout and "completed" in status.stdout
+
+
+def test_status_of_unknown_run_is_one_line(tmp_path, capsys):
+    assert main(["status", "nope", "--store", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no such run" in err
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate:\n  revision_rounds: 0\n")
+    assert main(["run", "-c", str(bad), "--store", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "generate.revision_rounds" in err and str(bad) in err
+
+
+def test_failed_stage_is_recorded(tmp_path, tiny_run_config):
+    config = tiny_run_config.read_text().replace(f"model: ", "model: /nonexistent/model/dir-")
+    bad = tmp_path / "bad-model.yaml"
+    bad.write_text(config)
+    result = cai("run", "-c", str(bad), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: stage generate failed")
+    run_json = next((tmp_path / "store" / "runs").glob("*/run.json"))
+    run = json.loads(run_json.read_text())
+    assert run["status"] == "failed"
+    assert run["rounds"][0]["stages"]["generate"]["status"] == "failed"
+    assert not list((tmp_path / "store").rglob("stage.json"))
+
+
+def test_stage_command_is_the_pod_command():
+    assert stage_command("generate", "s3://b/runs/x/spec.json") == ["cai", "stage", "generate", "--spec", "s3://b/runs/x/spec.json"]
+
+
+def test_format_status_lists_stages_and_decisions():
+    state = {
+        "run_id": "r", "status": "completed", "constitution": "default", "prompts": 3, "max_rounds": 1,
+        "rounds": [{"round": 1, "stages": {"generate": {"status": "completed", "counts": {"prompts": 3}, "timings": {"total_s": 2.0}}}}],
+        "decisions": [{"round": 1, "decision": "stop", "reason": "max rounds (1) used"}],
+    }
+    text = format_status(state)
+    assert "generate" in text and "prompts=3" in text and "stop" in text
