@@ -90,9 +90,14 @@ def _cmd_constitution_show(args: argparse.Namespace) -> int:
 
     c = load_constitution(args.file)
     print(f"{c.name}: {c.description}")
-    total = sum(p.weight for p in c.principles)
+    shares = {}
+    for kind in ("red-team", "ordinary"):
+        pool = c.for_kind(kind)
+        total = sum(p.weight for p in pool)
+        shares[kind] = {p.name: p.weight / total for p in pool}
     for p in c.principles:
-        print(f"\n- {p.name}  (scope {p.scope}, weight {p.weight:g} = {p.weight / total:.0%} of draws)")
+        share = ", ".join(f"{shares[k].get(p.name, 0):.0%} of {k} draws" for k in shares)
+        print(f"\n- {p.name}  (scope {p.scope}, weight {p.weight:g}: {share})")
         print(f"    critique:   {p.critique}")
         print(f"    revision:   {p.revision}")
         print(f"    comparison: {p.comparison}")

@@ -46,6 +46,15 @@ class Constitution(StrictModel):
     principles: list[Principle] = Field(min_length=1)
     few_shot: list[FewShotExample] = Field(default_factory=list)
 
+    @field_validator("principles", mode="before")
+    @classmethod
+    def _no_blank_text(cls, principles):
+        for p in principles if isinstance(principles, list) else []:
+            for key in ("critique", "revision", "comparison"):
+                if isinstance(p, dict) and isinstance(p.get(key), str) and not p[key].strip():
+                    raise ValueError(f"principle {p.get('name', '?')!r}: {key} is blank; write the request text")
+        return principles
+
     @field_validator("principles")
     @classmethod
     def _unique_names(cls, principles: list[Principle]) -> list[Principle]:

@@ -44,10 +44,12 @@ def critique_request(
     examples: list[FewShotExample],
     constitution: Constitution,
 ) -> Conversation:
-    turns: Conversation = []
+    # the user's own system message stays first: many chat templates reject one mid-conversation
+    system = [m for m in conversation[:1] if m["role"] == "system"]
+    turns: Conversation = list(system)
     for ex in examples:
         turns += _example_turns(ex, constitution)
-    return turns + list(conversation) + [
+    return turns + list(conversation[len(system):]) + [
         {"role": "assistant", "content": response},
         {"role": "user", "content": principle.critique},
     ]
@@ -67,14 +69,14 @@ _LABEL = re.compile(
 )
 _PREAMBLE = re.compile(
     r"^\s*(?:(?:sure|certainly|of course|okay|ok|absolutely|alright)[,!.]?\s*)?"
-    r"(?:here(?:'s| is| are)|below is|i(?:'ve| have) (?:revised|rewritten|updated))\b[^\n:]{0,80}"
-    r"(?:response|answer|version|revision|text|rewrite)[^\n:]{0,40}:\s*",
+    r"(?:(?:here(?:'s| is| are)|below is)\b[^\n:]{0,60}\b(?:revised|rewritten|rewrite|improved|updated|new|better|edited)\b"
+    r"|i(?:'ve| have) (?:revised|rewritten|updated|improved)\b)[^\n:]{0,60}:\s*",
     re.IGNORECASE,
 )
 _BARE_AFFIRMATION = re.compile(r"^\s*(?:sure|certainly|of course|okay|absolutely)[,!.]\s*\n", re.IGNORECASE)
-_CRITIQUE_LABEL = re.compile(r"^\s*\**\s*critique\s*\**\s*:\s*", re.IGNORECASE)
+_CRITIQUE_LABEL = re.compile(r"^\s*\**\s*critique\s*\**\s*:\s*\**\s*", re.IGNORECASE)
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
-_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "`": "`"}
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
 
 
 def _strip_quotes(text: str) -> str:

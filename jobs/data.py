@@ -88,7 +88,9 @@ def _messages_from(row: dict[str, Any], column: str) -> tuple[tuple[str, str], .
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any] | str]:
     """Rows as dicts, or a drop reason string for lines that cannot become one."""
     with open(path, "rb") as fh:
-        for raw in fh:
+        for n, raw in enumerate(fh):
+            if n == 0 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM from some Windows editors
+                raw = raw[3:]
             if not raw.strip():
                 yield "empty"
                 continue
@@ -117,7 +119,7 @@ def _iter_dataset(ref: str, split: str | None) -> Iterator[dict[str, Any]]:
             ds = datasets.load_from_disk(ref)
             if isinstance(ds, datasets.DatasetDict):
                 if (split or "train") not in ds:
-                    raise DataError(f"{ref}: split {split!r} not found; use one of {sorted(ds)}")
+                    raise DataError(f"{ref}: split {(split or 'train')!r} not found; use one of {sorted(ds)}")
                 ds = ds[split or "train"]
     except DataError:
         raise

@@ -26,6 +26,11 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
 
+def _printable(text: str) -> str:
+    """Keys and names may hold control characters; the error must stay on one line."""
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
 def _field_path(loc: tuple[Any, ...], data: Any) -> str:
     parts: list[str] = []
     node = data
@@ -36,10 +41,10 @@ def _field_path(loc: tuple[Any, ...], data: Any) -> str:
             if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
                 name = node[item].get("name")
                 if name:
-                    label += f"({name})"
+                    label += f"({_printable(str(name))})"
             parts.append(label)
         else:
-            parts.append(("." if parts else "") + str(item))
+            parts.append(("." if parts else "") + _printable(str(item)))
         try:
             node = node[item]
         except (KeyError, IndexError, TypeError):

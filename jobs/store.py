@@ -37,6 +37,11 @@ def _temp_file(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def _is_temp(name: str) -> bool:
+    """Our temp files and dirs are `.<name>.<random>.tmp`: in-flight writes, never artifacts."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 class ArtifactStore(ABC):
     """What stages and the controller need from storage, nothing more."""
 
@@ -176,7 +181,7 @@ class LocalStore(ArtifactStore):
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and not p.name.endswith(".tmp")
+            if p.is_file() and not any(_is_temp(part) for part in p.relative_to(self.root).parts)
         )
 
     def delete(self, key: str) -> None:
@@ -238,7 +243,7 @@ def open_store(uri: str | Path) -> ArtifactStore:
 def split_uri(uri: str) -> tuple[ArtifactStore, str]:
     """Split `<store>/<key>` where key starts at `runs/`: the spec URI a pod receives."""
     marker = "/runs/"
-    idx = uri.find(marker)
+    idx = uri.rfind(marker)  # the store's own path may contain /runs/; the key's is the last one
     if idx < 0:
         raise StoreError(f"{uri}: expected a URI of the form <store>/runs/<run-id>/...; pass the spec URI cai printed")
     return open_store(uri[:idx] or "/"), uri[idx + 1:]

@@ -1,0 +1,383 @@
+"""Benchmark: the `generate` stage (batched) against the textbook sequential critique-revision loop.
+
+Both sides run the same bundled model (SmolLM2-135M-Instruct, float32, CPU), greedy decoding, the
+same prompts, the same token cap per step and the same number of steps per prompt (1 response +
+2 x rounds critique/revision calls). Throughput is generated tokens / wall seconds of the timed work.
+
+    .venv/bin/python bench/generate.py            # quick sizes (also what `--quick` selects)
+    .venv/bin/python bench/generate.py --prompts 64 --rounds 2 --max-new-tokens 128
+
+Results: a table on stdout and bench/results/generate.json (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: import the checkout's `jobs`
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from jobs.config import DataConfig, GenerateConfig, PromptSource  # noqa: E402
+from jobs.constitution import Constitution, load_constitution  # noqa: E402
+from jobs.data import PromptRecord, load_prompts  # noqa: E402
+from jobs.engines.base import SamplingParams  # noqa: E402
+from jobs.engines.hf import HFEngine  # noqa: E402
+from jobs.models import resolve_model  # noqa: E402
+from jobs.stages.generate import revise_chunk  # noqa: E402
+
+MODEL_REF = "bundled:smollm2-135m-instruct"
+DTYPE = "float32"
+DEVICE = "cpu"
+QUICK = {"prompts": 32, "rounds": 1, "max_new_tokens": 64, "batch_size": 32}
+DEFAULT_OUT = ROOT / "bench" / "results" / "generate.json"
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- machine / inputs
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def bench_prompts(n: int) -> list[PromptRecord]:
+    """First n//2 red-team and n - n//2 helpful prompts from the bundled train splits."""
+    n_red, n_help = n // 2, n - n // 2
+    sources = [PromptSource(source="bundled:red-team", limit=n_red), PromptSource(source="bundled:helpful", limit=n_help)]
+    records, reports = load_prompts([s for s in sources if s.limit], DataConfig().max_prompt_chars)
+    for rep in reports:
+        log(rep.summary())
+    if len(records) != n:
+        raise SystemExit(f"asked for {n} prompts but the bundled train splits gave {len(records)} "
+                         f"({n_red} red-team + {n_help} helpful wanted); use --prompts <= 96")
+    return records
+
+
+# --------------------------------------------------------------------------- baseline: the seed loop
+
+
+class SeedLoop:
+    """The textbook loop ("Code Fragment 17.3.2 shape"): one prompt, one generate call at a time.
+
+    Written for this benchmark. Prompts go through the model's chat template: the initial response
+    sees the user's conversation; critique and revision requests are the textbook's plain-text
+    inputs ("Here is a conversation: ... Critique request: ... Critique:") sent as one user turn.
+    Greedy, batch 1, stop at the tokenizer's eos (<|im_end|> for this model) or max_new_tokens.
+    """
+
+    def __init__(self, model_path: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(DEVICE)
+        self.model.eval()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.calls = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+
+    def encode(self, conversation: list[dict[str, str]]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):  # some transformers versions return a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+
+    @torch.inference_mode()
+    def generate(self, conversation: list[dict[str, str]], max_new_tokens: int) -> str:
+        ids = self.encode(conversation)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=DEVICE)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        new = out[0, len(ids):].tolist()
+        n = next((k + 1 for k, t in enumerate(new) if t == self.eos_id), len(new))  # up to and including eos
+        self.calls += 1
+        self.prompt_tokens += len(ids)
+        self.generated_tokens += n
+        return self.tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+
+    def run(self, prompts: list[PromptRecord], constitution: Constitution, rounds: int, max_new_tokens: int, seed: int) -> list[dict]:
+        rng = random.Random(seed)
+        traces = []
+        for p in prompts:
+            response = self.generate(p.conversation, max_new_tokens)
+            human = "\n".join(f"{'Human' if r == 'user' else r.capitalize()}: {c}" for r, c in p.messages)
+            rounds_out = []
+            for _ in range(rounds):
+                principle = rng.choice(constitution.for_kind(p.kind))
+                critique_input = (
+                    f"Here is a conversation:\n\n{human}\nAssistant: {response}\n\n"
+                    f"Critique request: {principle.critique}\nCritique:"
+                )
+                critique = self.generate([{"role": "user", "content": critique_input}], max_new_tokens)
+                revision_input = (
+                    f"{critique_input} {critique}\n\nRevision request: {principle.revision}\nRevised response:"
+                )
+                response = self.generate([{"role": "user", "content": revision_input}], max_new_tokens)
+                rounds_out.append({"principle": principle.name, "critique": critique, "revision": response})
+            traces.append({"id": p.id, "rounds": rounds_out, "final": response})
+        return traces
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def run_seed_loop(model_path: str, prompts, constitution, args) -> dict:
+    log(f"seed loop: loading model, {len(prompts)} prompts x {1 + 2 * args.rounds} steps, batch 1")
+    loop = SeedLoop(model_path)
+    loop.generate([{"role": "user", "content": "Hi"}], 4)  # warm-up, not timed
+    loop.calls = loop.generated_tokens = loop.prompt_tokens = 0
+    t0 = time.perf_counter()
+    loop.run(prompts, constitution, args.rounds, args.max_new_tokens, args.seed)
+    seconds = time.perf_counter() - t0
+    res = {
+        "tokens": loop.generated_tokens,
+        "seconds": seconds,
+        "calls": loop.calls,
+        "prompt_tokens": loop.prompt_tokens,
+        "sequences": loop.calls,
+    }
+    del loop
+    return res
+
+
+def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
+    log(f"cai generate stage (hf): loading model, {len(prompts)} prompts x {1 + 2 * args.rounds} steps, batch {args.batch_size}")
+    engine = HFEngine(model_path, dtype=DTYPE, device=DEVICE, batch_size=args.batch_size, show_progress=False)
+    engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4), desc="warmup")  # not timed
+    s0 = (engine.stats.generated_tokens, engine.stats.calls, engine.stats.prompt_tokens, engine.stats.sequences)
+    cfg = GenerateConfig(
+        revision_rounds=args.rounds,
+        max_new_tokens=args.max_new_tokens,
+        critique_max_new_tokens=args.max_new_tokens,
+        few_shot=0,
+        temperature=0.0,
+        chunk_size=max(len(prompts), 1),
+    )
+    t0 = time.perf_counter()
+    revise_chunk(prompts, constitution, engine, cfg, args.seed)
+    seconds = time.perf_counter() - t0
+    res = {
+        "tokens": engine.stats.generated_tokens - s0[0],
+        "seconds": seconds,
+        "calls": engine.stats.calls - s0[1],
+        "prompt_tokens": engine.stats.prompt_tokens - s0[2],
+        "sequences": engine.stats.sequences - s0[3],
+    }
+    del engine
+    return res
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _rel(path: str) -> str:
+    """A path relative to the repository root when it lies inside it (for a copy-pasteable command)."""
+    try:
+        return os.path.relpath(os.path.abspath(path), ROOT) if os.path.abspath(path).startswith(str(ROOT) + os.sep) else path
+    except ValueError:
+        return path
+
+
+def rate(tokens: float, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dict, extrap: dict | None) -> None:
+    seed_tps, hf_tps = rate(seed_res["tokens"], seed_res["seconds"]), rate(hf_res["tokens"], hf_res["seconds"])
+    print()
+    print(f"machine: {machine['cpu']}, cores={machine['cores']} (usable {machine['usable_cores']}), "
+          f"torch threads={machine['torch_threads']}, torch {machine['torch']}, transformers {machine['transformers']}")
+    print(f"model: {MODEL_REF}, dtype {DTYPE} on {DEVICE} (both sides), greedy")
+    print(f"work: {n_prompts} prompts x (1 + 2x{args.rounds}) steps, max_new_tokens={args.max_new_tokens} per step, "
+          f"few_shot=0, seed={args.seed}")
+    print()
+    header = f"| {'side':<34} | {'batch':>5} | {'prompts':>7} | {'gen tokens':>10} | {'seconds':>8} | {'tok/s':>7} | {'vs seed':>7} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    print(f"| {'seed loop (sequential)':<34} | {1:>5} | {seed_res['prompts']:>7} | {seed_res['tokens']:>10} | "
+          f"{seed_res['seconds']:>8.1f} | {seed_tps:>7.1f} | {1.0:>6.2f}x |")
+    if extrap:
+        print(f"| {'  (extrapolated to all prompts)':<34} | {1:>5} | {n_prompts:>7} | {extrap['tokens']:>10.0f} | "
+              f"{extrap['seconds']:>8.1f} | {seed_tps:>7.1f} | {'':>7} |")
+    ratio = hf_tps / seed_tps if seed_tps else float("nan")
+    print(f"| {'cai generate stage (hf)':<34} | {args.batch_size:>5} | {n_prompts:>7} | {hf_res['tokens']:>10} | "
+          f"{hf_res['seconds']:>8.1f} | {hf_tps:>7.1f} | {ratio:>6.2f}x |")
+    print()
+    print(f"generate calls: seed {seed_res['calls']}, hf {hf_res['calls']} (batched); "
+          f"mean prompt tokens per sequence: seed {seed_res['prompt_tokens'] / max(seed_res['sequences'], 1):.0f}, "
+          f"hf {hf_res['prompt_tokens'] / max(hf_res['sequences'], 1):.0f}; "
+          f"mean generated tokens per sequence: seed {seed_res['tokens'] / max(seed_res['sequences'], 1):.1f}, "
+          f"hf {hf_res['tokens'] / max(hf_res['sequences'], 1):.1f}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"quick preset (the default sizes): {QUICK['prompts']} prompts, {QUICK['rounds']} round, "
+                         f"{QUICK['max_new_tokens']} new tokens, batch {QUICK['batch_size']}; explicit flags still win")
+    ap.add_argument("--prompts", type=int, help=f"prompts, half red-team and half helpful (max 96; default {QUICK['prompts']})")
+    ap.add_argument("--rounds", type=int, help=f"critique/revision rounds per prompt (default {QUICK['rounds']})")
+    ap.add_argument("--max-new-tokens", type=int, help=f"token cap for every step, both sides (default {QUICK['max_new_tokens']})")
+    ap.add_argument("--batch-size", type=int, help=f"HFEngine batch size (default {QUICK['batch_size']})")
+    ap.add_argument("--baseline-prompts", type=int, default=None,
+                    help="run the seed loop on only the first K prompts (default: all, the same prompts as ours)")
+    ap.add_argument("--extrapolate", action="store_true",
+                    help="with --baseline-prompts K < N, also report the seed loop's estimated tokens and seconds for all N prompts")
+    ap.add_argument("--seed", type=int, default=0, help="principle-sampling seed (default 0)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path (default bench/results/generate.json)")
+    args = ap.parse_args(argv)
+    for key, value in QUICK.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not 1 <= args.prompts <= 96:
+        ap.error("--prompts must be between 1 and 96 (48 train prompts in each bundled set)")
+    if args.rounds < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        ap.error("--rounds, --max-new-tokens and --batch-size must be >= 1")
+    if args.baseline_prompts is None:
+        args.baseline_prompts = args.prompts
+    if not 1 <= args.baseline_prompts <= args.prompts:
+        ap.error("--baseline-prompts must be between 1 and --prompts")
+    if args.extrapolate and args.baseline_prompts == args.prompts:
+        ap.error("--extrapolate only makes sense with --baseline-prompts smaller than --prompts")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    machine = machine_info()
+    load = machine["load_avg_1m_at_start"]
+    if load is not None and load > 0.5:
+        log(f"warning: 1-minute load average is {load} before the run; other processes share the "
+            f"{machine['cores']} cores and will slow both sides (figures are not comparable to a quiet machine)")
+    model_path = resolve_model(MODEL_REF)
+    constitution = load_constitution("default")
+    prompts = bench_prompts(args.prompts)
+
+    baseline_prompts = prompts
+    if args.baseline_prompts < len(prompts):
+        # keep the red-team/helpful mix in the subset: interleave the two halves
+        red = [p for p in prompts if p.kind == "red-team"]
+        rest = [p for p in prompts if p.kind != "red-team"]
+        mixed = [x for pair in zip(red, rest) for x in pair] + red[len(rest):] + rest[len(red):]
+        baseline_prompts = mixed[: args.baseline_prompts]
+
+    seed_res = run_seed_loop(model_path, baseline_prompts, constitution, args)
+    seed_res["prompts"] = len(baseline_prompts)
+    log(f"seed loop: {seed_res['tokens']} tokens in {seed_res['seconds']:.1f}s")
+    hf_res = run_hf_stage(model_path, prompts, constitution, args)
+    log(f"cai generate stage (hf): {hf_res['tokens']} tokens in {hf_res['seconds']:.1f}s")
+
+    extrap = None
+    if args.extrapolate:
+        scale = len(prompts) / len(baseline_prompts)
+        extrap = {"tokens": seed_res["tokens"] * scale, "seconds": seed_res["seconds"] * scale}
+
+    seed_tps = rate(seed_res["tokens"], seed_res["seconds"])
+    hf_tps = rate(hf_res["tokens"], hf_res["seconds"])
+    print_table(machine, args, len(prompts), seed_res, hf_res, extrap)
+
+    result = {
+        "machine": machine,
+        "command": shlex.join([_rel(sys.executable), _rel(sys.argv[0]) if sys.argv and sys.argv[0] else "bench/generate.py", *argv]),
+        "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "model": MODEL_REF,
+        "device": DEVICE,
+        "prompts": len(prompts),
+        "baseline_prompts": len(baseline_prompts),
+        "rounds": args.rounds,
+        "steps_per_prompt": 1 + 2 * args.rounds,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "dtype": DTYPE,
+        "few_shot": 0,
+        "seed": args.seed,
+        "seed_loop_tok_s": round(seed_tps, 2),
+        "hf_tok_s": round(hf_tps, 2),
+        "ratio_hf_vs_seed": round(hf_tps / seed_tps, 3) if seed_tps else None,
+        "seed_loop_tokens": seed_res["tokens"],
+        "hf_tokens": hf_res["tokens"],
+        "seed_loop_s": round(seed_res["seconds"], 3),
+        "hf_s": round(hf_res["seconds"], 3),
+        "seed_loop_calls": seed_res["calls"],
+        "hf_calls": hf_res["calls"],
+        "seed_loop_prompt_tokens": seed_res["prompt_tokens"],
+        "hf_prompt_tokens": hf_res["prompt_tokens"],
+        "seed_loop_extrapolated": (
+            {"prompts": len(prompts), "tokens": round(extrap["tokens"]), "seconds": round(extrap["seconds"], 3)} if extrap else None
+        ),
+        "vllm_tok_s": None,
+        "ratio_vllm_vs_seed": None,
+    }
+    write_json_atomic(args.out, result)
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
