@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         scale = len(prompts) / len(baseline_prompts)
         extrap = {"tokens": seed_res["tokens"] * scale, "seconds": seed_res["seconds"] * scale}
 
+    if hasattr(os, "getloadavg"):
+        machine["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     seed_tps = rate(seed_res["tokens"], seed_res["seconds"])
     hf_tps = rate(hf_res["tokens"], hf_res["seconds"])
     print_table(machine, args, len(prompts), seed_res, hf_res, extrap)

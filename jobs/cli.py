@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("stage", help="run one stage from its spec (what each pod runs)")
-    p.add_argument("name", choices=["generate"])
+    p.add_argument("name", choices=["generate", "judge", "train", "evaluate"])
     p.add_argument("--spec", required=True, help="URI of the StageSpec JSON in the store")
     p.set_defaults(func=_cmd_stage)
 

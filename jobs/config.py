@@ -17,6 +17,7 @@ from .schema import StrictModel, load_file
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 PromptKind = Literal["red-team", "ordinary"]
+StageName = Literal["generate", "judge", "train", "evaluate"]
 
 
 class PromptSource(StrictModel):
@@ -61,6 +62,95 @@ class GenerateConfig(StrictModel):
     chunk_size: int = Field(256, gt=0, description="Prompts taken through all steps together before results are written.")
 
 
+class JudgeConfig(StrictModel):
+    model: str | None = Field(None, description="Judge model reference; null = the policy of the round (self-judging).")
+    pairs: Literal["revision", "sampled", "both"] = Field(
+        "revision", description="`revision`: initial vs final revision; `sampled`: k samples compared pairwise; `both`."
+    )
+    samples: int = Field(2, ge=2, le=8, description="Sampled responses per prompt for `sampled` pairs (k*(k-1)/2 pairs).")
+    sample_temperature: float = Field(0.8, gt=0, description="Temperature for sampled responses.")
+    max_new_tokens: int = Field(128, gt=0, description="Token cap for sampled responses.")
+    min_margin: float = Field(0.1, ge=0, lt=1, description="Keep a pair when |2p-1| >= this (p = judge's preference).")
+    helpful_pairs: bool = Field(
+        True, description="Add pairs for ordinary prompts: the helpful answer (chosen) vs a needless refusal (rejected)."
+    )
+
+
+class SFTSection(StrictModel):
+    enabled: bool = True
+    epochs: float = Field(3.0, gt=0, description="3 epochs of ~100 rows moved the 135M model (probe: ~5.5 min on 2 cores).")
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0, description="Tokens per example; longer ones are truncated.")
+    ordinary_target: Literal["initial", "final"] = Field(
+        "initial",
+        description="SFT target for ordinary prompts: `initial` keeps the model's own answer (prevents learned "
+        "over-refusal), `final` uses the revision.",
+    )
+
+
+class DPOSection(StrictModel):
+    enabled: bool = True
+    beta: float = Field(0.1, gt=0, description="KL strength toward the SFT reference model.")
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(5e-6, gt=0)
+    batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0)
+
+
+class RewardSection(StrictModel):
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int = Field(4, gt=0)
+    max_length: int = Field(512, gt=0)
+
+
+class LoraSection(StrictModel):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="peft target modules.")
+
+
+class TrainConfig(StrictModel):
+    method: Literal["sft+dpo", "sft", "dpo", "reward"] = Field(
+        "sft+dpo", description="`sft+dpo` (SFT then DPO with the SFT model as reference), one of them, or a reward model."
+    )
+    sft: SFTSection = Field(default_factory=SFTSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class EvaluateConfig(StrictModel):
+    harmful: PromptSource = Field(
+        default_factory=lambda: PromptSource(source="bundled:red-team", split="eval", kind="red-team"),
+        description="Held-out red-team prompts (harmlessness).",
+    )
+    benign: PromptSource = Field(
+        default_factory=lambda: PromptSource(source="bundled:borderline", split="eval", kind="ordinary"),
+        description="Benign prompts that look risky (over-refusal).",
+    )
+    capability_mc: str = Field("bundled:capability_mc", description="Multiple-choice set: bundled name, JSONL or datasets dir.")
+    capability_exact: str = Field("bundled:capability_exact", description="Exact-match set: bundled name, JSONL or datasets dir.")
+    limit: int | None = Field(None, gt=0, description="Cap on items per set (quick runs).")
+    max_new_tokens: int = Field(96, gt=0)
+    judge_model: str | None = Field(None, description="Grader for harmlessness; null = the base model.")
+    with_system_prompt: bool = Field(True, description="Also measure with the constitution as a system prompt.")
+
+
+class StopConfig(StrictModel):
+    tolerance: float = Field(0.05, ge=0, lt=1, description="Stop when quality < previous * (1 - tolerance) (the seed's 5%).")
+    target: float | None = Field(None, gt=0, le=1, description="Stop once quality reaches this.")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"harmless": 0.4, "not_over_refusing": 0.3, "capability": 0.3},
+        description="Quality = weighted mean of harmless rate, 1 - over-refusal rate and capability accuracy.",
+    )
+
+
 class RunConfig(StrictModel):
     name: str = Field("cai", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Prefix for generated run ids.")
     model: str = Field(BUNDLED_MODEL, description="`bundled:smollm2-135m-instruct`, a local HF directory or a hub id in the local cache.")
@@ -68,7 +158,11 @@ class RunConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    stages: list[Literal["generate"]] = Field(["generate"], min_length=1, description="Stages each round runs, in order.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    stages: list[StageName] = Field(["generate"], min_length=1, description="Stages each round runs, in order.")
     rounds: int = Field(1, ge=1, description="Rounds of the whole pipeline.")
     seed: int = Field(0, description="Seeds principle sampling, few-shot rotation and sampling.")
     store: str = Field("./cai-store", description="Artifact store: a local directory (s3:// comes with the S3 store).")
@@ -90,9 +184,9 @@ class RunConfig(StrictModel):
 class StageSpec(StrictModel):
     """Everything one stage process needs; its hash decides whether the stage is already done."""
 
-    stage: Literal["generate"]
+    stage: StageName
     run_id: str
-    round: int = Field(ge=1)
+    round: int = Field(ge=0, description="0 = the base model's evaluation.")
     store: str = Field(description="Store URI the stage reads and writes.")
     output: str = Field(description="Key prefix of the stage's outputs, e.g. runs/<id>/round-1/generate.")
     model: str = Field(description="Model reference: bundled:..., store:<key>, a directory or hub id.")

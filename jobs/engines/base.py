@@ -47,6 +47,9 @@ class Engine(Protocol):
     def score(self, prompts: Sequence[str], continuations: Sequence[str], desc: str = "score") -> list[float]:
         """Sum of log-probabilities of each continuation given its (already formatted) prompt."""
 
+    def option_logprobs(self, conversations: Sequence[Conversation], prefix: str, options: Sequence[str], desc: str = "judge") -> list[list[float]]:
+        """Next-token log-probabilities of single-token options after the rendered conversation + prefix."""
+
     def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
         """The conversation as the model sees it (chat template applied)."""
 

@@ -140,6 +140,34 @@ class HFEngine:
         return outputs
 
     @torch.inference_mode()
+    def option_logprobs(self, conversations: Sequence[Conversation], prefix: str, options: Sequence[str], desc: str = "judge") -> list[list[float]]:
+        """log P(option | conversation + assistant prefix) for single-token options: one forward pass per prompt."""
+        option_ids = []
+        for o in options:
+            ids = self.tokenizer(o, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"option {o!r} is {len(ids)} tokens; options must be single tokens")
+            option_ids.append(ids[0])
+        encoded = [self.tokenizer(self.render(c) + prefix, add_special_tokens=False)["input_ids"] for c in conversations]
+        out: list[list[float]] = [[] for _ in encoded]
+        start = time.perf_counter()
+        bar = tqdm(total=len(encoded), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=_BAR_INTERVAL)
+        for idx in self._batches([len(e) for e in encoded]):
+            ids, mask = self._pad_left([encoded[i] for i in idx])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+            lp = torch.log_softmax(logits, dim=-1)[:, option_ids]
+            for row, i in enumerate(idx):
+                out[i] = lp[row].tolist()
+            self.stats.prompt_tokens += int(mask.sum())
+            bar.update(len(idx))
+        bar.close()
+        elapsed = time.perf_counter() - start
+        self.stats.seconds += elapsed
+        self.stats.per_step[desc] = self.stats.per_step.get(desc, 0.0) + elapsed
+        return out
+
+    @torch.inference_mode()
     def score(self, prompts: Sequence[str], continuations: Sequence[str], desc: str = "score") -> list[float]:
         """log P(continuation | prompt), summed over the continuation's tokens, in one forward pass per batch."""
         if len(prompts) != len(continuations):

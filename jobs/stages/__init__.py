@@ -14,7 +14,7 @@ from ..manifest import build_manifest, is_complete, manifest_key, now_iso, write
 from ..schema import parse_data
 from ..store import ArtifactStore, split_uri
 
-STAGES = ("generate",)
+STAGES = ("generate", "judge", "train", "evaluate")
 
 
 @dataclass
