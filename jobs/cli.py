@@ -28,6 +28,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for rnd in state["rounds"]:
         for name, st in rnd["stages"].items():
             print(f"  round {rnd['round']} {name}: {st['status']} -> {store.uri_for(st['output'])}")
+    for d in state.get("decisions", []):
+        print(f"  after round {d['round']}: {d['decision']} ({d['reason']})")
+    result = state.get("result") or {}
+    if result.get("model", "").startswith("store:"):
+        print(f"model:   {store.uri_for(result['model'][len('store:'):])} (round {result['round']})")
+    elif result:
+        print(f"model:   {result['model']} (round {result['round']}: no round beat it)")
     print(f"results: {root}")
     print(f"status:  cai status {state['run_id']} --store {config.store}")
     return 0
@@ -40,20 +47,39 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+_STATUS_COUNTS = ("prompts", "revisions_empty", "revisions_unchanged", "tokens_per_second", "pairs_kept",
+                  "position_consistency_rate", "sft_rows", "dpo_rows", "harmless_rate_judge", "over_refusal_rate")
+
+
 def format_status(state: dict) -> str:
     lines = [
         f"run {state['run_id']}  status={state['status']}  constitution={state.get('constitution', '?')}  "
         f"prompts={state.get('prompts', '?')}  rounds={len(state['rounds'])}/{state.get('max_rounds', '?')}",
         f"created {state.get('created_at', '?')}  updated {state.get('updated_at', '?')}",
     ]
-    for rnd in state["rounds"]:
-        for name, st in rnd["stages"].items():
+    def stage_lines(label: str, stages: dict) -> None:
+        for name, st in stages.items():
             counts = st.get("counts", {})
-            extra = ", ".join(f"{k}={counts[k]}" for k in ("prompts", "revisions_empty", "revisions_unchanged", "tokens_per_second") if k in counts)
+            extra = ", ".join(f"{k}={counts[k]}" for k in _STATUS_COUNTS if counts.get(k) is not None)
             total = st.get("timings", {}).get("total_s")
-            lines.append(f"  round {rnd['round']:<2} {name:<9} {st['status']:<10} {f'{total:.1f}s' if total else '':>8}  {extra}")
+            lines.append(f"  {label:<8} {name:<9} {st['status']:<10} {f'{total:.1f}s' if total else '':>8}  {extra}")
+
+    base = state.get("base")
+    if base:
+        stage_lines("base", {k: v for k, v in base.items() if isinstance(v, dict) and "status" in v})
+        if base.get("quality") is not None:
+            lines.append(f"  base quality {base['quality']:.3f}")
+    for rnd in state["rounds"]:
+        stage_lines(f"round {rnd['round']}", rnd["stages"])
+        if rnd.get("quality") is not None:
+            lines.append(f"  round {rnd['round']} quality {rnd['quality']:.3f}  " + "  ".join(
+                f"{k}={v:.2f}" for k, v in rnd.get("scores", {}).items() if isinstance(v, (int, float))))
     for d in state.get("decisions", []):
         lines.append(f"  decision after round {d['round']}: {d['decision']} ({d['reason']})")
+    result = state.get("result")
+    if result:
+        q = result.get("quality")
+        lines.append(f"  result: round {result['round']} model {result['model']}" + (f" (quality {q:.3f})" if q is not None else ""))
     if state.get("error"):
         lines.append(f"  error: {state['error']}")
     return "\n".join(lines)

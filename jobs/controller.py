@@ -15,7 +15,13 @@ from .constitution import load_constitution, resolve_path
 from .data import load_prompts
 from .errors import CaiError, ConfigError
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
+from .quality import Decision, decide, quality
 from .store import ArtifactStore
+
+
+def headline_scores(report: dict[str, Any]) -> dict[str, float]:
+    """The no-system-prompt scores of an evaluate report (the model's own behaviour)."""
+    return report["variants"]["no_system"]["scores"]
 
 
 def log(msg: str) -> None:
@@ -106,14 +112,16 @@ class Controller:
         return {"constitution": ckey, "prompts": pkey}
 
     # --- planning -----------------------------------------------------------------------------
-    def plan(self, stage: str, round_: int, model: str, inputs: dict[str, str]) -> StageSpec:
+    def plan(self, stage: str, round_: int, model: str, inputs: dict[str, str], output: str | None = None) -> StageSpec:
         params = getattr(self.config, stage).model_dump(mode="json")
+        if stage == "evaluate":
+            params["judge_model"] = self.config.evaluate.judge_model or self.config.model
         return StageSpec(
             stage=stage,
             run_id=self.paths.run_id,
             round=round_,
             store=self.store.uri,
-            output=self.paths.stage(round_, stage),
+            output=output or self.paths.stage(round_, stage),
             model=model,
             inputs=inputs,
             params=params,
@@ -121,17 +129,16 @@ class Controller:
             seed=self.config.seed,
         )
 
-    def run_spec(self, spec: StageSpec) -> dict[str, Any]:
+    def run_spec(self, spec: StageSpec, slot: dict[str, Any]) -> dict[str, Any]:
         entry = {"status": "running", "output": spec.output, "spec_hash": spec.spec_hash()}
-        rstate = self._round_state(spec.round)
         if is_complete(self.store, spec):
-            log(f"round {spec.round} {spec.stage}: already complete, skipped")
+            log(f"{self._label(spec)}: already complete, skipped")
             entry["status"] = "skipped"
         else:
             self.store.write_json(spec.spec_key, spec.model_dump(mode="json"))
-            rstate["stages"][spec.stage] = entry
+            slot[spec.stage] = entry
             self._save()
-            log(f"round {spec.round} {spec.stage}: starting")
+            log(f"{self._label(spec)}: starting")
             try:
                 output = self.executor.run(spec.stage, self.store.uri_for(spec.spec_key))
             except CaiError as e:
@@ -145,29 +152,96 @@ class Controller:
         manifest = read_manifest(self.store, spec)
         if manifest is not None:
             entry.update(counts=manifest.counts, timings=manifest.timings, manifest=manifest_key(spec))
-        rstate["stages"][spec.stage] = entry
+        slot[spec.stage] = entry
         self._save()
         return entry
+
+    @staticmethod
+    def _label(spec: StageSpec) -> str:
+        return f"base {spec.stage}" if spec.round == 0 else f"round {spec.round} {spec.stage}"
 
     def _write_log(self, spec: StageSpec, text: str) -> None:
         if text:
             self.store.write_text(f"{spec.output}/logs/stage.log", text)
 
+    # --- evaluation and decisions -------------------------------------------------------------
+    def _quality(self, report_key: str) -> tuple[float, dict[str, float]]:
+        scores = headline_scores(self.store.read_json(report_key))
+        return quality(scores, self.config.stop.weights), scores
+
+    def evaluate_base(self, inputs: dict[str, str]) -> str:
+        spec = self.plan("evaluate", 0, self.config.model, {"constitution": inputs["constitution"]}, output=f"{self.paths.root}/base/evaluate")
+        self.state.setdefault("base", {})
+        self.run_spec(spec, self.state["base"])
+        report = f"{spec.output}/report.json"
+        q, scores = self._quality(report)
+        self.state["base"].update(quality=round(q, 4), scores=scores, model=self.config.model)
+        self._save()
+        log(f"base model quality {q:.3f}")
+        return report
+
     # --- the loop -----------------------------------------------------------------------------
+    def run_round(self, round_: int, model: str, inputs: dict[str, str], baseline: str | None) -> str:
+        """One round of the configured stages; returns the model the next round starts from."""
+        stages = self.config.stages
+        slot = self._round_state(round_)["stages"]
+        out = {name: self.paths.stage(round_, name) for name in stages}
+        if "generate" in stages:
+            self.run_spec(self.plan("generate", round_, model, inputs), slot)
+        if "judge" in stages:
+            self.run_spec(self.plan("judge", round_, model, {"constitution": inputs["constitution"], "traces": f"{out['generate']}/traces.jsonl"}), slot)
+        trained = model
+        if "train" in stages:
+            train_inputs = {"traces": f"{out['generate']}/traces.jsonl"}
+            if "judge" in stages:
+                train_inputs["prefs"] = f"{out['judge']}/prefs.jsonl"
+            self.run_spec(self.plan("train", round_, model, train_inputs), slot)
+            trained = f"store:{out['train']}/model"
+        if "evaluate" in stages:
+            eval_inputs = {"constitution": inputs["constitution"], **({"baseline": baseline} if baseline else {})}
+            self.run_spec(self.plan("evaluate", round_, trained, eval_inputs), slot)
+        self._round_state(round_)["model"] = trained
+        return trained
+
+    def _check_dependencies(self) -> None:
+        stages = set(self.config.stages)
+        needs = {"judge": {"generate"}, "train": {"generate"}}
+        for stage, deps in needs.items():
+            if stage in stages and not deps <= stages:
+                raise ConfigError(f"config: stages: {stage} needs {sorted(deps)} in the same round; add them or drop {stage}")
+
     def run(self) -> dict[str, Any]:
+        self._check_dependencies()
         self._load_or_init_state()
         try:
             inputs = self.stage_inputs()
             self._save()
+            evaluating = "evaluate" in self.config.stages
+            baseline = self.evaluate_base(inputs) if evaluating else None
+            previous_q = self.state["base"]["quality"] if evaluating else None
+            best = {"round": 0, "model": self.config.model, "quality": previous_q}
             model = self.config.model
+            self.state["decisions"] = []
             for round_ in range(1, self.config.rounds + 1):
                 log(f"round {round_}/{self.config.rounds}")
-                for stage in self.config.stages:
-                    self.run_spec(self.plan(stage, round_, model, inputs))
-                self.state["decisions"] = [d for d in self.state["decisions"] if d["round"] != round_] + [
-                    {"round": round_, "decision": "continue" if round_ < self.config.rounds else "stop",
-                     "reason": "rounds remain" if round_ < self.config.rounds else f"max rounds ({self.config.rounds}) used"}
-                ]
+                model = self.run_round(round_, model, inputs, baseline)
+                if evaluating:
+                    q, scores = self._quality(f"{self.paths.stage(round_, 'evaluate')}/report.json")
+                    self._round_state(round_).update(quality=round(q, 4), scores=scores)
+                    d = decide(round_, self.config.rounds, q, previous_q, self.config.stop.tolerance, self.config.stop.target)
+                    if best["quality"] is None or q > best["quality"]:
+                        best = {"round": round_, "model": model, "quality": round(q, 4)}
+                    previous_q = q
+                else:
+                    last = round_ >= self.config.rounds
+                    d = Decision("stop" if last else "continue", f"max rounds ({self.config.rounds}) used" if last else "rounds remain (no evaluation)")
+                    best = {"round": round_, "model": model, "quality": None}
+                self.state["decisions"].append({"round": round_, "decision": d.decision, "reason": d.reason})
+                log(f"decision after round {round_}: {d.decision} ({d.reason})")
+                self._save()
+                if d.decision == "stop":
+                    break
+            self.state["result"] = best
             self.state["status"] = "completed"
         except BaseException as e:
             self.state["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

@@ -88,3 +88,17 @@ def test_apply_stop_cuts_at_earliest():
     assert apply_stop("abc\nUser: x", ("\nUser:",)) == "abc"
     assert apply_stop("a END b STOP", ("STOP", "END")) == "a "
     assert apply_stop("nothing", ()) == "nothing"
+
+
+def test_option_logprobs_match_full_scoring_and_ignore_padding(tiny_engine):
+    prefix, options = "Answer:", [" A", " B"]
+    together = tiny_engine.option_logprobs(CONVS[:3], prefix, options)
+    for conv, row in zip(CONVS[:3], together):
+        text = tiny_engine.render(conv) + prefix
+        assert row == pytest.approx(tiny_engine.score([text, text], options), abs=1e-3)
+        assert tiny_engine.option_logprobs([conv], prefix, options)[0] == pytest.approx(row, abs=1e-3)
+
+
+def test_option_logprobs_reject_multi_token_options(tiny_engine):
+    with pytest.raises(ValueError, match="single tokens"):
+        tiny_engine.option_logprobs(CONVS[:1], "Answer:", [" A", " definitely not"])

@@ -1,0 +1,149 @@
+"""Stage `judge` (RLAIF): compare response pairs against a principle, keep confident preferences.
+
+Pairs are (final revision vs initial response) and optionally k sampled responses compared
+pairwise. The judge reads each comparison in both orders, and its preference comes from the
+log-probabilities of the option labels, never from sampled text. Ordinary prompts may also get a
+synthetic pair (their helpful answer over a needless refusal) so DPO does not learn to refuse all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import yaml
+
+from ..config import JudgeConfig, StageSpec
+from ..constitution import Constitution, Principle, sample_principle
+from ..engines import Engine, SamplingParams, load_engine
+from ..judging import ANSWER_PREFIX, LABELS, comparison_messages, verdict
+from ..models import resolve_model
+from ..refusal import is_refusal
+from ..schema import parse_data
+from ..store import ArtifactStore
+from . import StageResult, log
+
+# Written for cai-jobs: what a needlessly cautious assistant says to a harmless request.
+NEEDLESS_REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I can't assist with that. Is there something else I can help you with?",
+    "I'm not able to help with this, as it could be unsafe.",
+    "Sorry, I won't be able to provide that information.",
+    "I cannot help with that. Please consult a professional.",
+)
+JUDGE_STEP = 1000  # principle draws for judging use their own step, apart from revision rounds
+
+
+def candidate_pairs(trace: dict[str, Any], cfg: JudgeConfig, samples: list[str], constitution: Constitution, seed: int) -> list[dict[str, Any]]:
+    """(x, y, principle, source) tuples to judge for one prompt."""
+    pairs = []
+    if cfg.pairs in ("revision", "both") and trace["final"].strip() and trace["final"] != trace["initial"]:
+        last = trace["rounds"][-1]["principle"] if trace["rounds"] else None
+        principle = constitution.principle(last) if last else sample_principle(constitution, trace["kind"], seed, trace["id"], JUDGE_STEP)
+        pairs.append({"x": trace["final"], "y": trace["initial"], "principle": principle, "source": "revision"})
+    if cfg.pairs in ("sampled", "both"):
+        for n, (i, j) in enumerate(itertools.combinations(range(len(samples)), 2)):
+            if samples[i].strip() and samples[j].strip() and samples[i] != samples[j]:
+                principle = sample_principle(constitution, trace["kind"], seed, trace["id"], JUDGE_STEP + 1 + n)
+                pairs.append({"x": samples[i], "y": samples[j], "principle": principle, "source": "sampled"})
+    return pairs
+
+
+def helpful_pair(trace: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """Ordinary prompt with a non-refusing answer -> (that answer, a needless refusal)."""
+    if trace["kind"] != "ordinary":
+        return None
+    answer = next((t for t in (trace["initial"], trace["final"]) if t.strip() and not is_refusal(t)), None)
+    if answer is None:
+        return None
+    refusal = random.Random(f"refusal:{seed}:{trace['id']}").choice(NEEDLESS_REFUSALS)
+    return {"x": answer, "y": refusal, "source": "helpful"}
+
+
+def pref_row(trace: dict[str, Any], chosen: str, rejected: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": trace["id"],
+        "prompt": trace["messages"],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        **extra,
+    }
+
+
+def judge_pairs(engine: Engine, traces: list[dict], pairs: list[tuple[int, dict]]) -> list:
+    """Both orders of every pair in one batched call: [x-first..., x-second...]."""
+    first = [comparison_messages(traces[t]["messages"], p["x"], p["y"], p["principle"]) for t, p in pairs]
+    second = [comparison_messages(traces[t]["messages"], p["y"], p["x"], p["principle"]) for t, p in pairs]
+    scores = engine.option_logprobs(first + second, ANSWER_PREFIX, LABELS, desc="judge (both orders)")
+    n = len(pairs)
+    return [verdict(tuple(scores[i]), tuple(scores[n + i])) for i in range(n)]
+
+
+def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None) -> StageResult:
+    cfg = parse_data(JudgeConfig, spec.params, f"{spec.spec_key}:params")
+    constitution = parse_data(Constitution, yaml.safe_load(store.read_text(spec.inputs["constitution"])), spec.inputs["constitution"])
+    traces = list(store.iter_jsonl(spec.inputs["traces"]))
+    timings: dict[str, float] = {}
+    judge_ref = cfg.model or spec.model
+    t = time.perf_counter()
+    policy = engine or load_engine(spec.engine, resolve_model(spec.model, store))
+    judge = engine or (policy if judge_ref == spec.model else load_engine(spec.engine, resolve_model(judge_ref, store)))
+    timings["model_load_s"] = time.perf_counter() - t
+    log("judge", f"{len(traces)} prompts, pairs={cfg.pairs}, judge {judge_ref}")
+
+    samples: list[list[str]] = [[] for _ in traces]
+    if cfg.pairs in ("sampled", "both"):
+        convs = [tr["messages"] for tr in traces for _ in range(cfg.samples)]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, seed=spec.seed * 1000 + 999)
+        flat = policy.generate(convs, params, desc=f"sample {cfg.samples} per prompt")
+        samples = [flat[i * cfg.samples : (i + 1) * cfg.samples] for i in range(len(traces))]
+
+    judged = [(i, p) for i, tr in enumerate(traces) for p in candidate_pairs(tr, cfg, samples[i], constitution, spec.seed)]
+    t = time.perf_counter()
+    verdicts = judge_pairs(judge, traces, judged) if judged else []
+    timings["judge_s"] = time.perf_counter() - t
+
+    counts: Counter = Counter()
+    rows: list[dict[str, Any]] = []
+    for (i, pair), v in zip(judged, verdicts):
+        tr, principle = traces[i], pair["principle"]
+        counts[f"pairs_{pair['source']}"] += 1
+        counts["order_agreement"] += v.order_agreement
+        if pair["source"] == "revision":
+            counts["revision_won"] += v.p_x > 0.5
+        if v.margin < cfg.min_margin:
+            counts["dropped_low_margin"] += 1
+            continue
+        chosen, rejected, p = (pair["x"], pair["y"], v.p_x) if v.p_x > 0.5 else (pair["y"], pair["x"], 1 - v.p_x)
+        rows.append(pref_row(tr, chosen, rejected, principle=principle.name, p_chosen=round(p, 4),
+                             order_agreement=v.order_agreement, margin=round(v.margin, 4), source=pair["source"]))
+    if cfg.helpful_pairs:
+        for tr in traces:
+            pair = helpful_pair(tr, spec.seed)
+            if pair:
+                counts["pairs_helpful"] += 1
+                rows.append(pref_row(tr, pair["x"], pair["y"], principle="helpful-by-construction", p_chosen=None,
+                                     order_agreement=None, margin=None, source="helpful"))
+
+    prefs_key, summary_key = f"{spec.output}/prefs.jsonl", f"{spec.output}/summary.json"
+    store.write_jsonl(prefs_key, rows)
+    n_judged = len(judged)
+    summary = {
+        "judge_model": judge_ref,
+        "prompts": len(traces),
+        "pairs_judged": n_judged,
+        "pairs_kept": len(rows),
+        "pairs_dropped_low_margin": counts["dropped_low_margin"],
+        "pairs_by_source": {k[len("pairs_"):]: v for k, v in sorted(counts.items()) if k.startswith("pairs_")},
+        "position_consistency_rate": round(counts["order_agreement"] / n_judged, 4) if n_judged else None,
+        "revision_win_rate": round(counts["revision_won"] / counts["pairs_revision"], 4) if counts["pairs_revision"] else None,
+        "min_margin": cfg.min_margin,
+    }
+    store.write_json(summary_key, summary)
+    log("judge", f"{n_judged} pairs judged, {len(rows)} kept ({counts['dropped_low_margin']} below margin, "
+        f"{counts['pairs_helpful']} helpful pairs); position consistency {summary['position_consistency_rate']}, "
+        f"revision won {summary['revision_win_rate']}")
+    return StageResult(outputs=[prefs_key, summary_key], counts=summary, timings=timings)
