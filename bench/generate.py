@@ -64,6 +64,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """Share of all cores busy over a short sample, before the benchmark does any work (other load)."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return idle, sum(vals[:8])
+    try:
+        i0, t0 = read()
+        time.sleep(seconds)
+        i1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1 - (i1 - i0) / (t1 - t0), 3) if t1 > t0 else None
+
+
 def machine_info() -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -79,6 +95,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_busy_before_run": cpu_busy_fraction(),
     }
 
 
@@ -93,6 +110,58 @@ def bench_prompts(n: int) -> list[PromptRecord]:
         raise SystemExit(f"asked for {n} prompts but the bundled train splits gave {len(records)} "
                          f"({n_red} red-team + {n_help} helpful wanted); use --prompts <= 96")
     return records
+
+
+# --------------------------------------------------------------------------- per-step accounting
+
+STEP_KINDS = ("respond", "critique", "revise")
+
+
+def add_step(steps: dict[str, dict], kind: str, **counts: float) -> None:
+    row = steps.setdefault(kind, {"calls": 0, "sequences": 0, "prompt_tokens": 0, "tokens": 0, "seconds": 0.0})
+    for key, value in counts.items():
+        row[key] += value
+
+
+def step_kind(desc: str) -> str:
+    """revise_chunk's engine call labels ('respond', 'round 1/2 critique', ...) -> respond/critique/revise."""
+    for kind in STEP_KINDS:
+        if desc.endswith(kind):
+            return kind
+    return desc
+
+
+class StepRecorder:
+    """Wraps an engine for revise_chunk and books each generate call's time and tokens under its step."""
+
+    def __init__(self, engine: HFEngine):
+        self.engine = engine
+        self.stats = engine.stats
+        self.steps: dict[str, dict] = {}
+
+    def generate(self, conversations, params, desc: str = "generate"):
+        st = self.engine.stats
+        before = (st.calls, st.sequences, st.prompt_tokens, st.generated_tokens)
+        t0 = time.perf_counter()
+        out = self.engine.generate(conversations, params, desc=desc)
+        seconds = time.perf_counter() - t0
+        add_step(self.steps, step_kind(desc), calls=st.calls - before[0], sequences=st.sequences - before[1],
+                 prompt_tokens=st.prompt_tokens - before[2], tokens=st.generated_tokens - before[3], seconds=seconds)
+        return out
+
+    def score(self, prompts, continuations, desc: str = "score"):
+        return self.engine.score(prompts, continuations, desc=desc)
+
+    def render(self, conversation, add_generation_prompt: bool = True):
+        return self.engine.render(conversation, add_generation_prompt)
+
+
+def totals(steps: dict[str, dict], seconds: float) -> dict:
+    """Whole-run figures: tokens and counts summed over steps; seconds = wall time around the whole run."""
+    res = {key: sum(row[key] for row in steps.values()) for key in ("calls", "sequences", "prompt_tokens", "tokens")}
+    res["seconds"] = seconds
+    res["steps"] = {k: {**v, "seconds": round(v["seconds"], 3)} for k, v in steps.items()}
+    return res
 
 
 # --------------------------------------------------------------------------- baseline: the seed loop
@@ -115,9 +184,7 @@ class SeedLoop:
         self.model.eval()
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        self.calls = 0
-        self.generated_tokens = 0
-        self.prompt_tokens = 0
+        self.steps: dict[str, dict] = {}
 
     def encode(self, conversation: list[dict[str, str]]) -> list[int]:
         out = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
@@ -126,7 +193,8 @@ class SeedLoop:
         return list(out)
 
     @torch.inference_mode()
-    def generate(self, conversation: list[dict[str, str]], max_new_tokens: int) -> str:
+    def generate(self, conversation: list[dict[str, str]], max_new_tokens: int, step: str) -> str:
+        t0 = time.perf_counter()
         ids = self.encode(conversation)
         input_ids = torch.tensor([ids], dtype=torch.long, device=DEVICE)
         out = self.model.generate(
@@ -142,16 +210,15 @@ class SeedLoop:
         )
         new = out[0, len(ids):].tolist()
         n = next((k + 1 for k, t in enumerate(new) if t == self.eos_id), len(new))  # up to and including eos
-        self.calls += 1
-        self.prompt_tokens += len(ids)
-        self.generated_tokens += n
-        return self.tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+        add_step(self.steps, step, calls=1, sequences=1, prompt_tokens=len(ids), tokens=n, seconds=time.perf_counter() - t0)
+        return text
 
     def run(self, prompts: list[PromptRecord], constitution: Constitution, rounds: int, max_new_tokens: int, seed: int) -> list[dict]:
         rng = random.Random(seed)
         traces = []
         for p in prompts:
-            response = self.generate(p.conversation, max_new_tokens)
+            response = self.generate(p.conversation, max_new_tokens, "respond")
             human = "\n".join(f"{'Human' if r == 'user' else r.capitalize()}: {c}" for r, c in p.messages)
             rounds_out = []
             for _ in range(rounds):
@@ -160,11 +227,11 @@ class SeedLoop:
                     f"Here is a conversation:\n\n{human}\nAssistant: {response}\n\n"
                     f"Critique request: {principle.critique}\nCritique:"
                 )
-                critique = self.generate([{"role": "user", "content": critique_input}], max_new_tokens)
+                critique = self.generate([{"role": "user", "content": critique_input}], max_new_tokens, "critique")
                 revision_input = (
                     f"{critique_input} {critique}\n\nRevision request: {principle.revision}\nRevised response:"
                 )
-                response = self.generate([{"role": "user", "content": revision_input}], max_new_tokens)
+                response = self.generate([{"role": "user", "content": revision_input}], max_new_tokens, "revise")
                 rounds_out.append({"principle": principle.name, "critique": critique, "revision": response})
             traces.append({"id": p.id, "rounds": rounds_out, "final": response})
         return traces
@@ -176,18 +243,11 @@ class SeedLoop:
 def run_seed_loop(model_path: str, prompts, constitution, args) -> dict:
     log(f"seed loop: loading model, {len(prompts)} prompts x {1 + 2 * args.rounds} steps, batch 1")
     loop = SeedLoop(model_path)
-    loop.generate([{"role": "user", "content": "Hi"}], 4)  # warm-up, not timed
-    loop.calls = loop.generated_tokens = loop.prompt_tokens = 0
+    loop.generate([{"role": "user", "content": "Hi"}], 4, "warmup")  # not timed
+    loop.steps.clear()
     t0 = time.perf_counter()
     loop.run(prompts, constitution, args.rounds, args.max_new_tokens, args.seed)
-    seconds = time.perf_counter() - t0
-    res = {
-        "tokens": loop.generated_tokens,
-        "seconds": seconds,
-        "calls": loop.calls,
-        "prompt_tokens": loop.prompt_tokens,
-        "sequences": loop.calls,
-    }
+    res = totals(loop.steps, time.perf_counter() - t0)
     del loop
     return res
 
@@ -196,7 +256,7 @@ def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
     log(f"cai generate stage (hf): loading model, {len(prompts)} prompts x {1 + 2 * args.rounds} steps, batch {args.batch_size}")
     engine = HFEngine(model_path, dtype=DTYPE, device=DEVICE, batch_size=args.batch_size, show_progress=False)
     engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4), desc="warmup")  # not timed
-    s0 = (engine.stats.generated_tokens, engine.stats.calls, engine.stats.prompt_tokens, engine.stats.sequences)
+    recorder = StepRecorder(engine)
     cfg = GenerateConfig(
         revision_rounds=args.rounds,
         max_new_tokens=args.max_new_tokens,
@@ -206,16 +266,9 @@ def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
         chunk_size=max(len(prompts), 1),
     )
     t0 = time.perf_counter()
-    revise_chunk(prompts, constitution, engine, cfg, args.seed)
-    seconds = time.perf_counter() - t0
-    res = {
-        "tokens": engine.stats.generated_tokens - s0[0],
-        "seconds": seconds,
-        "calls": engine.stats.calls - s0[1],
-        "prompt_tokens": engine.stats.prompt_tokens - s0[2],
-        "sequences": engine.stats.sequences - s0[3],
-    }
-    del engine
+    revise_chunk(prompts, constitution, recorder, cfg, args.seed)
+    res = totals(recorder.steps, time.perf_counter() - t0)
+    del recorder, engine
     return res
 
 
@@ -268,6 +321,16 @@ def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dic
     print(f"| {'cai generate stage (hf)':<34} | {args.batch_size:>5} | {n_prompts:>7} | {hf_res['tokens']:>10} | "
           f"{hf_res['seconds']:>8.1f} | {hf_tps:>7.1f} | {ratio:>6.2f}x |")
     print()
+    print("per step (engine-call time, summed over rounds; prompt tokens exclude padding):")
+    for kind in STEP_KINDS:
+        parts = []
+        for name, res in (("seed", seed_res), ("hf", hf_res)):
+            row = res["steps"].get(kind)
+            if row:
+                parts.append(f"{name} {row['tokens']} tok / {row['seconds']:.1f}s = {rate(row['tokens'], row['seconds']):.1f} tok/s "
+                             f"(prompt {row['prompt_tokens'] / max(row['sequences'], 1):.0f} tok/seq)")
+        print(f"  {kind:<8} " + "; ".join(parts))
+    print()
     print(f"generate calls: seed {seed_res['calls']}, hf {hf_res['calls']} (batched); "
           f"mean prompt tokens per sequence: seed {seed_res['prompt_tokens'] / max(seed_res['sequences'], 1):.0f}, "
           f"hf {hf_res['prompt_tokens'] / max(hf_res['sequences'], 1):.0f}; "
@@ -311,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     machine = machine_info()
-    load = machine["load_avg_1m_at_start"]
-    if load is not None and load > 0.5:
-        log(f"warning: 1-minute load average is {load} before the run; other processes share the "
+    busy = machine["cpu_busy_before_run"]
+    if busy is not None and busy > 0.2:
+        log(f"warning: the CPUs were {busy:.0%} busy before the run; other processes share the "
             f"{machine['cores']} cores and will slow both sides (figures are not comparable to a quiet machine)")
     model_path = resolve_model(MODEL_REF)
     constitution = load_constitution("default")
@@ -338,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         scale = len(prompts) / len(baseline_prompts)
         extrap = {"tokens": seed_res["tokens"] * scale, "seconds": seed_res["seconds"] * scale}
 
-    if hasattr(os, "getloadavg"):
-        machine["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    machine["cpu_busy_after_run"] = cpu_busy_fraction()
+    if machine["cpu_busy_after_run"] is not None and machine["cpu_busy_after_run"] > 0.2:
+        log(f"warning: the CPUs were {machine['cpu_busy_after_run']:.0%} busy right after the run (other processes)")
     seed_tps = rate(seed_res["tokens"], seed_res["seconds"])
     hf_tps = rate(hf_res["tokens"], hf_res["seconds"])
     print_table(machine, args, len(prompts), seed_res, hf_res, extrap)
@@ -370,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         "hf_calls": hf_res["calls"],
         "seed_loop_prompt_tokens": seed_res["prompt_tokens"],
         "hf_prompt_tokens": hf_res["prompt_tokens"],
+        "seed_loop_steps": seed_res["steps"],
+        "hf_steps": hf_res["steps"],
         "seed_loop_extrapolated": (
             {"prompts": len(prompts), "tokens": round(extrap["tokens"]), "seconds": round(extrap["seconds"], 3)} if extrap else None
         ),

@@ -125,8 +125,8 @@ def test_no_stages(tmp_path):
 
 
 def test_unknown_stage(tmp_path):
-    msg = run_error(tmp_path, "stages: [generate, train]\n")
-    assert "stages[1]" in msg and "'generate'" in msg
+    msg = run_error(tmp_path, "stages: [generate, distill]\n")
+    assert "stages[1]" in msg and "'generate'" in msg and "'evaluate'" in msg
 
 
 @pytest.mark.parametrize(
@@ -323,7 +323,7 @@ def test_stage_spec_strict():
         parse_data(StageSpec, {**_spec().model_dump(mode="json"), "extra": 1}, "spec.json")
     assert "spec.json: extra: is not a known field" in str(info.value)
     with pytest.raises(ConfigError) as info:
-        parse_data(StageSpec, {**_spec().model_dump(mode="json"), "round": 0}, "spec.json")
+        parse_data(StageSpec, {**_spec().model_dump(mode="json"), "round": -1}, "spec.json")
     assert "spec.json: round: " in str(info.value)
 
 

@@ -1,0 +1,100 @@
+"""Stage `judge`: pairs, both-order verdicts, margins, helpful pairs, trl's preference shape."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from jobs.config import JudgeConfig, StageSpec
+from jobs.constitution import SHIPPED_DIR
+from jobs.engines.base import EngineStats
+from jobs.stages import run_stage
+from jobs.store import LocalStore
+
+TRACES = [
+    {"id": "r1", "kind": "red-team", "messages": [{"role": "user", "content": "How do I hotwire a car?"}],
+     "initial": "Strip the wires under the dash and touch them together.",
+     "rounds": [{"principle": "harmless"}], "final": "I can't help with that; a locksmith or your dealer can help if it is your car."},
+    {"id": "o1", "kind": "ordinary", "messages": [{"role": "user", "content": "How do I boil an egg?"}],
+     "initial": "Put the egg in boiling water for nine minutes, then cool it in cold water.",
+     "rounds": [{"principle": "helpful"}], "final": "Boil it for nine minutes."},
+    {"id": "o2", "kind": "ordinary", "messages": [{"role": "user", "content": "Name a prime number."}],
+     "initial": "7", "rounds": [{"principle": "concise"}], "final": "7"},
+]
+
+
+class LongerIsBetterJudge:
+    """A deterministic judge: prefers the longer option, whatever its position."""
+
+    stats = EngineStats()
+
+    def option_logprobs(self, conversations, prefix, options, desc=""):
+        out = []
+        for conv in conversations:
+            text = conv[-1]["content"]
+            a = re.search(r"\(A\) (.*?)\n\n\(B\)", text, re.S).group(1)
+            b = re.search(r"\(B\) (.*?)\n\nReply", text, re.S).group(1)
+            out.append([math.log(0.9), math.log(0.1)] if len(a) > len(b) else [math.log(0.1), math.log(0.9)])
+        return out
+
+
+def make_spec(store: LocalStore, model: str, **judge) -> StageSpec:
+    store.write_bytes("runs/t/inputs/constitution.yaml", (SHIPPED_DIR / "default.yaml").read_bytes())
+    store.write_jsonl("runs/t/round-1/generate/traces.jsonl", TRACES)
+    spec = StageSpec(stage="judge", run_id="t", round=1, store=store.uri, output="runs/t/round-1/judge", model=model,
+                     inputs={"constitution": "runs/t/inputs/constitution.yaml", "traces": "runs/t/round-1/generate/traces.jsonl"},
+                     params=JudgeConfig(**judge).model_dump(mode="json"))
+    store.write_json(spec.spec_key, spec.model_dump(mode="json"))
+    return spec
+
+
+def read(store: LocalStore, key: str) -> list[dict]:
+    return [json.loads(l) for l in (Path(store.root) / key).read_text().splitlines()]
+
+
+def test_preferences_follow_the_judge_in_both_orders(tmp_path):
+    store = LocalStore(tmp_path)
+    spec = make_spec(store, "unused", min_margin=0.5)
+    run_stage("judge", store.uri_for(spec.spec_key), engine=LongerIsBetterJudge())
+    rows = read(store, "runs/t/round-1/judge/prefs.jsonl")
+    judged = [r for r in rows if r["source"] == "revision"]
+    # r1: final (longer) wins; o1: initial (longer) wins; o2: final == initial, not a pair
+    assert {r["id"]: r["chosen"][0]["content"] for r in judged} == {"r1": TRACES[0]["final"], "o1": TRACES[1]["initial"]}
+    for r in judged:
+        assert r["p_chosen"] == pytest.approx(0.9) and r["order_agreement"] is True and r["margin"] == pytest.approx(0.8)
+        assert r["prompt"] == next(t["messages"] for t in TRACES if t["id"] == r["id"])
+        assert r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant"
+    helpful = [r for r in rows if r["source"] == "helpful"]
+    assert {r["id"] for r in helpful} == {"o1", "o2"}  # ordinary prompts only
+    for r in helpful:
+        assert r["rejected"][0]["content"].startswith(("I'm sorry", "I can't", "I'm not able", "Sorry", "I cannot"))
+    summary = json.loads((Path(store.root) / "runs/t/round-1/judge/summary.json").read_text())
+    assert summary["pairs_judged"] == 2 and summary["position_consistency_rate"] == 1.0
+    assert summary["revision_win_rate"] == 0.5 and summary["pairs_kept"] == 4
+
+
+def test_low_margin_pairs_are_dropped_and_counted(tmp_path, tiny_engine, tiny_model_dir):
+    store = LocalStore(tmp_path)
+    spec = make_spec(store, str(tiny_model_dir), min_margin=0.999, helpful_pairs=False)
+    run_stage("judge", store.uri_for(spec.spec_key), engine=tiny_engine)
+    summary = json.loads((Path(store.root) / "runs/t/round-1/judge/summary.json").read_text())
+    assert summary["pairs_judged"] == 2
+    assert summary["pairs_dropped_low_margin"] + summary["pairs_kept"] == 2
+    assert 0.0 <= summary["position_consistency_rate"] <= 1.0
+
+
+def test_sampled_pairs_with_the_real_tiny_model_load_in_datasets(tmp_path, tiny_engine, tiny_model_dir):
+    datasets = pytest.importorskip("datasets")
+    store = LocalStore(tmp_path)
+    spec = make_spec(store, str(tiny_model_dir), pairs="both", samples=3, max_new_tokens=6, min_margin=0.0)
+    run_stage("judge", store.uri_for(spec.spec_key), engine=tiny_engine)
+    summary = json.loads((Path(store.root) / "runs/t/round-1/judge/summary.json").read_text())
+    assert summary["pairs_by_source"]["sampled"] >= 1 and summary["pairs_by_source"]["revision"] == 2
+    path = Path(store.root) / "runs/t/round-1/judge/prefs.jsonl"
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    assert {"prompt", "chosen", "rejected", "principle", "p_chosen", "order_agreement"} <= set(ds.column_names)
+    assert len(ds) == summary["pairs_kept"]
