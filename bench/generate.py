@@ -80,6 +80,39 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
     return round(1 - (i1 - i0) / (t1 - t0), 3) if t1 > t0 else None
 
 
+class OtherLoad:
+    """CPU time other processes used while a side ran: all-CPU busy time minus this process's own.
+
+    Reported as a share of the machine's capacity (cores x wall seconds); above ~0.1 the figures of
+    that side are disturbed (a batch-1 loop with one torch thread per core suffers most).
+    """
+
+    def __init__(self):
+        self.tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _busy_s(self) -> float | None:
+        try:
+            with open("/proc/stat") as fh:
+                vals = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (sum(vals[:8]) - vals[3] - (vals[4] if len(vals) > 4 else 0)) / self.tck
+
+    def __enter__(self) -> "OtherLoad":
+        t = os.times()
+        self.t0, self.own0, self.busy0 = time.perf_counter(), t.user + t.system, self._busy_s()
+        self.share: float | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t, busy1 = os.times(), self._busy_s()
+        wall = time.perf_counter() - self.t0
+        if busy1 is None or self.busy0 is None or wall <= 0:
+            return
+        other = (busy1 - self.busy0) - (t.user + t.system - self.own0)
+        self.share = round(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 3)
+
+
 def machine_info() -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -390,11 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         mixed = [x for pair in zip(red, rest) for x in pair] + red[len(rest):] + rest[len(red):]
         baseline_prompts = mixed[: args.baseline_prompts]
 
-    seed_res = run_seed_loop(model_path, baseline_prompts, constitution, args)
+    with OtherLoad() as seed_load:
+        seed_res = run_seed_loop(model_path, baseline_prompts, constitution, args)
     seed_res["prompts"] = len(baseline_prompts)
     log(f"seed loop: {seed_res['tokens']} tokens in {seed_res['seconds']:.1f}s")
-    hf_res = run_hf_stage(model_path, prompts, constitution, args)
+    with OtherLoad() as hf_load:
+        hf_res = run_hf_stage(model_path, prompts, constitution, args)
     log(f"cai generate stage (hf): {hf_res['tokens']} tokens in {hf_res['seconds']:.1f}s")
+    machine["other_cpu_share_during_seed_loop"] = seed_load.share
+    machine["other_cpu_share_during_hf"] = hf_load.share
+    for name, share in (("seed loop", seed_load.share), ("cai generate stage (hf)", hf_load.share)):
+        if share is not None and share > 0.1:
+            log(f"warning: other processes used {share:.0%} of the CPUs while the {name} ran; "
+                f"its figures are slowed by them: rerun on a quiet machine")
 
     extrap = None
     if args.extrapolate:

@@ -196,7 +196,11 @@ class Controller:
             if "judge" in stages:
                 train_inputs["prefs"] = f"{out['judge']}/prefs.jsonl"
             self.run_spec(self.plan("train", round_, model, train_inputs), slot)
-            trained = f"store:{out['train']}/model"
+            if self.config.train.method == "reward":
+                # a reward model scores, it cannot generate: the policy carries on unchanged
+                self._round_state(round_)["reward_model"] = f"store:{out['train']}/model"
+            else:
+                trained = f"store:{out['train']}/model"
         if "evaluate" in stages:
             eval_inputs = {"constitution": inputs["constitution"], **({"baseline": baseline} if baseline else {})}
             self.run_spec(self.plan("evaluate", round_, trained, eval_inputs), slot)

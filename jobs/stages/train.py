@@ -1,0 +1,183 @@
+"""Stage `train`: SFT on the revisions, then DPO on the judged preferences with the SFT model as reference.
+
+Methods: `sft+dpo` (default), `sft`, `dpo` (the start model is its own reference) and `reward` (a trl
+RewardTrainer scoring model instead of a policy). With LoRA the adapters are merged at the end, so
+every saved model is a plain checkpoint that `from_pretrained` loads without peft. A phase with no
+rows is skipped and the reason recorded; if nothing trains, the start model is passed on unchanged.
+What the rows are (which answer SFT learns, which pairs DPO keeps) is decided in `jobs.training_data`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback, set_seed
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+from ..config import LoraSection, StageSpec, TrainConfig
+from ..models import resolve_model
+from ..schema import parse_data
+from ..store import ArtifactStore
+from ..training_data import dpo_rows, plan_phases, prompt_completion, sft_rows, summary
+from . import StageResult, log
+
+
+class MetricsLog(TrainerCallback):
+    """One metrics row per logged step under trl's own names; a progress line every ~5% of steps."""
+
+    def __init__(self, phase: str, rows: list[dict[str, Any]]):
+        self.phase, self.rows = phase, rows
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:  # the end-of-training summary carries train_loss instead
+            return
+        row = {"phase": self.phase, "step": state.global_step, "epoch": logs.get("epoch", state.epoch)}
+        row.update({k: v for k, v in logs.items() if k != "epoch" and isinstance(v, (int, float))})
+        self.rows.append(row)
+        if state.global_step % max(1, state.max_steps // 20) == 0 or state.global_step == state.max_steps:
+            extra = f", margin {logs['rewards/margins']:.4f}" if "rewards/margins" in logs else ""
+            log("train", f"{self.phase} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{extra}")
+
+
+def _device_args() -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    # GPU: bf16 mixed precision and trl's default gradient checkpointing. CPU: fp32 (trl needs use_cpu=True,
+    # bf16=False there) and no checkpointing: the models that fit a CPU run fit its memory, and
+    # recomputing activations would cost ~30% more time.
+    return {"use_cpu": not cuda, "bf16": cuda, "gradient_checkpointing": cuda}
+
+
+def _args(cls, phase: str, section, work: Path, seed: int, **extra):
+    return cls(
+        output_dir=str(work / phase), num_train_epochs=section.epochs, learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.batch_size,
+        gradient_accumulation_steps=getattr(section, "gradient_accumulation_steps", 1),
+        max_length=section.max_length, seed=seed, data_seed=seed, logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, **_device_args(), **extra,
+    )
+
+
+def _lora(cfg: LoraSection, task_type: str):
+    if not cfg.enabled:
+        return None
+    from peft import LoraConfig
+
+    # SEQ_CLS makes peft train the new score head in full (modules_to_save); the merge keeps it.
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, task_type=task_type)
+
+
+def _load_lm(path: str | Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights; bf16 is autocast
+
+
+def _save(model, tok, path: Path, record: dict[str, Any]) -> None:
+    model.config.use_cache = True  # trainers turn it off for checkpointing; generation wants it back
+    model.save_pretrained(path)
+    tok.save_pretrained(path)  # tokenizer files + chat_template.jinja
+    (path / "cai_train.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _fit(phase: str, trainer, metrics: list[dict[str, Any]], counts: dict[str, Any], timings: dict[str, float]):
+    """Train, record final losses, throughput and time; return the plain (LoRA-merged) model."""
+    n, epochs = len(trainer.train_dataset), trainer.args.num_train_epochs
+    log("train", f"{phase}: start, {n} rows x {epochs:g} epochs on {trainer.args.device}")
+    t = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t
+    mine = [r for r in metrics if r["phase"] == phase]
+    # trl counts the tokens it trains on (`num_tokens`, cumulative); else: dataset tokens x epochs
+    tokens = int(mine[-1].get("num_tokens", 0)) if mine else 0
+    if not tokens:
+        ds = trainer.train_dataset
+        tokens = int(sum(len(x) for c in ds.column_names if c.endswith("ids") for x in ds[c]) * epochs)
+    counts.update({f"{phase}_final_loss": mine[-1]["loss"] if mine else None, f"{phase}_train_loss": result.training_loss,
+                   f"{phase}_steps": result.global_step, f"{phase}_tokens": tokens})
+    if phase == "dpo" and mine:
+        counts.update({f"dpo_final_{k.split('/')[1]}": mine[-1][k] for k in ("rewards/margins", "rewards/accuracies") if k in mine[-1]})
+    counts[f"{phase}_tokens_per_s"] = round(tokens / seconds, 1) if seconds else 0.0
+    timings[f"{phase}_s"] = seconds
+    log("train", f"{phase}: done in {seconds:.1f}s, {result.global_step} steps, train loss {result.training_loss:.4f}, "
+        f"{counts[f'{phase}_tokens_per_s']:.0f} tok/s")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # LoRA: a plain checkpoint
+
+
+def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
+    del engine  # training loads its own model; engines are for generation
+    cfg = parse_data(TrainConfig, spec.params, f"{spec.spec_key}:params")
+    traces = list(store.iter_jsonl(spec.inputs["traces"])) if "traces" in spec.inputs else []
+    prefs = list(store.iter_jsonl(spec.inputs["prefs"])) if "prefs" in spec.inputs else []
+    sft_data = sft_rows(traces, cfg.sft.ordinary_target, spec.seed)
+    pref_data = dpo_rows(prefs, spec.seed)
+    phases, skipped = plan_phases(cfg.method, cfg.sft.enabled, cfg.dpo.enabled, len(sft_data), len(pref_data))
+    counts: dict[str, Any] = {
+        "method": cfg.method, "lora": cfg.lora.enabled, "sft_rows": len(sft_data), "dpo_rows": len(pref_data),
+        **summary(traces, prefs, cfg.sft.ordinary_target), "phases_run": phases, "phases_skipped": skipped,
+    }
+    log("train", f"method {cfg.method}{' (LoRA, merged at the end)' if cfg.lora.enabled else ''}, model {spec.model}: "
+        f"{len(sft_data)} SFT rows, {len(pref_data)} preference rows; phases {', '.join(phases) or 'none'}")
+    for phase, why in skipped.items():
+        log("train", f"{phase}: skipped: {why}")
+
+    timings: dict[str, float] = {}
+    metrics: list[dict[str, Any]] = []
+    start = resolve_model(spec.model, store)
+    set_seed(spec.seed)
+    tok = AutoTokenizer.from_pretrained(start)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    with tempfile.TemporaryDirectory(prefix="cai-train-") as tmp:
+        work, model, ref_dir = Path(tmp), None, start
+        if "sft" in phases:
+            args = _args(SFTConfig, "sft", cfg.sft, work, spec.seed, completion_only_loss=True)
+            # prompt/completion rows: the loss covers the assistant answer only, whatever the chat template
+            ds = Dataset.from_list([prompt_completion(r) for r in sft_data])
+            trainer = SFTTrainer(model=_load_lm(start), args=args, train_dataset=ds, processing_class=tok,
+                                 peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[MetricsLog("sft", metrics)])
+            model = _fit("sft", trainer, metrics, counts, timings)
+            counts["sft_loss_on"] = "assistant answer (prompt/completion)"
+            if "dpo" in phases:  # the reference must be the SFT model, loaded from disk as its own copy
+                ref_dir = work / "sft-model"
+                _save(model, tok, ref_dir, {"phase": "sft"})
+        if "dpo" in phases:
+            # LoRA: trl scores the reference with the adapters disabled, i.e. the merged SFT model itself,
+            # so no second copy is loaded; full fine-tuning loads the reference explicitly.
+            ref = None if cfg.lora.enabled else _load_lm(ref_dir)
+            args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, beta=cfg.dpo.beta)
+            trainer = DPOTrainer(model=model if model is not None else _load_lm(start), ref_model=ref, args=args,
+                                 train_dataset=Dataset.from_list(pref_data), processing_class=tok,
+                                 peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[MetricsLog("dpo", metrics)])
+            model = _fit("dpo", trainer, metrics, counts, timings)
+            counts["dpo_reference"] = "sft model" if ref_dir != start else "start model"
+            del ref, trainer
+        if "reward" in phases:
+            set_seed(spec.seed)  # the new score head is random-initialised
+            rm = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=torch.float32)
+            rm.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-pad token
+            trainer = RewardTrainer(model=rm, args=_args(RewardConfig, "reward", cfg.reward, work, spec.seed),
+                                    train_dataset=Dataset.from_list(pref_data), processing_class=tok,
+                                    peft_config=_lora(cfg.lora, "SEQ_CLS"), callbacks=[MetricsLog("reward", metrics)])
+            model = _fit("reward", trainer, metrics, counts, timings)
+            counts["model_kind"] = "reward model (AutoModelForSequenceClassification, num_labels=1): for scoring, not generation"
+        if model is None:  # nothing to train: pass the start model on so later stages still find one
+            model = _load_lm(start)
+            counts["model_unchanged"] = True
+        counts.setdefault("model_kind", "policy (AutoModelForCausalLM)")
+        t = time.perf_counter()
+        out_dir = work / "model"
+        record = {"start_model": spec.model, "seed": spec.seed, "config": cfg.model_dump(mode="json"),
+                  "phases_run": phases, "phases_skipped": skipped}
+        _save(model, tok, out_dir, record)
+        store.put_dir(out_dir, f"{spec.output}/model")
+        timings["save_s"] = time.perf_counter() - t
+
+    metrics_key = f"{spec.output}/metrics.jsonl"
+    store.write_jsonl(metrics_key, metrics)
+    log("train", f"{len(metrics)} metric rows -> {store.uri_for(metrics_key)}; model -> {store.uri_for(spec.output + '/model')}")
+    return StageResult(outputs=[metrics_key, *store.list(f"{spec.output}/model")], counts=counts, timings=timings)
