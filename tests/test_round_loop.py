@@ -1,0 +1,93 @@
+"""`cai run` with all four stages on the tiny model: rounds chain models, decisions, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FULL = """
+name: loop
+model: {model}
+constitution: default
+data:
+  train:
+    - source: bundled:red-team
+      limit: 3
+    - source: bundled:helpful
+      limit: 3
+engine: {{batch_size: 8}}
+generate: {{revision_rounds: 1, few_shot: 0, max_new_tokens: 8, critique_max_new_tokens: 6}}
+judge: {{min_margin: 0.0}}
+train:
+  sft: {{epochs: 1, batch_size: 2, max_length: 96}}
+  dpo: {{epochs: 1, batch_size: 2, max_length: 96}}
+evaluate: {{limit: 2, max_new_tokens: 6}}
+stop: {{tolerance: 0.99}}
+stages: [generate, judge, train, evaluate]
+rounds: 2
+"""
+
+
+def cai(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def load_run(store: Path) -> dict:
+    return json.loads(next((store / "runs").glob("*/run.json")).read_text())
+
+
+def test_two_full_rounds_then_resume(tmp_path, tiny_model_dir):
+    config = tmp_path / "loop.yaml"
+    config.write_text(FULL.format(model=tiny_model_dir))
+    store = tmp_path / "store"
+    result = cai("run", "-c", str(config), "--store", str(store), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = load_run(store)
+    rid = run["run_id"]
+    assert run["status"] == "completed"
+    assert run["base"]["evaluate"]["status"] == "completed" and 0 <= run["base"]["quality"] <= 1
+    assert [r["round"] for r in run["rounds"]] == [1, 2]
+    for r in run["rounds"]:
+        assert set(r["stages"]) == {"generate", "judge", "train", "evaluate"}
+        assert 0 <= r["quality"] <= 1
+    # round 2 starts from round 1's trained model; the result is the best round's model
+    spec2 = json.loads((store / "runs" / rid / "round-2" / "generate" / "spec.json").read_text())
+    assert spec2["model"] == f"store:runs/{rid}/round-1/train/model"
+    assert [d["decision"] for d in run["decisions"]] == ["continue", "stop"]
+    assert "max rounds" in run["decisions"][-1]["reason"]
+    best = max([run["base"]["quality"]] + [r["quality"] for r in run["rounds"]])
+    assert run["result"]["quality"] == best
+    assert (store / "runs" / rid / "round-2" / "evaluate" / "report.md").exists()
+
+    again = cai("run", "-c", str(config), "--store", str(store), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already complete, skipped") == 9  # base eval + 2 rounds x 4 stages
+    rerun = load_run(store)
+    assert rerun["result"] == run["result"] and rerun["decisions"] == run["decisions"]
+
+    status = cai("status", rid, "--store", str(store), cwd=tmp_path)
+    assert "base quality" in status.stdout and "decision after round 2: stop" in status.stdout
+
+
+def test_target_stops_the_loop_early(tmp_path, tiny_model_dir):
+    config = tmp_path / "target.yaml"
+    config.write_text(
+        f"name: target\nmodel: {tiny_model_dir}\nstages: [evaluate]\nrounds: 3\n"
+        "evaluate: {limit: 1, max_new_tokens: 4, with_system_prompt: false}\n"
+        "stop: {target: 0.000001}\n"
+        "data: {train: [{source: bundled:helpful, limit: 1}]}\n"
+    )
+    result = cai("run", "-c", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = load_run(tmp_path / "store")
+    assert len(run["decisions"]) == 1 and run["decisions"][0]["decision"] == "stop"
+    assert "target reached" in run["decisions"][0]["reason"]
+
+
+def test_judge_without_generate_is_a_config_error(tmp_path, tiny_model_dir):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nstages: [judge]\n")
+    result = cai("run", "-c", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert result.returncode == 2 and "judge needs ['generate']" in result.stderr
