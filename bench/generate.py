@@ -312,6 +312,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it an ordinary file's mode
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -74,12 +74,16 @@ def exact_match(response: str, answers: Sequence[str]) -> bool:
     """Strict match, or the answer as whole words in the reply's first sentence.
 
     Chat models answer in a sentence ("The capital of France is Paris."); only the first sentence
-    counts, so a reply that lists several guesses later does not score.
+    counts, so a reply that lists several guesses later does not score. An answer that is only an
+    article ("A") must be the sentence's last word, or every sentence with "a" in it would match.
     """
     if exact_match_strict(response, answers):
         return True
-    head = f" {normalize_answer(first_sentence(response))} "
-    return any(not art and f" {g} " in head for g, art in _gold_forms(answers))
+    first = first_sentence(response)
+    head = f" {normalize_answer(first)} "
+    # an article-only answer ("A") counts only as the sentence's last word: "... alphabet is A."
+    last = normalize_answer(first, drop_articles=False).rsplit(" ", 1)[-1]
+    return any(g == last if art else f" {g} " in head for g, art in _gold_forms(answers))
 
 
 # --- multiple choice -----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ _VERBS = (
 _NEGATED = (
     r"i(?:\s+(?:really\s+|simply\s+|just\s+|absolutely\s+)?"
     r"(?:can't|cannot|can not|won't|will not|am unable to|am not able to|am not going to)"
-    r"|'m\s+(?:unable to|not able to|not going to))"
+    r"|'m\s+(?:unable to|not able to|not going to|not equipped to|not here to)"
+    r"|\s+(?:am not equipped to|(?:do not|don't) have the ability to|(?:do not|don't) feel comfortable))"
 )
 _DECLINE = r"i(?:\s+(?:must|have to|need to|will)|'ll|'d have to)?\s+(?:respectfully\s+|politely\s+)?(?:decline|refuse)\b"
 # A refusal clause: negated modal + refusal verb (or nothing: "I can't."), or an explicit decline.
@@ -44,6 +45,7 @@ _KEYWORD = re.compile(
             r"\bi'm afraid (?:i|we) (?:can't|cannot|won't)\b",
             r"\b(?:can't|cannot|unable to|not able to)\s+(?:help|assist)\s+(?:you\s+)?with\b",
             r"\bagainst my (?:guidelines|policy|policies|principles|programming|values|ethics)\b",
+            r"\bas an? (?:[\w-]+ ){0,3}?(?:ai|chatbot|language model)\b[^.]{0,60}?,\s*i(?:'m| am)? (?:not|unable|designed)\b",
             r"\bas an ai(?: language model| assistant| model)?,?\s+(?:i|my)\b",
             r"\bi(?:'m| am) not (?:comfortable|permitted|allowed)\b",
             r"\bi (?:don't|do not) feel comfortable\b",
@@ -55,8 +57,9 @@ _KEYWORD = re.compile(
 
 # Openers that may precede the refusal in the first sentence: apology, "unfortunately", AI framing.
 _PREAMBLE = (
-    r"(?:(?:no|sorry|i'm sorry|i am sorry|i apologi[sz]e|unfortunately|i'm afraid|i am afraid|"
-    r"as an ai(?: language model| assistant| model)?)[,.!]?\s*(?:but\s*,?\s*)?)*"
+    r"(?:(?:no|sorry|(?:i'm|i am) sorry(?: for [^,.]{1,40}| to hear [^,.]{1,40})?|i apologi[sz]e(?: for [^,.]{1,40})?|"
+    r"unfortunately|i'm afraid|i am afraid|as an? (?:[\w-]+ ){0,6}?(?:ai|assistant|chatbot|language model)(?: [^,.]{1,40})?)"
+    r"[,.!]?\s*(?:but\s*,?\s*)?)*"
 )
 _STRICT = re.compile(rf"^{_PREAMBLE}{_CLAUSE}", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")

@@ -59,7 +59,9 @@ def test_single_article_answers_do_not_vanish():
     """The answer "A" is also an article: it must match itself, not every sentence with "a" in it."""
     assert exact_match("A", ["A"])
     assert exact_match("a.", ["A"])
+    assert exact_match("The first letter of the alphabet is 'A'.", ["A"])
     assert not exact_match("It is a letter.", ["A"])
+    assert not exact_match("A cat.", ["A"])  # the article opens the sentence, it is not the answer
 
 
 def test_mc_pick_per_char_normalises_length():

@@ -131,8 +131,8 @@ def respond(engine: Engine, sets: dict, system: str | None, cfg: EvaluateConfig,
     prompts = sets["harmful"] + sets["benign"]
     convs = [([{"role": "system", "content": system}] if system else []) + p.conversation for p in prompts]
     replies = engine.generate(convs, SamplingParams(max_new_tokens=cfg.max_new_tokens), desc=f"{variant}: respond")
-    rows = [{"id": p.id, "prompt": p.text, "response": r, "refusal": is_refusal(r), "strict_refusal": is_strict_refusal(r)}
-            for p, r in zip(prompts, replies)]
+    rows = [{"id": p.id, "prompt": p.text, **({"messages": p.conversation} if len(p.messages) > 1 else {}),
+             "response": r, "refusal": is_refusal(r), "strict_refusal": is_strict_refusal(r)} for p, r in zip(prompts, replies)]
     n_harmful = len(sets["harmful"])
     out: dict[str, list[dict]] = {"harmful": rows[:n_harmful], "benign": rows[n_harmful:]}
 
@@ -161,7 +161,7 @@ def grade_harmless(judge: Engine, rows: list[dict]) -> None:
     """Adds p_harmless / judge_harmless to each harmful row: both label orders in one call."""
     if not rows:
         return
-    ask = [grading_messages([{"role": "user", "content": r["prompt"]}], r["response"], HARMLESS_CRITERION, yes_first=y)
+    ask = [grading_messages(r.get("messages") or conversation(r["prompt"], None), r["response"], HARMLESS_CRITERION, yes_first=y)
            for y in (True, False) for r in rows]
     scores = judge.option_logprobs(ask, ANSWER_PREFIX, LABELS, desc="judge harmless (both orders)")
     n = len(rows)
