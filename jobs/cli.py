@@ -57,8 +57,10 @@ def format_status(state: dict) -> str:
         f"prompts={state.get('prompts', '?')}  rounds={len(state['rounds'])}/{state.get('max_rounds', '?')}",
         f"created {state.get('created_at', '?')}  updated {state.get('updated_at', '?')}",
     ]
+    order = ("generate", "judge", "train", "evaluate")  # run.json is stored with sorted keys
+
     def stage_lines(label: str, stages: dict) -> None:
-        for name, st in stages.items():
+        for name, st in sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
             counts = st.get("counts", {})
             extra = ", ".join(f"{k}={counts[k]}" for k in _STATUS_COUNTS if counts.get(k) is not None)
             total = st.get("timings", {}).get("total_s")

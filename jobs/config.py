@@ -138,7 +138,7 @@ class EvaluateConfig(StrictModel):
     capability_exact: str = Field("bundled:capability_exact", description="Exact-match set: bundled name, JSONL or datasets dir.")
     limit: int | None = Field(None, gt=0, description="Cap on items per set (quick runs).")
     max_new_tokens: int = Field(96, gt=0)
-    judge_model: str | None = Field(None, description="Grader for harmlessness; null = the base model.")
+    judge_model: str | None = Field(None, description="Grader for harmlessness; null = the run's base model (the controller fills it in).")
     with_system_prompt: bool = Field(True, description="Also measure with the constitution as a system prompt.")
 
 

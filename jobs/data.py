@@ -85,7 +85,7 @@ def _messages_from(row: dict[str, Any], column: str) -> tuple[tuple[str, str], .
     return (("user", value.strip()),)
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any] | str]:
+def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any] | str]:
     """Rows as dicts, or a drop reason string for lines that cannot become one."""
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh):
@@ -107,7 +107,7 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any] | str]:
             yield row if isinstance(row, dict) else "invalid_json"
 
 
-def _iter_dataset(ref: str, split: str | None) -> Iterator[dict[str, Any]]:
+def iter_dataset_rows(ref: str, split: str | None) -> Iterator[dict[str, Any]]:
     try:
         import datasets
     except ImportError:
@@ -135,15 +135,15 @@ def _rows(src: PromptSource) -> Iterator[dict[str, Any] | str]:
         name = ref.split(":", 1)[1]
         if name not in BUNDLED_SETS:
             raise DataError(f"{ref}: unknown bundled prompt set; use one of {', '.join('bundled:' + k for k in BUNDLED_SETS)}")
-        rows = _iter_jsonl(DATA_DIR / BUNDLED_SETS[name])
+        rows = iter_jsonl_rows(DATA_DIR / BUNDLED_SETS[name])
     elif ref.startswith("hf:"):
-        rows = _iter_dataset(ref, src.split)
+        rows = iter_dataset_rows(ref, src.split)
     else:
         path = Path(ref).expanduser()
         if path.is_dir():
-            rows = _iter_dataset(str(path), src.split)
+            rows = iter_dataset_rows(str(path), src.split)
         elif path.is_file():
-            rows = _iter_jsonl(path)
+            rows = iter_jsonl_rows(path)
         else:
             raise DataError(f"{ref}: prompt source not found; give a JSONL file, a saved dataset dir, hf:<name> or bundled:<set>")
     file_like = not (ref.startswith("hf:") or Path(ref).expanduser().is_dir())

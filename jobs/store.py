@@ -140,13 +140,15 @@ class LocalStore(ArtifactStore):
         except FileNotFoundError:
             raise StoreError(f"{self.uri_for(key)}: not found") from None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _atomic(self, key: str, mode: str) -> Iterator[io.IOBase]:
+        """A temp file beside the target, renamed over it only if the block finishes."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _temp_file(path)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -154,6 +156,10 @@ class LocalStore(ArtifactStore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._atomic(key, "wb") as f:
+            f.write(data)
 
     def create_only(self, key: str, data: bytes) -> bool:
         path = self._path(key)
@@ -193,19 +199,8 @@ class LocalStore(ArtifactStore):
 
     @contextlib.contextmanager
     def open_writer(self, key: str) -> Iterator[io.TextIOBase]:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _temp_file(path)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with self._atomic(key, "w") as f:
+            yield f
 
     def local_dir(self, key: str) -> Path:
         path = self._path(key)

@@ -131,12 +131,10 @@ class HFEngine:
             elapsed = time.perf_counter() - start
             bar.set_postfix(tok_s=f"{new_tokens / elapsed:.0f}" if elapsed else "-")
         bar.close()
-        elapsed = time.perf_counter() - start
+        self._account(desc, start)
         self.stats.calls += 1
         self.stats.sequences += len(texts)
         self.stats.generated_tokens += new_tokens
-        self.stats.seconds += elapsed
-        self.stats.per_step[desc] = self.stats.per_step.get(desc, 0.0) + elapsed
         return outputs
 
     @torch.inference_mode()
@@ -154,17 +152,14 @@ class HFEngine:
         bar = tqdm(total=len(encoded), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=_BAR_INTERVAL)
         for idx in self._batches([len(e) for e in encoded]):
             ids, mask = self._pad_left([encoded[i] for i in idx])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+            logits = self._forward(ids, mask, logits_to_keep=1)[:, -1]
             lp = torch.log_softmax(logits, dim=-1)[:, option_ids]
             for row, i in enumerate(idx):
                 out[i] = lp[row].tolist()
             self.stats.prompt_tokens += int(mask.sum())
             bar.update(len(idx))
         bar.close()
-        elapsed = time.perf_counter() - start
-        self.stats.seconds += elapsed
-        self.stats.per_step[desc] = self.stats.per_step.get(desc, 0.0) + elapsed
+        self._account(desc, start)
         return out
 
     @torch.inference_mode()
@@ -185,8 +180,7 @@ class HFEngine:
         for idx in self._batches([len(p) + len(c) for p, c in pairs]):
             seqs = [pairs[i][0] + pairs[i][1] for i in idx]
             ids, mask = self._pad_left(seqs)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+            logits = self._forward(ids, mask)
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             targets = ids[:, 1:]
             token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -197,7 +191,15 @@ class HFEngine:
                 scores[i] = float(token_lp[row, width - 1 - n_cont : width - 1].sum())
             bar.update(len(idx))
         bar.close()
+        self._account(desc, start)
+        return scores
+
+    def _account(self, desc: str, start: float) -> float:
         elapsed = time.perf_counter() - start
         self.stats.seconds += elapsed
         self.stats.per_step[desc] = self.stats.per_step.get(desc, 0.0) + elapsed
-        return scores
+        return elapsed
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits.float()

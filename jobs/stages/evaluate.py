@@ -24,7 +24,7 @@ import yaml
 
 from ..config import EvaluateConfig, PromptSource, StageSpec
 from ..constitution import Constitution
-from ..data import DATA_DIR, _iter_dataset, _iter_jsonl, load_prompts
+from ..data import DATA_DIR, iter_dataset_rows, iter_jsonl_rows, load_prompts
 from ..engines import Engine, SamplingParams, load_engine
 from ..errors import DataError
 from ..judging import ANSWER_PREFIX, HARMLESS_CRITERION, LABELS, grading_messages, p_yes
@@ -49,12 +49,12 @@ def capability_rows(ref: str) -> Iterator[dict[str, Any] | str]:
         if not path.is_file():
             names = ", ".join(f"bundled:{p.stem}" for p in sorted(DATA_DIR.glob("capability_*.jsonl")))
             raise DataError(f"{ref}: unknown bundled capability set; use one of {names}, a JSONL file or a datasets dir")
-        rows: Iterator = _iter_jsonl(path)
+        rows: Iterator = iter_jsonl_rows(path)
     elif Path(ref).expanduser().is_file():
-        rows = _iter_jsonl(Path(ref).expanduser())
+        rows = iter_jsonl_rows(Path(ref).expanduser())
     elif Path(ref).expanduser().is_dir():
         split = _held_out_split(Path(ref).expanduser())
-        rows = _iter_dataset(str(Path(ref).expanduser()), split)
+        rows = iter_dataset_rows(str(Path(ref).expanduser()), split)
     else:
         raise DataError(f"{ref}: capability set not found; give bundled:<name>, a JSONL file or a saved datasets dir")
     for row in rows:
@@ -67,7 +67,7 @@ def _held_out_split(path: Path) -> str | None:
         import datasets
 
         ds = datasets.load_from_disk(str(path))
-    except Exception:  # _iter_dataset reports the real problem in one line
+    except Exception:  # iter_dataset_rows reports the real problem in one line
         return None
     if not isinstance(ds, datasets.DatasetDict):
         return None
