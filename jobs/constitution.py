@@ -45,6 +45,10 @@ class Constitution(StrictModel):
     description: str = ""
     principles: list[Principle] = Field(min_length=1)
     few_shot: list[FewShotExample] = Field(default_factory=list)
+    system_prompt: str | None = Field(
+        None, description="The constitution as a system prompt, for measuring prompt-level guardrails; "
+        "default: built from the revision requests."
+    )
 
     @field_validator("principles", mode="before")
     @classmethod
@@ -88,6 +92,8 @@ class Constitution(StrictModel):
 
     def as_system_prompt(self) -> str:
         """The constitution as a system prompt (used to tell prompt-level guardrails from alignment)."""
+        if self.system_prompt and self.system_prompt.strip():
+            return self.system_prompt.strip()
         lines = [f"Follow these principles ({self.name}):"]
         lines += [f"- {p.revision}" for p in self.principles]
         return "\n".join(lines)

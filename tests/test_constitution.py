@@ -120,12 +120,21 @@ def test_resolve_path_prefers_existing_file(tmp_path, monkeypatch):
     assert resolve_path("telehealth") == SHIPPED_DIR / "telehealth.yaml"
 
 
-def test_as_system_prompt_lists_every_revision():
-    c = load_constitution("default")
+def test_as_system_prompt_falls_back_to_every_revision(tmp_path):
+    c = load_constitution(write(tmp_path, "c.yaml", GOOD))
+    assert c.system_prompt is None
     text = c.as_system_prompt()
-    assert text.splitlines()[0].startswith("Follow these principles (default)")
+    assert text.splitlines()[0].startswith("Follow these principles (mini)")
     for p in c.principles:
         assert f"- {p.revision}" in text
+
+
+def test_shipped_constitutions_carry_their_own_system_prompt():
+    for name in ("default", "telehealth", "customer-service"):
+        c = load_constitution(name)
+        assert c.system_prompt and c.as_system_prompt() == c.system_prompt.strip()
+        assert "Rewrite the response" not in c.as_system_prompt()
+    assert "emergency services" in load_constitution("telehealth").as_system_prompt()
 
 
 def test_principle_lookup():

@@ -54,7 +54,9 @@ def test_tiny_model_run_writes_every_output_for_both_variants(store, tiny_model_
     assert set(report["variants"]) == {"no_system", "constitution_system"}
     assert report["model"] == str(tiny_model_dir) and report["self_judged"] is True
     assert {k: v["size"] for k, v in report["sets"].items()} == {"harmful": 3, "benign": 3, "capability_mc": 3, "capability_exact": 3}
-    assert report["settings"]["system_prompt"].startswith("Follow these principles (default)")
+    from jobs.constitution import load_constitution
+
+    assert report["settings"]["system_prompt"] == load_constitution("default").as_system_prompt()
     assert report["versions"]["transformers"]
     for v in report["variants"].values():
         for name, x in v["scores"].items():
