@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from pathlib import Path
@@ -124,7 +123,3 @@ def shipped_names() -> list[str]:
 
 def load_constitution(ref: str | Path) -> Constitution:
     return load_file(Constitution, resolve_path(ref))
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

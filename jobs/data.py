@@ -135,18 +135,17 @@ def _rows(src: PromptSource) -> Iterator[dict[str, Any] | str]:
         name = ref.split(":", 1)[1]
         if name not in BUNDLED_SETS:
             raise DataError(f"{ref}: unknown bundled prompt set; use one of {', '.join('bundled:' + k for k in BUNDLED_SETS)}")
-        rows = iter_jsonl_rows(DATA_DIR / BUNDLED_SETS[name])
+        rows, file_like = iter_jsonl_rows(DATA_DIR / BUNDLED_SETS[name]), True
     elif ref.startswith("hf:"):
-        rows = iter_dataset_rows(ref, src.split)
+        rows, file_like = iter_dataset_rows(ref, src.split), False
     else:
         path = Path(ref).expanduser()
         if path.is_dir():
-            rows = iter_dataset_rows(str(path), src.split)
+            rows, file_like = iter_dataset_rows(str(path), src.split), False
         elif path.is_file():
-            rows = iter_jsonl_rows(path)
+            rows, file_like = iter_jsonl_rows(path), True
         else:
             raise DataError(f"{ref}: prompt source not found; give a JSONL file, a saved dataset dir, hf:<name> or bundled:<set>")
-    file_like = not (ref.startswith("hf:") or Path(ref).expanduser().is_dir())
     for row in rows:
         # bundled/JSONL rows may carry their own split; datasets splits were selected on load
         if file_like and isinstance(row, dict) and src.split and "split" in row and row["split"] != src.split:

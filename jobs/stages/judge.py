@@ -38,7 +38,7 @@ JUDGE_STEP = 1000  # principle draws for judging use their own step, apart from 
 
 
 def candidate_pairs(trace: dict[str, Any], cfg: JudgeConfig, samples: list[str], constitution: Constitution, seed: int) -> list[dict[str, Any]]:
-    """(x, y, principle, source) tuples to judge for one prompt."""
+    """The pairs to judge for one prompt, each a dict with x, y, principle and source."""
     pairs = []
     if cfg.pairs in ("revision", "both") and trace["final"].strip() and trace["final"] != trace["initial"]:
         last = trace["rounds"][-1]["principle"] if trace["rounds"] else None
