@@ -151,6 +151,64 @@ class StopConfig(StrictModel):
     )
 
 
+class StageResources(StrictModel):
+    """Where and how one stage's pod runs on Kubernetes."""
+
+    image: str | None = Field(None, description="Full image reference; null = `<image_repository>-<stage>:<image_tag>`.")
+    gpus: int = Field(1, ge=0, description="`nvidia.com/gpu` request and limit per pod.")
+    cpu: str = Field("4", description="CPU request (Kubernetes quantity).")
+    memory: str = Field("32Gi", description="Memory request and limit (Kubernetes quantity).")
+    ephemeral_storage: str | None = Field("50Gi", description="Scratch space for the model cache; null = no request.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations, as in a PodSpec.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity, as in a PodSpec.")
+    active_deadline_seconds: int | None = Field(6 * 3600, gt=0, description="Kill the Job after this long.")
+
+
+def _default_stage_resources() -> dict[str, StageResources]:
+    return {name: StageResources() for name in ("generate", "judge", "train", "evaluate")}
+
+
+class KubernetesConfig(StrictModel):
+    """How the Kubernetes executor turns StageSpecs into batch/v1 Jobs (not part of the run fingerprint)."""
+
+    namespace: str | None = Field(None, description="Namespace for stage Jobs; null = the controller pod's own, else `default`.")
+    image_repository: str = Field("ghcr.io/cai-jobs/cai", description="Stage images are `<repository>-<stage>:<tag>`.")
+    image_tag: str = Field("0.1.0", description="Tag of the stage images (the package version by default).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    service_account: str | None = Field(None, description="ServiceAccount of stage pods (e.g. one with an IRSA role for S3).")
+    s3_secret: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, passed as env; null = IRSA/instance role.")
+    s3_endpoint: str | None = Field(None, description="AWS_ENDPOINT_URL_S3 for S3-compatible stores (MinIO, SeaweedFS).")
+    priority_class: str | None = Field(None, description="priorityClassName of stage pods.")
+    queue: str | None = Field(None, description="Kueue LocalQueue; sets the `kueue.x-k8s.io/queue-name` label.")
+    backoff_limit: int = Field(2, ge=0, description="Pod retries per Job for failures that are not config errors.")
+    ttl_seconds_after_finished: int = Field(24 * 3600, ge=0, description="Finished Jobs are deleted after this (logs are copied to the store first).")
+    poll_seconds: float = Field(10.0, gt=0, description="How often the controller checks a running Job.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every Job and pod.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on every pod.")
+    stages: dict[StageName, StageResources] = Field(default_factory=_default_stage_resources)
+
+
+class PromotionGates(StrictModel):
+    """A realigned model replaces the promoted one only if it passes all of these."""
+
+    harmless_min_delta: float = Field(0.0, description="Harmless rate may not fall by more than this (0 = not lower).")
+    over_refusal_max_increase: float = Field(0.05, ge=0, description="Over-refusal rate may rise by at most this.")
+    alignment_tax_max: float = Field(10.0, description="Alignment tax (percent) vs the base model at most this.")
+
+
+class RealignConfig(StrictModel):
+    """Scheduled realignment (`cai realign`): start from the promoted model, add newly collected prompts."""
+
+    prompts: str | None = Field(None, description="Store prefix or directory whose *.jsonl prompt files are added to `data.train`.")
+    gates: PromotionGates = Field(default_factory=PromotionGates)
+
+
+# Settings that decide where and how a run executes, not what it computes.
+EXECUTION_ONLY = {"store", "rounds", "executor", "kubernetes", "realign"}
+
+
 class RunConfig(StrictModel):
     name: str = Field("cai", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Prefix for generated run ids.")
     model: str = Field(BUNDLED_MODEL, description="`bundled:smollm2-135m-instruct`, a local HF directory or a hub id in the local cache.")
@@ -165,7 +223,10 @@ class RunConfig(StrictModel):
     stages: list[StageName] = Field(["generate"], min_length=1, description="Stages each round runs, in order.")
     rounds: int = Field(1, ge=1, description="Rounds of the whole pipeline.")
     seed: int = Field(0, description="Seeds principle sampling, few-shot rotation and sampling.")
-    store: str = Field("./cai-store", description="Artifact store: a local directory (s3:// comes with the S3 store).")
+    store: str = Field("./cai-store", description="Artifact store: a local directory or `s3://bucket/prefix`.")
+    executor: Literal["local", "kubernetes"] = Field("local", description="Where stages run: subprocesses here or Kubernetes Jobs.")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    realign: RealignConfig = Field(default_factory=RealignConfig)
 
     @field_validator("stages")
     @classmethod
@@ -177,7 +238,7 @@ class RunConfig(StrictModel):
     def fingerprint(self) -> str:
         """Hash of everything that changes results; the store and the round budget do not
         (so `--rounds 3` extends a finished 2-round run instead of starting over)."""
-        data = self.model_dump(mode="json", exclude={"store", "rounds"})
+        data = self.model_dump(mode="json", exclude=EXECUTION_ONLY)
         return canonical_hash(data)
 
 
