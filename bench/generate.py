@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the check
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from jobs.config import DataConfig, GenerateConfig, PromptSource  # noqa: E402
+from jobs.config import DataConfig, EngineConfig, GenerateConfig, PromptSource  # noqa: E402
 from jobs.constitution import Constitution, load_constitution  # noqa: E402
 from jobs.data import PromptRecord, load_prompts  # noqa: E402
 from jobs.engines.base import SamplingParams  # noqa: E402
@@ -287,7 +287,10 @@ def run_seed_loop(model_path: str, prompts, constitution, args) -> dict:
 
 def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
     log(f"cai generate stage (hf): loading model, {len(prompts)} prompts x {1 + 2 * args.rounds} steps, batch {args.batch_size}")
-    engine = HFEngine(model_path, dtype=DTYPE, device=DEVICE, batch_size=args.batch_size, show_progress=False)
+    engine = HFEngine(
+        model_path, dtype=DTYPE, device=DEVICE, batch_size=args.batch_size, show_progress=False,
+        prefix_cache_gb=EngineConfig().prefix_cache_gb,  # the stage's default
+    )
     engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4), desc="warmup")  # not timed
     recorder = StepRecorder(engine)
     cfg = GenerateConfig(
@@ -301,6 +304,9 @@ def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
     t0 = time.perf_counter()
     revise_chunk(prompts, constitution, recorder, cfg, args.seed)
     res = totals(recorder.steps, time.perf_counter() - t0)
+    if engine.prefix_cache is not None:
+        res["prefix_reuse_rate"] = round(engine.prefix_cache.stats.reuse_rate, 3)
+        log(f"prefix cache: {res['prefix_reuse_rate']:.0%} of prompt tokens reused from the previous step")
     del recorder, engine
     return res
 

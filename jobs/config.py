@@ -50,6 +50,10 @@ class EngineConfig(StrictModel):
     device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1` ...")
     batch_size: int = Field(32, gt=0, description="Sequences per forward pass; 32 keeps 2 CPU cores busy without swapping.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code (off: safer).")
+    prefix_cache_gb: float = Field(
+        2.0, ge=0, description="transformers engine: memory for K/V kept between steps so a revision request "
+        "does not re-prefill the critique request it extends (32 x 700 tokens of the 135M model in fp32 ~ 1 GB); 0 = off.",
+    )
 
 
 class GenerateConfig(StrictModel):

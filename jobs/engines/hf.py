@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ModelError
 from .base import Conversation, EngineStats, SamplingParams, apply_stop
+from .prefix_cache import BLOCK, PrefixCache
 
 # In a pod or a piped subprocess the bar goes to a log: update it rarely there.
 _BAR_INTERVAL = 2 if sys.stderr.isatty() else 15
@@ -43,6 +44,7 @@ class HFEngine:
         batch_size: int = 32,
         trust_remote_code: bool = False,
         show_progress: bool = True,
+        prefix_cache_gb: float = 0.0,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,6 +66,9 @@ class HFEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_token_ids()
+        # Only for models whose every layer keeps full-length K/V (sliding windows would truncate it).
+        sliding = getattr(self.model.config, "sliding_window", None) and getattr(self.model.config, "use_sliding_window", True)
+        self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 and not sliding else None
 
     def _stop_token_ids(self) -> list[int]:
         """End of turn: the eos token plus the chat template's turn terminator where it differs."""
@@ -107,8 +112,11 @@ class HFEngine:
         start = time.perf_counter()
         new_tokens = 0
         bar = tqdm(total=len(texts), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=_BAR_INTERVAL)
+        if self.prefix_cache is not None:
+            self.prefix_cache.begin_call()
         for b, idx in enumerate(self._batches([len(e) for e in encoded])):
-            ids, mask = self._pad_left([encoded[i] for i in idx])
+            seqs = [encoded[i] for i in idx]
+            ids, mask = self._pad_left(seqs)
             kwargs = dict(
                 max_new_tokens=params.max_new_tokens,
                 eos_token_id=self.stop_ids,
@@ -119,13 +127,20 @@ class HFEngine:
             else:
                 torch.manual_seed(params.seed * 100_003 + b)
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+            if self.prefix_cache is not None:
+                kwargs.update(past_key_values=self._cached_prefix(seqs), return_dict_in_generate=True)
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            gen = out[:, ids.shape[1] :]
+            sequences = out.sequences if self.prefix_cache is not None else out
+            gen = sequences[:, ids.shape[1] :]
+            lengths = []
             for row, i in enumerate(idx):
                 toks = gen[row].tolist()
                 n = next((k + 1 for k, t in enumerate(toks) if t in self.stop_ids), len(toks))
+                lengths.append(n)
                 new_tokens += n
                 outputs[i] = apply_stop(self.tokenizer.decode(toks[:n], skip_special_tokens=True), params.stop).strip()
+            if self.prefix_cache is not None:
+                self._remember(seqs, gen, lengths, out.past_key_values)
             self.stats.prompt_tokens += int(mask.sum())
             bar.update(len(idx))
             elapsed = time.perf_counter() - start
@@ -136,6 +151,52 @@ class HFEngine:
         self.stats.sequences += len(texts)
         self.stats.generated_tokens += new_tokens
         return outputs
+
+    def _cached_prefix(self, seqs: list[list[int]]):
+        """K/V for the leading columns every row of this left-padded batch already has cached, or None.
+
+        Rows are right-aligned, so the cached region is the columns before `cut`, the first column some
+        row has no cached K/V for; rows with more cached tokens recompute the rest (batches are length
+        sorted, so that is little). Left-padding columns hold zeros and stay masked out.
+        """
+        from transformers import DynamicCache
+
+        cache = self.prefix_cache
+        width = max(len(s) for s in seqs)
+        hits = [cache.lookup(s) for s in seqs]
+        offsets = [width - len(s) for s in seqs]
+        cut = min(o + n for o, (_, n) in zip(offsets, hits))
+        cache.stats.prompt_tokens += sum(len(s) for s in seqs)
+        if cut < BLOCK:
+            return None
+        template = cache.get(next(e for e, _ in hits if e is not None)).kv  # cut >= BLOCK implies a hit
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            keys = k0.new_zeros((len(seqs), k0.shape[0], cut, k0.shape[2]))
+            values = v0.new_zeros((len(seqs), v0.shape[0], cut, v0.shape[2]))
+            for row, ((eid, _), off) in enumerate(zip(hits, offsets)):
+                take = cut - off
+                if take > 0:
+                    k, v = cache.get(eid).kv[layer]
+                    keys[row, :, off:cut] = k[:, :take]
+                    values[row, :, off:cut] = v[:, :take]
+            layers.append((keys, values))
+        cache.stats.reused_tokens += sum(max(cut - off, 0) for off in offsets)
+        for eid in {e for e, _ in hits if e is not None}:
+            cache.release(eid)  # taken: this batch's continuation will be cached in its place
+        return DynamicCache(layers, config=self.model.config)
+
+    def _remember(self, seqs: list[list[int]], gen: torch.Tensor, lengths: list[int], past) -> None:
+        """Keep each row's prompt + reply (through its stop token) K/V for the next call to extend."""
+        width = max(len(s) for s in seqs)
+        cached_len = past.get_seq_length()
+        layers = [(layer.keys, layer.values) for layer in past.layers]
+        for row, (s, n) in enumerate(zip(seqs, lengths)):
+            off = width - len(s)
+            ids = s + gen[row, :n].tolist()
+            keep = min(len(ids), cached_len - off)
+            kv = [(k[row, :, off : off + keep].clone(), v[row, :, off : off + keep].clone()) for k, v in layers]
+            self.prefix_cache.insert(ids[:keep], kv)
 
     @torch.inference_mode()
     def option_logprobs(self, conversations: Sequence[Conversation], prefix: str, options: Sequence[str], desc: str = "judge") -> list[list[float]]:
