@@ -41,9 +41,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from .stages import run_stage
+    from .stages import merge_stage, run_stage
 
-    run_stage(args.name, args.spec)
+    if args.merge:
+        merge_stage(args.name, args.spec)
+    else:
+        run_stage(args.name, args.spec, shard=args.shard)
     return 0
 
 
@@ -156,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stage", help="run one stage from its spec (what each pod runs)")
     p.add_argument("name", choices=["generate", "judge", "train", "evaluate"])
     p.add_argument("--spec", required=True, help="URI of the StageSpec JSON in the store")
+    p.add_argument("--shard", type=int, help="shard index of a sharded spec (default: $JOB_COMPLETION_INDEX, as in an Indexed Job)")
+    p.add_argument("--merge", action="store_true", help="combine a sharded stage's finished shards into its outputs")
     p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser("status", help="show a run's rounds, stages and decisions")

@@ -64,6 +64,7 @@ class GenerateConfig(StrictModel):
     temperature: float = Field(0.0, ge=0, description="0 = greedy (reproducible); > 0 samples with the run seed.")
     top_p: float = Field(1.0, gt=0, le=1)
     chunk_size: int = Field(256, gt=0, description="Prompts taken through all steps together before results are written.")
+    shards: int = Field(1, ge=1, le=1024, description="Split the prompts into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
 
 
 class JudgeConfig(StrictModel):
@@ -78,6 +79,7 @@ class JudgeConfig(StrictModel):
     helpful_pairs: bool = Field(
         True, description="Add pairs for ordinary prompts: the helpful answer (chosen) vs a needless refusal (rejected)."
     )
+    shards: int = Field(1, ge=1, le=1024, description="Split the traces into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
 
 
 class SFTSection(StrictModel):
@@ -144,6 +146,7 @@ class EvaluateConfig(StrictModel):
     max_new_tokens: int = Field(96, gt=0)
     judge_model: str | None = Field(None, description="Grader for harmlessness; null = the run's base model (the controller fills it in).")
     with_system_prompt: bool = Field(True, description="Also measure with the constitution as a system prompt.")
+    shards: int = Field(1, ge=1, le=1024, description="Split every evaluation set into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
 
 
 class StopConfig(StrictModel):
@@ -243,6 +246,8 @@ class RunConfig(StrictModel):
         """Hash of everything that changes results; the store and the round budget do not
         (so `--rounds 3` extends a finished 2-round run instead of starting over)."""
         data = self.model_dump(mode="json", exclude=EXECUTION_ONLY)
+        for section in ("generate", "judge", "evaluate"):
+            data[section].pop("shards", None)  # how the work is split, not what it computes
         return canonical_hash(data)
 
 
@@ -261,7 +266,10 @@ class StageSpec(StrictModel):
     seed: int = 0
 
     def spec_hash(self) -> str:
-        return canonical_hash(self.model_dump(mode="json", exclude={"store"}))
+        """Excludes the store and the shard count: merged outputs are the same for any number of shards."""
+        data = self.model_dump(mode="json", exclude={"store"})
+        data["params"].pop("shards", None)
+        return canonical_hash(data)
 
     @property
     def spec_key(self) -> str:

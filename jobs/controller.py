@@ -16,6 +16,8 @@ from .data import load_prompts
 from .errors import CaiError, ConfigError
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
+from .sharding import shard_count
+from .stages import merge_stage
 from .store import ArtifactStore
 
 
@@ -141,6 +143,8 @@ class Controller:
             log(f"{self._label(spec)}: starting")
             try:
                 output = self.executor.run(spec.stage, self.store.uri_for(spec.spec_key))
+                if shard_count(spec.params) > 1:
+                    merge_stage(spec.stage, self.store.uri_for(spec.spec_key))  # store I/O only: shards in order
             except CaiError as e:
                 entry["status"] = "failed"
                 entry["error"] = str(e)

@@ -100,8 +100,13 @@ class ArtifactStore(ABC):
     def write_json(self, key: str, obj: Any) -> None:
         self.write_text(key, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
+    def iter_lines(self, key: str) -> Iterator[str]:
+        """Text lines with their newline; stores that can stream override this (100k-row files)."""
+        # only "\n" ends a line: JSON text may hold U+2028 or "\r", which str.splitlines would split on
+        yield from io.StringIO(self.read_text(key), newline="\n")
+
     def iter_jsonl(self, key: str) -> Iterator[dict]:
-        for n, line in enumerate(self.read_text(key).splitlines(), 1):
+        for n, line in enumerate(self.iter_lines(key), 1):
             if line.strip():
                 try:
                     yield json.loads(line)
@@ -139,6 +144,14 @@ class LocalStore(ArtifactStore):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise StoreError(f"{self.uri_for(key)}: not found") from None
+
+    def iter_lines(self, key: str) -> Iterator[str]:
+        try:
+            fh = open(self._path(key), encoding="utf-8", newline="\n")
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri_for(key)}: not found") from None
+        with fh:
+            yield from fh
 
     @contextlib.contextmanager
     def _atomic(self, key: str, mode: str) -> Iterator[io.IOBase]:

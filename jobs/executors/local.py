@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections import deque
 
 from ..errors import StageFailed
@@ -33,18 +34,48 @@ class LocalExecutor:
         self.python = python or sys.executable
 
     def run(self, stage: str, spec_uri: str) -> str:
+        from ..sharding import INDEX_ENV, shard_count
+        from ..stages import load_spec
+
+        shards = shard_count(load_spec(spec_uri)[0].params)
+        if shards == 1:
+            return self._run_one(stage, spec_uri, stage_env(), prefix="")
+        # Shards run side by side like an Indexed Job's pods; each gets its share of the cores.
+        threads = str(max(1, (os.cpu_count() or 1) // shards))
+        results: list[str | BaseException] = [""] * shards
+
+        def work(i: int) -> None:
+            env = stage_env()
+            env[INDEX_ENV] = str(i)
+            env.setdefault("OMP_NUM_THREADS", threads)
+            try:
+                results[i] = self._run_one(stage, spec_uri, env, prefix=f"[shard {i}] ")
+            except BaseException as e:  # noqa: BLE001 - reported below, after every shard has stopped
+                results[i] = e
+
+        pool = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(shards)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        return "".join(r for r in results if isinstance(r, str))
+
+    def _run_one(self, stage: str, spec_uri: str, env: dict[str, str], prefix: str) -> str:
         cmd = stage_command(stage, spec_uri)
         # `cai` resolved through this interpreter, so a venv's console script and `python -m` agree
         argv = [self.python, "-m", "jobs.cli", *cmd[1:]]
         tail: deque[str] = deque(maxlen=40)
         lines: list[str] = []
-        proc = subprocess.Popen(argv, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
-                sys.stderr.write(line)
+                sys.stderr.write(prefix + line)
                 tail.append(line.rstrip())
-                lines.append(line)
+                lines.append(prefix + line)
             code = proc.wait()
         except BaseException:
             proc.terminate()
@@ -55,7 +86,7 @@ class LocalExecutor:
             raise
         if code != 0:
             last = next((l for l in reversed(tail) if l.strip()), "no output")
-            err = StageFailed(f"stage {stage} failed (exit {code}): {last}")
+            err = StageFailed(f"stage {stage}{' ' + prefix.strip() if prefix else ''} failed (exit {code}): {last}")
             err.log = "".join(lines)
             raise err
         return "".join(lines)

@@ -7,9 +7,11 @@ depend on batch size, chunking or sharding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -20,7 +22,9 @@ from ..critique import clean_critique, clean_revision, critique_request, pick_fe
 from ..data import PromptRecord
 from ..engines import Engine, SamplingParams, load_engine
 from ..models import resolve_model
+from ..manifest import StageManifest
 from ..schema import parse_data
+from ..sharding import concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
 from . import StageResult, log
 
@@ -70,25 +74,34 @@ def sft_row(trace: dict[str, Any]) -> dict[str, Any]:
     return {"messages": trace["messages"] + [{"role": "assistant", "content": trace["final"]}]}
 
 
-def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None) -> StageResult:
+def chunks(prompts: Iterator[PromptRecord], size: int) -> Iterator[list[PromptRecord]]:
+    """Fixed-size chunks of a stream: 100k prompts never sit in memory at once."""
+    while chunk := list(itertools.islice(prompts, size)):
+        yield chunk
+
+
+def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, shard: tuple[int, int] = (0, 1)) -> StageResult:
     cfg = parse_data(GenerateConfig, spec.params, f"{spec.spec_key}:params")
     constitution = parse_data(Constitution, yaml.safe_load(store.read_text(spec.inputs["constitution"])), spec.inputs["constitution"])
-    prompts = [PromptRecord.from_row(r) for r in store.iter_jsonl(spec.inputs["prompts"])]
+    total = count_rows(store, spec.inputs["prompts"])
+    lo, hi = shard_bounds(total, *shard)
+    prompts = (PromptRecord.from_row(r) for r in take_slice(store.iter_jsonl(spec.inputs["prompts"]), lo, hi))
     timings: dict[str, float] = {}
     if engine is None:
         t = time.perf_counter()
         engine = load_engine(spec.engine, resolve_model(spec.model, store))
         timings["model_load_s"] = time.perf_counter() - t
-    log("generate", f"{len(prompts)} prompts x {cfg.revision_rounds} revision rounds, constitution {constitution.name!r}, model {spec.model}")
+    n = hi - lo
+    where = f" (rows {lo}..{hi - 1} of {total})" if shard[1] > 1 else ""
+    log("generate", f"{n} prompts{where} x {cfg.revision_rounds} revision rounds, constitution {constitution.name!r}, model {spec.model}")
 
     counts: Counter = Counter()
     principle_use: Counter = Counter()
     sft_key, traces_key = f"{spec.output}/sft.jsonl", f"{spec.output}/traces.jsonl"
     tokens0, seconds0 = engine.stats.generated_tokens, engine.stats.seconds
+    done = 0
     with store.open_writer(sft_key) as sft, store.open_writer(traces_key) as traces:
-        n_chunks = (len(prompts) + cfg.chunk_size - 1) // cfg.chunk_size
-        for c in range(n_chunks):
-            chunk = prompts[c * cfg.chunk_size : (c + 1) * cfg.chunk_size]
+        for c, chunk in enumerate(chunks(prompts, cfg.chunk_size)):
             for trace in revise_chunk(chunk, constitution, engine, cfg, spec.seed):
                 traces.write(json.dumps(trace, ensure_ascii=False) + "\n")
                 sft.write(json.dumps(sft_row(trace), ensure_ascii=False) + "\n")
@@ -99,23 +112,40 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None) -> 
                     counts["revisions_empty"] += rd["empty"]
                     counts["revisions_unchanged"] += rd["unchanged"]
                     counts["revisions_copy_critique"] += rd["copies_critique"]
-            done = min((c + 1) * cfg.chunk_size, len(prompts))
+            done += len(chunk)
             rate = (engine.stats.generated_tokens - tokens0) / max(engine.stats.seconds - seconds0, 1e-9)
-            log("generate", f"chunk {c + 1}/{n_chunks}: {done}/{len(prompts)} prompts, {rate:.0f} tok/s")
+            log("generate", f"chunk {c + 1}/{-(-n // cfg.chunk_size)}: {done}/{n} prompts, {rate:.0f} tok/s")
     generated = engine.stats.generated_tokens - tokens0
     gen_seconds = engine.stats.seconds - seconds0
     timings.update({f"{k}_s": v for k, v in engine.stats.per_step.items()})
     timings["engine_s"] = gen_seconds
     out_counts = {
-        "prompts": len(prompts),
-        "revision_rounds": cfg.revision_rounds,
-        "revisions": len(prompts) * cfg.revision_rounds,
+        "prompts": n,
+        "revisions": n * cfg.revision_rounds,
         **dict(counts),
         "principles": dict(sorted(principle_use.items())),
         "generated_tokens": generated,
-        "tokens_per_second": round(generated / gen_seconds, 1) if gen_seconds else 0.0,
     }
+    out_counts = with_rates(out_counts, cfg, gen_seconds)
     log("generate", f"{generated} tokens in {gen_seconds:.1f}s ({out_counts['tokens_per_second']} tok/s); "
         f"revisions: {counts['revisions_empty']} empty, {counts['revisions_unchanged']} unchanged, "
         f"{counts['revisions_copy_critique']} copied the critique")
     return StageResult(outputs=[sft_key, traces_key], counts=out_counts, timings=timings)
+
+
+def with_rates(counts: dict[str, Any], cfg: GenerateConfig, engine_seconds: float) -> dict[str, Any]:
+    """The non-additive figures, recomputed after shards' counters are summed."""
+    rate = round(counts["generated_tokens"] / engine_seconds, 1) if engine_seconds else 0.0
+    return {**counts, "revision_rounds": cfg.revision_rounds, "tokens_per_second": rate}
+
+
+def merge(spec: StageSpec, store: ArtifactStore, parts: list[StageSpec], manifests: list[StageManifest]) -> StageResult:
+    """Shards hold contiguous prompt slices: concatenated in shard order they are the unsharded output."""
+    cfg = parse_data(GenerateConfig, spec.params, f"{spec.spec_key}:params")
+    outputs = []
+    for name in ("sft.jsonl", "traces.jsonl"):
+        outputs.append(f"{spec.output}/{name}")
+        concat_jsonl(store, [f"{p.output}/{name}" for p in parts], outputs[-1])
+    additive = sum_counts([{k: v for k, v in m.counts.items() if k not in ("revision_rounds", "tokens_per_second")} for m in manifests])
+    engine_seconds = sum(m.timings.get("engine_s", 0.0) for m in manifests)
+    return StageResult(outputs=outputs, counts=with_rates(additive, cfg, engine_seconds))

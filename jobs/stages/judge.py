@@ -9,6 +9,7 @@ synthetic pair (their helpful answer over a needless refusal) so DPO does not le
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import time
 from collections import Counter
@@ -22,9 +23,12 @@ from ..engines import Engine, SamplingParams, load_engine
 from ..judging import ANSWER_PREFIX, LABELS, comparison_messages, verdict
 from ..models import resolve_model
 from ..refusal import is_refusal
+from ..manifest import StageManifest
 from ..schema import parse_data
+from ..sharding import concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
 from . import StageResult, log
+from .generate import chunks
 
 # Written for cai-jobs: what a needlessly cautious assistant says to a harmless request.
 NEEDLESS_REFUSALS = (
@@ -35,6 +39,7 @@ NEEDLESS_REFUSALS = (
     "I cannot help with that. Please consult a professional.",
 )
 JUDGE_STEP = 1000  # principle draws for judging use their own step, apart from revision rounds
+CHUNK = 512  # traces judged per batch of engine calls: bounded memory for any number of prompts
 
 
 def candidate_pairs(trace: dict[str, Any], cfg: JudgeConfig, samples: list[str], constitution: Constitution, seed: int) -> list[dict[str, Any]]:
@@ -82,68 +87,100 @@ def judge_pairs(engine: Engine, traces: list[dict], pairs: list[tuple[int, dict]
     return [verdict(tuple(scores[i]), tuple(scores[n + i])) for i in range(n)]
 
 
-def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None) -> StageResult:
+def judge_chunk(traces: list[dict], cfg: JudgeConfig, constitution: Constitution, policy: Engine, judge: Engine,
+                seed: int, counts: Counter) -> list[dict[str, Any]]:
+    """Preference rows for a chunk, trace by trace (judged pairs, then the helpful pair), so the row
+    order does not depend on how traces are chunked or sharded."""
+    samples: list[list[str]] = [[] for _ in traces]
+    if cfg.pairs in ("sampled", "both"):
+        convs = [tr["messages"] for tr in traces for _ in range(cfg.samples)]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, seed=seed * 1000 + 999)
+        flat = policy.generate(convs, params, desc=f"sample {cfg.samples} per prompt")
+        samples = [flat[i * cfg.samples : (i + 1) * cfg.samples] for i in range(len(traces))]
+    judged = [(i, p) for i, tr in enumerate(traces) for p in candidate_pairs(tr, cfg, samples[i], constitution, seed)]
+    verdicts = judge_pairs(judge, traces, judged) if judged else []
+    per_trace: list[list[dict[str, Any]]] = [[] for _ in traces]
+    for (i, pair), v in zip(judged, verdicts):
+        counts[f"pairs_{pair['source']}"] += 1
+        counts["order_agreements"] += v.order_agreement
+        if pair["source"] == "revision":
+            counts["revision_wins"] += v.p_x > 0.5
+        if v.margin < cfg.min_margin:
+            counts["dropped_low_margin"] += 1
+            continue
+        chosen, rejected, p = (pair["x"], pair["y"], v.p_x) if v.p_x > 0.5 else (pair["y"], pair["x"], 1 - v.p_x)
+        per_trace[i].append(pref_row(traces[i], chosen, rejected, principle=pair["principle"].name, p_chosen=round(p, 4),
+                                     order_agreement=v.order_agreement, margin=round(v.margin, 4), source=pair["source"]))
+    if cfg.helpful_pairs:
+        for i, tr in enumerate(traces):
+            pair = helpful_pair(tr, seed)
+            if pair:
+                counts["pairs_helpful"] += 1
+                per_trace[i].append(pref_row(tr, pair["x"], pair["y"], principle="helpful-by-construction", p_chosen=None,
+                                             order_agreement=None, margin=None, source="helpful"))
+    counts["pairs_judged"] += len(judged)
+    return [row for rows in per_trace for row in rows]
+
+
+def summarize(counts: dict[str, Any], prompts: int, kept: int, judge_ref: str, min_margin: float) -> dict[str, Any]:
+    """summary.json from additive counters (so shards' counters can be summed first)."""
+    n_judged = counts.get("pairs_judged", 0)
+    return {
+        "judge_model": judge_ref,
+        "prompts": prompts,
+        "pairs_judged": n_judged,
+        "pairs_kept": kept,
+        "pairs_dropped_low_margin": counts.get("dropped_low_margin", 0),
+        "pairs_by_source": {k[len("pairs_"):]: v for k, v in sorted(counts.items()) if k.startswith("pairs_") and k != "pairs_judged"},
+        "order_agreements": counts.get("order_agreements", 0),
+        "revision_wins": counts.get("revision_wins", 0),
+        "position_consistency_rate": round(counts.get("order_agreements", 0) / n_judged, 4) if n_judged else None,
+        "revision_win_rate": round(counts.get("revision_wins", 0) / counts["pairs_revision"], 4) if counts.get("pairs_revision") else None,
+        "min_margin": min_margin,
+    }
+
+
+def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, shard: tuple[int, int] = (0, 1)) -> StageResult:
     cfg = parse_data(JudgeConfig, spec.params, f"{spec.spec_key}:params")
     constitution = parse_data(Constitution, yaml.safe_load(store.read_text(spec.inputs["constitution"])), spec.inputs["constitution"])
-    traces = list(store.iter_jsonl(spec.inputs["traces"]))
+    lo, hi = shard_bounds(count_rows(store, spec.inputs["traces"]), *shard)
+    traces = take_slice(store.iter_jsonl(spec.inputs["traces"]), lo, hi)
     timings: dict[str, float] = {}
     judge_ref = cfg.model or spec.model
     t = time.perf_counter()
     policy = engine or load_engine(spec.engine, resolve_model(spec.model, store))
     judge = engine or (policy if judge_ref == spec.model else load_engine(spec.engine, resolve_model(judge_ref, store)))
     timings["model_load_s"] = time.perf_counter() - t
-    log("judge", f"{len(traces)} prompts, pairs={cfg.pairs}, judge {judge_ref}")
-
-    samples: list[list[str]] = [[] for _ in traces]
-    if cfg.pairs in ("sampled", "both"):
-        convs = [tr["messages"] for tr in traces for _ in range(cfg.samples)]
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, seed=spec.seed * 1000 + 999)
-        flat = policy.generate(convs, params, desc=f"sample {cfg.samples} per prompt")
-        samples = [flat[i * cfg.samples : (i + 1) * cfg.samples] for i in range(len(traces))]
-
-    judged = [(i, p) for i, tr in enumerate(traces) for p in candidate_pairs(tr, cfg, samples[i], constitution, spec.seed)]
-    t = time.perf_counter()
-    verdicts = judge_pairs(judge, traces, judged) if judged else []
-    timings["judge_s"] = time.perf_counter() - t
+    log("judge", f"{hi - lo} prompts, pairs={cfg.pairs}, judge {judge_ref}")
 
     counts: Counter = Counter()
-    rows: list[dict[str, Any]] = []
-    for (i, pair), v in zip(judged, verdicts):
-        tr, principle = traces[i], pair["principle"]
-        counts[f"pairs_{pair['source']}"] += 1
-        counts["order_agreement"] += v.order_agreement
-        if pair["source"] == "revision":
-            counts["revision_won"] += v.p_x > 0.5
-        if v.margin < cfg.min_margin:
-            counts["dropped_low_margin"] += 1
-            continue
-        chosen, rejected, p = (pair["x"], pair["y"], v.p_x) if v.p_x > 0.5 else (pair["y"], pair["x"], 1 - v.p_x)
-        rows.append(pref_row(tr, chosen, rejected, principle=principle.name, p_chosen=round(p, 4),
-                             order_agreement=v.order_agreement, margin=round(v.margin, 4), source=pair["source"]))
-    if cfg.helpful_pairs:
-        for tr in traces:
-            pair = helpful_pair(tr, spec.seed)
-            if pair:
-                counts["pairs_helpful"] += 1
-                rows.append(pref_row(tr, pair["x"], pair["y"], principle="helpful-by-construction", p_chosen=None,
-                                     order_agreement=None, margin=None, source="helpful"))
-
     prefs_key, summary_key = f"{spec.output}/prefs.jsonl", f"{spec.output}/summary.json"
-    store.write_jsonl(prefs_key, rows)
-    n_judged = len(judged)
-    summary = {
-        "judge_model": judge_ref,
-        "prompts": len(traces),
-        "pairs_judged": n_judged,
-        "pairs_kept": len(rows),
-        "pairs_dropped_low_margin": counts["dropped_low_margin"],
-        "pairs_by_source": {k[len("pairs_"):]: v for k, v in sorted(counts.items()) if k.startswith("pairs_")},
-        "position_consistency_rate": round(counts["order_agreement"] / n_judged, 4) if n_judged else None,
-        "revision_win_rate": round(counts["revision_won"] / counts["pairs_revision"], 4) if counts["pairs_revision"] else None,
-        "min_margin": cfg.min_margin,
-    }
+    kept = 0
+    t = time.perf_counter()
+    with store.open_writer(prefs_key) as out:
+        for chunk in chunks(traces, CHUNK):
+            for row in judge_chunk(chunk, cfg, constitution, policy, judge, spec.seed, counts):
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                kept += 1
+    timings["judge_s"] = time.perf_counter() - t
+    summary = summarize(counts, hi - lo, kept, judge_ref, cfg.min_margin)
     store.write_json(summary_key, summary)
-    log("judge", f"{n_judged} pairs judged, {len(rows)} kept ({counts['dropped_low_margin']} below margin, "
+    log("judge", f"{summary['pairs_judged']} pairs judged, {kept} kept ({summary['pairs_dropped_low_margin']} below margin, "
         f"{counts['pairs_helpful']} helpful pairs); position consistency {summary['position_consistency_rate']}, "
         f"revision won {summary['revision_win_rate']}")
     return StageResult(outputs=[prefs_key, summary_key], counts=summary, timings=timings)
+
+
+def merge(spec: StageSpec, store: ArtifactStore, parts: list[StageSpec], manifests: list[StageManifest]) -> StageResult:
+    cfg = parse_data(JudgeConfig, spec.params, f"{spec.spec_key}:params")
+    prefs_key, summary_key = f"{spec.output}/prefs.jsonl", f"{spec.output}/summary.json"
+    kept = concat_jsonl(store, [f"{p.output}/prefs.jsonl" for p in parts], prefs_key)
+    counts = sum_counts([
+        {"pairs_judged": m.counts["pairs_judged"], "dropped_low_margin": m.counts["pairs_dropped_low_margin"],
+         "order_agreements": m.counts["order_agreements"], "revision_wins": m.counts["revision_wins"], "prompts": m.counts["prompts"],
+         **{f"pairs_{k}": v for k, v in m.counts["pairs_by_source"].items()}}
+        for m in manifests
+    ])
+    summary = summarize(counts, counts.get("prompts", 0), kept, manifests[0].counts["judge_model"], cfg.min_margin)
+    store.write_json(summary_key, summary)
+    return StageResult(outputs=[prefs_key, summary_key], counts=summary)
