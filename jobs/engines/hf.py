@@ -10,6 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ModelError
+from .attention import register as register_gqa_attention
+from .attention import wants_gqa_kernel
 from .base import Conversation, EngineStats, SamplingParams, apply_stop
 from .prefix_cache import BLOCK, PrefixCache
 
@@ -62,6 +64,8 @@ class HFEngine:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{model_path}: cannot load model ({first}); give a local HF directory or bundled:smollm2-135m-instruct") from None
         self.model.eval()
+        if wants_gqa_kernel(self.model, self.device):
+            self.model.set_attn_implementation(register_gqa_attention())
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
