@@ -145,6 +145,16 @@ class LocalStore(ArtifactStore):
         except FileNotFoundError:
             raise StoreError(f"{self.uri_for(key)}: not found") from None
 
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(self._path(key), "rb") as fh:
+                while block := fh.read(1 << 20):  # in blocks: a 100k-row output never sits in memory
+                    digest.update(block)
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri_for(key)}: not found") from None
+        return digest.hexdigest()
+
     def iter_lines(self, key: str) -> Iterator[str]:
         try:
             fh = open(self._path(key), encoding="utf-8", newline="\n")

@@ -127,3 +127,43 @@ def test_local_executor_runs_shards_as_parallel_processes(tmp_path, tiny_run_con
     ref = run_sharded(store, spec, tiny_engine, 1, "runs/x/ref")
     out = Path(store.root) / spec.output
     assert (out / "sft.jsonl").read_bytes() == (ref / "sft.jsonl").read_bytes()
+
+
+class InstantEngine:
+    """Replies without a model, so the test measures the stage's own memory, not a model's."""
+
+    def __init__(self):
+        from jobs.engines.base import EngineStats
+
+        self.stats = EngineStats()
+
+    def generate(self, conversations, params, desc="generate"):
+        self.stats.generated_tokens += len(conversations)
+        return [f"reply {len(c)}" for c in conversations]
+
+
+def test_generate_memory_does_not_grow_with_the_number_of_prompts(tmp_path):
+    import tracemalloc
+
+    from jobs.constitution import resolve_path
+
+    store = LocalStore(tmp_path)
+    store.write_bytes(CONSTITUTION_KEY, resolve_path("default").read_bytes())
+
+    def peak(n: int) -> int:
+        key = f"in/{n}.jsonl"
+        store.write_jsonl(key, ({"id": f"p{i}", "kind": "ordinary", "messages": [{"role": "user", "content": f"question {i} " * 20}]} for i in range(n)))
+        spec = StageSpec(stage="generate", run_id="t", round=1, store=store.uri, output=f"runs/t/out-{n}", model="none",
+                         inputs={"constitution": CONSTITUTION_KEY, "prompts": key},
+                         params=GenerateConfig(revision_rounds=1, few_shot=0, chunk_size=200).model_dump(mode="json"))
+        store.write_json(spec.spec_key, spec.model_dump(mode="json"))
+        tracemalloc.start()
+        try:
+            assert run_stage("generate", store.uri_for(spec.spec_key), engine=InstantEngine())
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(1_000), peak(10_000)
+    assert sum(1 for _ in store.iter_lines("runs/t/out-10000/sft.jsonl")) == 10_000
+    assert large < 1.5 * small, (small, large)  # 10x the prompts, about the same peak: inputs and outputs stream
