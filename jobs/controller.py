@@ -101,7 +101,8 @@ class Controller:
         """Copy the constitution and the cleaned prompts into the run, once, deterministically."""
         cpath = resolve_path(self.config.constitution)
         constitution = load_constitution(cpath)
-        ckey, pkey, rkey = self.paths.inputs("constitution.yaml"), self.paths.inputs("prompts.jsonl"), self.paths.inputs("data_report.json")
+        keys = self.input_keys()
+        ckey, pkey, rkey = keys["constitution"], keys["prompts"], self.paths.inputs("data_report.json")
         self.store.write_bytes(ckey, cpath.read_bytes())
         records, reports = load_prompts(self.config.data.train, self.config.data.max_prompt_chars)
         for r in reports:
@@ -111,7 +112,11 @@ class Controller:
         self.store.write_jsonl(pkey, (r.to_row() for r in records))
         self.store.write_json(rkey, {"sources": [r.as_dict() for r in reports], "prompts": len(records)})
         self.state.update(constitution=constitution.name, constitution_sha256=self.store.sha256(ckey), prompts=len(records))
-        return {"constitution": ckey, "prompts": pkey}
+        return keys
+
+    def input_keys(self) -> dict[str, str]:
+        """Where stage_inputs() puts the run's inputs: known before they exist, so a dry run can plan."""
+        return {"constitution": self.paths.inputs("constitution.yaml"), "prompts": self.paths.inputs("prompts.jsonl")}
 
     # --- planning -----------------------------------------------------------------------------
     def plan(self, stage: str, round_: int, model: str, inputs: dict[str, str], output: str | None = None) -> StageSpec:
@@ -173,8 +178,12 @@ class Controller:
         scores = headline_scores(self.store.read_json(report_key))
         return quality(scores, self.config.stop.weights), scores
 
+    def plan_base(self, inputs: dict[str, str]) -> StageSpec:
+        """Round 0: the starting model's evaluation, the baseline every round is compared with."""
+        return self.plan("evaluate", 0, self.config.model, {"constitution": inputs["constitution"]}, output=f"{self.paths.root}/base/evaluate")
+
     def evaluate_base(self, inputs: dict[str, str]) -> str:
-        spec = self.plan("evaluate", 0, self.config.model, {"constitution": inputs["constitution"]}, output=f"{self.paths.root}/base/evaluate")
+        spec = self.plan_base(inputs)
         self.state.setdefault("base", {})
         self.run_spec(spec, self.state["base"])
         report = f"{spec.output}/report.json"
@@ -185,29 +194,37 @@ class Controller:
         return report
 
     # --- the loop -----------------------------------------------------------------------------
-    def run_round(self, round_: int, model: str, inputs: dict[str, str], baseline: str | None) -> str:
-        """One round of the configured stages; returns the model the next round starts from."""
+    def plan_round(self, round_: int, model: str, inputs: dict[str, str], baseline: str | None) -> tuple[list[StageSpec], str]:
+        """The round's stage specs in run order, and the model the next round starts from."""
         stages = self.config.stages
-        slot = self._round_state(round_)["stages"]
         out = {name: self.paths.stage(round_, name) for name in stages}
+        specs: list[StageSpec] = []
         if "generate" in stages:
-            self.run_spec(self.plan("generate", round_, model, inputs), slot)
+            specs.append(self.plan("generate", round_, model, inputs))
         if "judge" in stages:
-            self.run_spec(self.plan("judge", round_, model, {"constitution": inputs["constitution"], "traces": f"{out['generate']}/traces.jsonl"}), slot)
+            specs.append(self.plan("judge", round_, model, {"constitution": inputs["constitution"], "traces": f"{out['generate']}/traces.jsonl"}))
         trained = model
         if "train" in stages:
             train_inputs = {"traces": f"{out['generate']}/traces.jsonl"}
             if "judge" in stages:
                 train_inputs["prefs"] = f"{out['judge']}/prefs.jsonl"
-            self.run_spec(self.plan("train", round_, model, train_inputs), slot)
-            if self.config.train.method == "reward":
-                # a reward model scores, it cannot generate: the policy carries on unchanged
-                self._round_state(round_)["reward_model"] = f"store:{out['train']}/model"
-            else:
+            specs.append(self.plan("train", round_, model, train_inputs))
+            if self.config.train.method != "reward":  # a reward model scores, it cannot generate
                 trained = f"store:{out['train']}/model"
         if "evaluate" in stages:
             eval_inputs = {"constitution": inputs["constitution"], **({"baseline": baseline} if baseline else {})}
-            self.run_spec(self.plan("evaluate", round_, trained, eval_inputs), slot)
+            specs.append(self.plan("evaluate", round_, trained, eval_inputs))
+        return specs, trained
+
+    def run_round(self, round_: int, model: str, inputs: dict[str, str], baseline: str | None) -> str:
+        """One round of the configured stages; returns the model the next round starts from."""
+        specs, trained = self.plan_round(round_, model, inputs, baseline)
+        slot = self._round_state(round_)["stages"]
+        for spec in specs:
+            self.run_spec(spec, slot)
+            if spec.stage == "train" and self.config.train.method == "reward":
+                # the policy carries on unchanged; the reward model is kept for later use
+                self._round_state(round_)["reward_model"] = f"store:{spec.output}/model"
         self._round_state(round_)["model"] = trained
         return trained
 
