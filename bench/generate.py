@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
-import platform
 import random
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +27,11 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the check
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from jobs.config import DataConfig, EngineConfig, GenerateConfig, PromptSource  # noqa: E402
+from bench.common import OtherLoad, bench_prompts, cpu_busy_fraction, log, machine_info, rate, write_json_atomic  # noqa: E402
+from bench.common import rel_path as _rel  # noqa: E402
+from jobs.config import EngineConfig, GenerateConfig  # noqa: E402
 from jobs.constitution import Constitution, load_constitution  # noqa: E402
-from jobs.data import PromptRecord, load_prompts  # noqa: E402
+from jobs.data import PromptRecord  # noqa: E402
 from jobs.engines.base import SamplingParams  # noqa: E402
 from jobs.engines.hf import HFEngine  # noqa: E402
 from jobs.models import resolve_model  # noqa: E402
@@ -44,105 +42,6 @@ DTYPE = "float32"
 DEVICE = "cpu"
 QUICK = {"prompts": 32, "rounds": 1, "max_new_tokens": 64, "batch_size": 32}
 DEFAULT_OUT = ROOT / "bench" / "results" / "generate.json"
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- machine / inputs
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
-    """Share of all cores busy over a short sample, before the benchmark does any work (other load)."""
-    def read() -> tuple[int, int]:
-        with open("/proc/stat") as fh:
-            vals = [int(v) for v in fh.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        return idle, sum(vals[:8])
-    try:
-        i0, t0 = read()
-        time.sleep(seconds)
-        i1, t1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(1 - (i1 - i0) / (t1 - t0), 3) if t1 > t0 else None
-
-
-class OtherLoad:
-    """CPU time other processes used while a side ran: all-CPU busy time minus this process's own.
-
-    Reported as a share of the machine's capacity (cores x wall seconds); above ~0.1 the figures of
-    that side are disturbed (a batch-1 loop with one torch thread per core suffers most).
-    """
-
-    def __init__(self):
-        self.tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def _busy_s(self) -> float | None:
-        try:
-            with open("/proc/stat") as fh:
-                vals = [int(v) for v in fh.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return (sum(vals[:8]) - vals[3] - (vals[4] if len(vals) > 4 else 0)) / self.tck
-
-    def __enter__(self) -> "OtherLoad":
-        t = os.times()
-        self.t0, self.own0, self.busy0 = time.perf_counter(), t.user + t.system, self._busy_s()
-        self.share: float | None = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        t, busy1 = os.times(), self._busy_s()
-        wall = time.perf_counter() - self.t0
-        if busy1 is None or self.busy0 is None or wall <= 0:
-            return
-        other = (busy1 - self.busy0) - (t.user + t.system - self.own0)
-        self.share = round(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 3)
-
-
-def machine_info() -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = None
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "cpu_busy_before_run": cpu_busy_fraction(),
-    }
-
-
-def bench_prompts(n: int) -> list[PromptRecord]:
-    """First n//2 red-team and n - n//2 helpful prompts from the bundled train splits."""
-    n_red, n_help = n // 2, n - n // 2
-    sources = [PromptSource(source="bundled:red-team", limit=n_red), PromptSource(source="bundled:helpful", limit=n_help)]
-    records, reports = load_prompts([s for s in sources if s.limit], DataConfig().max_prompt_chars)
-    for rep in reports:
-        log(rep.summary())
-    if len(records) != n:
-        raise SystemExit(f"asked for {n} prompts but the bundled train splits gave {len(records)} "
-                         f"({n_red} red-team + {n_help} helpful wanted); use --prompts <= 96")
-    return records
 
 
 # --------------------------------------------------------------------------- per-step accounting
@@ -309,37 +208,6 @@ def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
         log(f"prefix cache: {res['prefix_reuse_rate']:.0%} of prompt tokens reused from the previous step")
     del recorder, engine
     return res
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it an ordinary file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _rel(path: str) -> str:
-    """A path relative to the repository root when it lies inside it (for a copy-pasteable command)."""
-    try:
-        return os.path.relpath(os.path.abspath(path), ROOT) if os.path.abspath(path).startswith(str(ROOT) + os.sep) else path
-    except ValueError:
-        return path
-
-
-def rate(tokens: float, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else 0.0
 
 
 def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dict, extrap: dict | None) -> None:
