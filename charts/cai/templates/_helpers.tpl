@@ -1,0 +1,230 @@
+{{/*
+Names. CronJob names may be at most 52 characters (the controller appends 11 to its Jobs), so the
+release-derived base is cut to 40 to leave room for "-realign".
+*/}}
+{{- define "cai.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cai.configMapName" -}}
+{{- printf "%s-config" (include "cai.fullname" .) -}}
+{{- end -}}
+
+{{/* The run as UID/GID of the images' `cai` user (Dockerfile: useradd --uid 10001). */}}
+{{- define "cai.uid" -}}10001{{- end -}}
+
+{{/* Labels on every object; pod templates get cai.selectorLabels only, which never change on upgrade. */}}
+{{- define "cai.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "cai.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "cai.selectorLabels" -}}
+app.kubernetes.io/name: cai-jobs
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: cai-jobs
+{{- end -}}
+
+{{/* The store every pod uses: s3://<bucket>[/<prefix>]. */}}
+{{- define "cai.store" -}}
+{{- $prefix := trimAll "/" .Values.s3.prefix -}}
+{{- if $prefix -}}
+{{- printf "s3://%s/%s" .Values.s3.bucket $prefix -}}
+{{- else -}}
+{{- printf "s3://%s" .Values.s3.bucket -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cai.tag" -}}
+{{- .Values.images.tag | default .Chart.AppVersion -}}
+{{- end -}}
+
+{{/* Image of one component: (dict "ctx" $ "name" "train"); controller = <repository>, stage = <repository>-<stage>. */}}
+{{- define "cai.image" -}}
+{{- $img := index .ctx.Values.images .name -}}
+{{- $default := ternary .ctx.Values.images.repository (printf "%s-%s" .ctx.Values.images.repository .name) (eq .name "controller") -}}
+{{- printf "%s:%s" ($img.repository | default $default) ($img.tag | default (include "cai.tag" .ctx)) -}}
+{{- end -}}
+
+{{/* The constitution reference in run.yaml: a shipped name, or the ConfigMap file. */}}
+{{- define "cai.constitutionRef" -}}
+{{- if .Values.constitution.inline -}}
+/etc/cai/constitution.yaml
+{{- else -}}
+{{- .Values.constitution.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+run.yaml: the `run` values (the RunConfig body) plus the cluster settings derived from the other
+values, in RunConfig's own keys, so the controller submits stage Jobs with these images and resources.
+*/}}
+{{- define "cai.runConfig" -}}
+{{- $v := .Values -}}
+{{- $stages := dict -}}
+{{- range $name := list "generate" "judge" "train" "evaluate" -}}
+{{- $s := index $v.stages $name -}}
+{{- $_ := set $stages $name (dict
+    "image" (include "cai.image" (dict "ctx" $ "name" $name))
+    "gpus" $s.gpus
+    "cpu" (toString $s.cpu)
+    "memory" (toString $s.memory)
+    "ephemeral_storage" (ternary nil (toString $s.ephemeralStorage) (kindIs "invalid" $s.ephemeralStorage))
+    "node_selector" $s.nodeSelector
+    "tolerations" $s.tolerations
+    "affinity" ($s.affinity | default nil)
+    "active_deadline_seconds" $s.activeDeadlineSeconds) -}}
+{{- end -}}
+{{- $k8s := dict
+    "namespace" .Release.Namespace
+    "image_repository" $v.images.repository
+    "image_tag" (include "cai.tag" .)
+    "image_pull_policy" $v.images.pullPolicy
+    "image_pull_secrets" $v.images.pullSecrets
+    "service_account" $v.rbac.stageServiceAccount
+    "s3_secret" ($v.s3.existingSecret | default nil)
+    "s3_endpoint" ($v.s3.endpoint | default nil)
+    "priority_class" ($v.priorityClassName | default nil)
+    "queue" ($v.queue | default nil)
+    "backoff_limit" $v.backoffLimit
+    "ttl_seconds_after_finished" $v.ttlSecondsAfterFinished
+    "poll_seconds" $v.pollSeconds
+    "labels" $v.jobLabels
+    "annotations" $v.podAnnotations
+    "stages" $stages -}}
+{{- $run := deepCopy $v.run -}}
+{{- $_ := set $run "constitution" (include "cai.constitutionRef" .) -}}
+{{- $_ := set $run "store" (include "cai.store" .) -}}
+{{- $_ := set $run "executor" "kubernetes" -}}
+{{- $_ := set $run "kubernetes" $k8s -}}
+{{- toYaml $run -}}
+{{- end -}}
+
+{{/* Hash of run.yaml and the constitution: names the install Job and rolls pods when either changes. */}}
+{{- define "cai.configHash" -}}
+{{- printf "%s\n%s" (include "cai.runConfig" .) .Values.constitution.inline | sha256sum | trunc 10 -}}
+{{- end -}}
+
+{{/* Pod and container securityContext: non-root, no privilege escalation, no capabilities. */}}
+{{- define "cai.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ include "cai.uid" . }}
+runAsGroup: {{ include "cai.uid" . }}
+fsGroup: {{ include "cai.uid" . }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "cai.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ include "cai.uid" . }}
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/*
+The controller pod (install Job and CronJob alike): `cai <verb> -c /etc/cai/run.yaml --executor
+kubernetes --store s3://...`, the same env as `cai submit`'s controller Job, the ConfigMap at /etc/cai.
+Call with (dict "ctx" $ "verb" "run").
+*/}}
+{{- define "cai.controllerPod" -}}
+{{- $v := .ctx.Values -}}
+metadata:
+  labels:
+    {{- include "cai.selectorLabels" .ctx | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+  annotations:
+    cai-jobs/config-hash: {{ include "cai.configHash" .ctx }}
+spec:
+  restartPolicy: Never
+  serviceAccountName: {{ $v.rbac.controllerServiceAccount }}
+  {{- with $v.images.pullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  {{- with $v.controller.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $v.controller.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.controller.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.controller.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- include "cai.podSecurityContext" .ctx | nindent 4 }}
+  containers:
+    - name: controller
+      image: {{ include "cai.image" (dict "ctx" .ctx "name" "controller") | quote }}
+      imagePullPolicy: {{ $v.images.pullPolicy }}
+      command: [cai, {{ .verb }}, -c, /etc/cai/run.yaml, --executor, kubernetes, --store, {{ include "cai.store" .ctx | quote }}]
+      env:
+        - {name: PYTHONUNBUFFERED, value: "1"}
+        - {name: TOKENIZERS_PARALLELISM, value: "false"}
+        - {name: HF_HUB_OFFLINE, value: "1"}
+        - {name: CAI_CACHE_DIR, value: /var/cache/cai}
+        {{- with $v.s3.endpoint }}
+        - {name: AWS_ENDPOINT_URL_S3, value: {{ . | quote }}}
+        {{- end }}
+        {{- with $v.s3.existingSecret }}
+        - name: AWS_ACCESS_KEY_ID
+          valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_ACCESS_KEY_ID}}
+        - name: AWS_SECRET_ACCESS_KEY
+          valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}}
+        {{- end }}
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        - name: POD_NAMESPACE
+          valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+      resources:
+        {{- toYaml $v.controller.resources | nindent 8 }}
+      securityContext:
+        {{- include "cai.containerSecurityContext" .ctx | nindent 8 }}
+      volumeMounts:
+        - {name: cache, mountPath: /var/cache/cai}
+        - {name: tmp, mountPath: /tmp}
+        - {name: config, mountPath: /etc/cai, readOnly: true}
+  volumes:
+    - {name: cache, emptyDir: {}}
+    - {name: tmp, emptyDir: {}}
+    - name: config
+      configMap:
+        name: {{ include "cai.configMapName" .ctx }}
+{{- end -}}
+
+{{/*
+Job spec fields shared by the install Job and the CronJob's jobTemplate: a controller that failed
+(exit 1: a stage failed; exit 2: a config error) would fail the same way again, so only
+infrastructure kills are retried, and evictions never count.
+*/}}
+{{- define "cai.controllerJobPolicy" -}}
+backoffLimit: {{ .Values.controller.backoffLimit }}
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        containerName: controller
+        operator: In
+        values: [1, 2]
+    - action: Ignore
+      onPodConditions:
+        - {type: DisruptionTarget, status: "True"}
+{{- end -}}

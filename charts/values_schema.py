@@ -1,0 +1,200 @@
+"""Write charts/cai/values.schema.json: the chart's own values, plus `run` derived from RunConfig.
+
+Helm checks values against this draft-07 schema at `helm install`/`helm template`, so a typo under
+`run` (say `generate.revison_rounds`) fails at install instead of in the controller pod hours later.
+`run` is RunConfig's JSON schema without the four keys the chart fills in itself; RunConfig stays the
+single source of truth, and tests/test_helm.py fails if the committed file is stale. Regenerate with:
+
+    .venv/bin/python charts/values_schema.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = REPO / "charts" / "cai" / "values.schema.json"
+STAGES = ("generate", "judge", "train", "evaluate")
+# Filled in by the chart from the other values; not allowed under `run`.
+CHART_MANAGED = ("store", "executor", "constitution", "kubernetes")
+
+QUANTITY = r"^[+]?[0-9.]+([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$"  # Kubernetes resource quantity
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+CRON = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|@every \S+|\S+( +\S+){4})$"
+
+
+def _obj(props: dict[str, Any], desc: str | None = None, required: list[str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:
+        out["required"] = required
+    if desc:
+        out["description"] = desc
+    return out
+
+
+def _str(desc: str, **kw: Any) -> dict[str, Any]:
+    return {"type": "string", "description": desc, **kw}
+
+
+def _int(desc: str, minimum: int = 0, nullable: bool = False) -> dict[str, Any]:
+    return {"type": ["integer", "null"] if nullable else "integer", "minimum": minimum, "description": desc}
+
+
+def _quantity(desc: str, nullable: bool = False) -> dict[str, Any]:
+    types = ["string", "number"] + (["null"] if nullable else [])
+    return {"type": types, "pattern": QUANTITY, "description": desc}
+
+
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+TOLERATION = _obj({
+    "key": {"type": "string"},
+    "operator": {"enum": ["Exists", "Equal"]},
+    "value": {"type": "string"},
+    "effect": {"enum": ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]},
+    "tolerationSeconds": {"type": "integer"},
+}, "A PodSpec toleration (camelCase keys).")
+PLACEMENT = {
+    "nodeSelector": {**STRING_MAP, "description": "nodeSelector of the pods."},
+    "tolerations": {"type": "array", "items": {"$ref": "#/definitions/toleration"}, "description": "Pod tolerations."},
+    "affinity": {"type": "object", "description": "Pod affinity, as in a PodSpec; {} = none."},
+}
+
+
+def image_ref(desc: str) -> dict[str, Any]:
+    return _obj({
+        "repository": _str("Image repository; empty = the default for this component."),
+        "tag": _str("Image tag; empty = images.tag."),
+    }, desc)
+
+
+def stage_resources(name: str) -> dict[str, Any]:
+    return _obj({
+        "gpus": _int("nvidia.com/gpu request and limit per pod (0 = CPU only)."),
+        "cpu": _quantity("CPU request."),
+        "memory": _quantity("Memory request and limit."),
+        "ephemeralStorage": _quantity("Scratch space request; null = none.", nullable=True),
+        **PLACEMENT,
+        "activeDeadlineSeconds": _int("Kill the Job after this long; null = never.", minimum=1, nullable=True),
+    }, f"Pods of the {name} stage Jobs.", required=["gpus", "cpu", "memory"])
+
+
+def run_schema() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`run` schema, its definitions) from RunConfig, chart-managed keys removed, titles dropped."""
+    sys.path.insert(0, str(REPO))
+    from jobs.config import RunConfig
+
+    raw = RunConfig.model_json_schema(ref_template="#/definitions/{model}")
+    defs = raw.pop("$defs", {})
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "title"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    run = strip(raw)
+    for key in CHART_MANAGED:
+        run["properties"].pop(key, None)
+    run["description"] = (
+        "The RunConfig body (keys as in recipes/*.yaml). store, executor, constitution and kubernetes "
+        "are set by the chart from s3, constitution, images, stages and the scheduling values."
+    )
+    used = json.dumps(run)
+    defs = {k: strip(v) for k, v in defs.items()}
+    # KubernetesConfig and what only it uses are chart-managed: leave them out.
+    changed = True
+    keep: dict[str, Any] = {}
+    while changed:
+        changed = False
+        for name, d in defs.items():
+            if name not in keep and f'"#/definitions/{name}"' in used:
+                keep[name] = d
+                used += json.dumps(d)
+                changed = True
+    return run, dict(sorted(keep.items()))
+
+
+def build() -> dict[str, Any]:
+    run, run_defs = run_schema()
+    from jobs.constitution import shipped_names
+
+    props = {
+        "images": _obj({
+            "repository": _str("Prefix of every image: controller <repository>, stages <repository>-<stage>.", minLength=1),
+            "tag": _str("Tag of every image; empty = the chart's appVersion."),
+            "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"], "description": "imagePullPolicy of every pod."},
+            "pullSecrets": {"type": "array", "items": {"type": "string", "pattern": DNS_SUBDOMAIN},
+                            "description": "Names of docker-registry Secrets."},
+            "controller": image_ref("The controller image (cai run / cai realign)."),
+            **{s: image_ref(f"The {s} stage image.") for s in STAGES},
+        }, "Container images.", required=["repository", "pullPolicy"]),
+        "s3": _obj({
+            "bucket": _str("S3 bucket of the artifact store (required).", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
+            "prefix": _str("Key prefix inside the bucket; empty = the bucket root.", pattern=r"^[^\s]*$"),
+            "endpoint": _str("AWS_ENDPOINT_URL_S3 for S3-compatible stores; empty = AWS.", pattern=r"^(https?://\S+)?$"),
+            "existingSecret": _str("Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; empty = IRSA or node role.",
+                                   pattern=r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)?$"),
+            "irsaRoleArn": _str("IAM role ARN for IRSA (annotation on both ServiceAccounts); empty = none.",
+                                pattern=r"^(arn:aws[a-z-]*:iam::[0-9]{12}:role/\S+)?$"),
+        }, "The S3 artifact store.", required=["bucket"]),
+        "constitution": _obj({
+            "name": {"enum": shipped_names(), "description": "A constitution shipped in the images."},
+            "inline": _str("Constitution YAML text (--set-file constitution.inline=FILE); wins over name."),
+        }, "The constitution."),
+        "run": run,
+        "stages": _obj({s: stage_resources(s) for s in STAGES}, "Stage Job pods.", required=list(STAGES)),
+        "priorityClassName": _str("priorityClassName of stage pods; empty = the cluster default."),
+        "queue": _str("Kueue LocalQueue of stage Jobs; empty = no Kueue."),
+        "backoffLimit": _int("Pod retries per stage Job."),
+        "ttlSecondsAfterFinished": _int("Delete finished Jobs after this many seconds."),
+        "pollSeconds": {"type": "number", "exclusiveMinimum": 0, "description": "Controller poll interval (s)."},
+        "jobLabels": {**STRING_MAP, "description": "Extra labels on stage Jobs and pods."},
+        "podAnnotations": {**STRING_MAP, "description": "Extra annotations on stage pods."},
+        "controller": _obj({
+            "resources": _obj({
+                "requests": {"type": "object", "additionalProperties": _quantity("A quantity."), "description": "Resource requests."},
+                "limits": {"type": "object", "additionalProperties": _quantity("A quantity."), "description": "Resource limits."},
+            }, "Controller container resources."),
+            **PLACEMENT,
+            "priorityClassName": _str("priorityClassName of controller pods."),
+            "backoffLimit": _int("Controller pod retries (infrastructure failures only)."),
+        }, "Controller pods (install Job and CronJob)."),
+        "runOnInstall": {"type": "boolean", "description": "Create a controller Job (cai run) with the release."},
+        "realign": _obj({
+            "enabled": {"type": "boolean", "description": "Render the realignment CronJob."},
+            "schedule": _str("Cron schedule (5 fields or @daily, @weekly ...).", pattern=CRON),
+            "timeZone": _str("IANA time zone of the schedule; empty = the controller manager's."),
+            "suspend": {"type": "boolean", "description": "Skip ticks until resumed."},
+            "startingDeadlineSeconds": _int("Skip a tick missed by more than this; null = never skip.", nullable=True),
+            "successfulJobsHistoryLimit": _int("Finished Jobs kept."),
+            "failedJobsHistoryLimit": _int("Failed Jobs kept."),
+            "activeDeadlineSeconds": _int("Kill a realignment after this long; null = never.", minimum=1, nullable=True),
+        }, "Scheduled realignment (CronJob running cai realign).", required=["enabled", "schedule", "suspend"]),
+        "rbac": _obj({
+            "controllerServiceAccount": _str("Controller ServiceAccount/Role/RoleBinding name.", pattern=DNS_SUBDOMAIN),
+            "stageServiceAccount": _str("Stage pods' ServiceAccount name.", pattern=DNS_SUBDOMAIN),
+            "serviceAccountAnnotations": {**STRING_MAP, "description": "Extra annotations on both ServiceAccounts."},
+        }, "RBAC.", required=["controllerServiceAccount", "stageServiceAccount"]),
+        "global": {"type": "object", "description": "Helm's shared values for subcharts (unused)."},
+    }
+    schema = _obj(props, "Values of the cai chart (generated by charts/values_schema.py).", required=["s3", "images", "stages"])
+    return {"$schema": "http://json-schema.org/draft-07/schema#", **schema,
+            "definitions": {"toleration": TOLERATION, **run_defs}}
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=False) + "\n"
+
+
+def main() -> int:
+    SCHEMA_PATH.write_text(render(), encoding="utf-8")
+    print(f"wrote {SCHEMA_PATH.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
