@@ -13,7 +13,7 @@ from .errors import CaiError
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_run_config
     from .controller import Controller
-    from .executors import LocalExecutor
+    from .executors import make_executor
     from .store import open_store
 
     config = load_run_config(args.config)
@@ -22,7 +22,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.store:
         config.store = args.store
     store = open_store(config.store)
-    state = Controller(config, store, LocalExecutor(), run_id=args.run_id).run()
+    executor = make_executor(config, store, args.executor)
+    state = Controller(config, store, executor, run_id=args.run_id).run()
     root = store.uri_for(f"runs/{state['run_id']}")
     print(f"run {state['run_id']}: {state['status']}")
     for rnd in state["rounds"]:
@@ -144,6 +145,65 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- Kubernetes: render, submit, logs ----------------------------------------------------------------
+def _cmd_render(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .executors.k8s_submit import render
+
+    config = load_run_config(args.config)
+    print(render(config, args.store or config.store, args.run_id, args.namespace, controller=args.controller), end="")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .errors import SubmitError
+    from .executors.k8s_submit import local_paths, submit
+    from .executors.kubernetes import kube_clients
+
+    config = load_run_config(args.config)
+    store = args.store or config.store
+    if not store.startswith("s3://"):
+        raise SubmitError(f"--store: {store} is a local directory, which the cluster cannot read; pass --store s3://bucket/prefix")
+    for p in local_paths(config):
+        print(f"warning: {p} is a local path, which the controller pod cannot read", file=sys.stderr)
+    batch, core, namespace = kube_clients(args.namespace or config.kubernetes.namespace)
+    s = submit(config, store, batch, core, namespace, run_id=args.run_id)
+    verb = {"created": "submitted", "running": "already running", "recreated": "resubmitted (resumes from the store)"}[s.state]
+    print(f"run {s.run_id}: {verb} as job {s.namespace}/{s.job} (config in configmap {s.config_map})")
+    print(f"status:  cai status {s.run_id} --store {store}")
+    print(f"logs:    cai logs {s.run_id} generate --store {store}")
+    print(f"follow:  kubectl logs -n {s.namespace} -f job/{s.job}")
+    print(f"jobs:    kubectl get jobs -n {s.namespace} -l cai-jobs/run={s.run_id}")
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .executors.k8s_manifests import label_value
+    from .store import open_store
+
+    store = open_store(args.store)
+    key = f"runs/{args.run_id}/run.json"
+    if not store.exists(key):
+        raise CaiError(f"{store.uri_for(key)}: no such run; list runs with `ls {store.uri_for('runs')}`")
+    state = store.read_json(key)
+    slots = {0: state.get("base", {})} | {r["round"]: r["stages"] for r in state.get("rounds", [])}
+    rounds = [k for k, stages in slots.items() if isinstance(stages.get(args.stage), dict) and (args.round is None or k == args.round)]
+    if not rounds:
+        where = f"round {args.round}" if args.round is not None else "any round"
+        raise CaiError(f"{store.uri_for(key)}: stage {args.stage} has not run in {where}; see `cai status {args.run_id} --store {args.store}`")
+    output = slots[rounds[-1]][args.stage]["output"]
+    logs = [k for k in store.list(f"{output}/logs") if k.endswith(".log")]
+    if not logs:
+        raise CaiError(f"{store.uri_for(output + '/logs')}: no logs yet; while a stage Job runs: kubectl logs -l "
+                       f"cai-jobs/run={label_value(args.run_id)},cai-jobs/stage={args.stage} --tail=-1")
+    for k in logs:
+        if len(logs) > 1:
+            print(f"==> {store.uri_for(k)} <==")
+        print(store.read_text(k), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI as batch jobs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -154,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="artifact store (a directory); overrides the config's `store`")
     p.add_argument("--run-id", help="run id (default: derived from the config, so re-running resumes)")
     p.add_argument("--rounds", type=int, help="override the config's `rounds`")
+    p.add_argument("--executor", choices=["local", "kubernetes"], help="where stages run; overrides the config's `executor`")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("stage", help="run one stage from its spec (what each pod runs)")
@@ -183,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("prepare", help="resolve a model reference (converts the bundled model once) and print its path")
     m.add_argument("ref", nargs="?", default="bundled:smollm2-135m-instruct")
     m.set_defaults(func=_cmd_model_prepare)
+
+    p = sub.add_parser("render", help="print every Kubernetes manifest a run submits (dry run, no cluster)")
+    p.add_argument("-c", "--config", type=Path, help="run config YAML (default: built-in defaults)")
+    p.add_argument("--store", help="artifact store the Jobs use (default: the config's `store`)")
+    p.add_argument("--run-id", help="run id (default: derived from the config)")
+    p.add_argument("-n", "--namespace", help="namespace written into the manifests (default: the config's, else none)")
+    p.add_argument("--controller", action="store_true", help="also print the controller Job, its ConfigMap and RBAC (`cai submit`)")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("submit", help="run the controller in the cluster as a Job (needs an s3:// store)")
+    p.add_argument("-c", "--config", type=Path, required=True, help="run config YAML")
+    p.add_argument("--store", help="s3://bucket/prefix; overrides the config's `store`")
+    p.add_argument("--run-id", help="run id (default: derived from the config, so resubmitting resumes)")
+    p.add_argument("-n", "--namespace", help="namespace (default: the config's, else the kubeconfig context's)")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("logs", help="print a stage's logs from the store (one file per pod on Kubernetes)")
+    p.add_argument("run_id")
+    p.add_argument("stage", choices=["generate", "judge", "train", "evaluate"])
+    p.add_argument("--round", type=int, help="round (default: the latest that ran the stage; 0 = base evaluation)")
+    p.add_argument("--store", default="./cai-store")
+    p.set_defaults(func=_cmd_logs)
     return parser
 
 

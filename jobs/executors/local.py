@@ -19,12 +19,20 @@ def stage_command(stage: str, spec_uri: str) -> list[str]:
     return ["cai", "stage", stage, "--spec", spec_uri]
 
 
+def pod_env() -> dict[str, str]:
+    """The environment every stage process gets: the Job container's `env` (kubernetes.py) and what
+    this executor lays over os.environ, from this one place so the two cannot drift apart."""
+    return {
+        "PYTHONUNBUFFERED": "1",  # log lines reach the pod log / the controller as they happen
+        "TOKENIZERS_PARALLELISM": "false",  # no fork warnings; stages batch on their own
+        "HF_HUB_OFFLINE": "1",  # stages never download at run time
+    }
+
+
 def stage_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")  # stages never download at run time
-    return env
+    """os.environ (or `base`) with the pod env on top: site settings such as AWS_* or CAI_CACHE_DIR
+    pass through, the stage's own settings are the pod's."""
+    return {**(os.environ if base is None else base), **pod_env()}
 
 
 class LocalExecutor:

@@ -1,0 +1,344 @@
+"""Pure builders for a run's Kubernetes objects: stage Jobs, the controller Job, its ConfigMap, RBAC.
+
+Nothing here talks to a cluster. Each builder returns official `kubernetes` client models and
+`to_yaml` renders them offline, so `cai render` prints exactly what `cai run --executor kubernetes`
+and `cai submit` create. A stage Job runs the same command and stage env as the local executor
+(`stage_command`, `pod_env` in local.py); only cluster plumbing (cache volume, S3 credentials) is added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import yaml
+from kubernetes.client import ApiClient
+from kubernetes.client import models as m
+from pydantic import ValidationError
+
+from ..config import KubernetesConfig, StageResources, StageSpec, canonical_hash
+from ..errors import ConfigError
+from ..sharding import shard_count
+from .local import EXIT_CONFIG, pod_env, stage_command
+
+CONTAINER = "stage"  # podFailurePolicy's exit-code rule and log reads name this container
+RUN_AS_USER = 10001  # the `cai` user of the images (Dockerfile: useradd --uid 10001)
+CACHE_DIR = "/var/cache/cai"  # emptyDir: model and store downloads live and die with the pod
+CONFIG_DIR = "/etc/cai"  # the controller's ConfigMap (run.yaml, constitution.yaml)
+CONTROLLER_SA = "cai-controller"  # same name as the chart's ServiceAccount, Role and RoleBinding
+SPEC_HASH = "cai-jobs/spec-hash"
+SPEC_URI = "cai-jobs/spec-uri"
+JOB_LABEL = "cai-jobs/job"  # on every pod of a Job: how the executor finds a Job's pods
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PART_OF = "cai-jobs"
+# The controller only sequences stages and streams JSONL merges: small and steady.
+CONTROLLER_CPU, CONTROLLER_MEMORY = "500m", "2Gi"
+# CaiError exit codes (1: stage failed or store error, 2: config error): rerunning the controller
+# pod would fail the same way, so only infrastructure kills (OOM 137, SIGTERM 143) are retried.
+CONTROLLER_FATAL_EXITS = [1, EXIT_CONFIG]
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def short_hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def dns_label(text: str, identity: str | None = None, max_len: int = 63) -> str:
+    """A DNS-1123 label (lowercase alphanumerics and '-', alphanumeric at both ends, <= 63 chars).
+    With `identity`, a hash of it is appended so that names cut to fit stay unique."""
+    base = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-") or "cai"
+    if identity is None:
+        return base[:max_len].rstrip("-")
+    suffix = short_hash(identity)
+    return f"{base[: max_len - len(suffix) - 1].rstrip('-')}-{suffix}"
+
+
+def label_value(text: str) -> str:
+    """A valid label value: invalid characters become '-', and a value cut to 63 chars gets a hash."""
+    value = re.sub(r"[^A-Za-z0-9_.-]", "-", text).strip("-_.")
+    if len(value) > 63:
+        value = f"{value[:54].rstrip('-_.')}-{short_hash(text)}"
+    assert _LABEL_VALUE.match(value), value
+    return value
+
+
+def common_labels(run_id: str, component: str, k8s: KubernetesConfig) -> dict[str, str]:
+    return {
+        **k8s.labels,
+        "app.kubernetes.io/name": "cai-jobs",
+        "app.kubernetes.io/instance": label_value(run_id),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "cai-jobs",
+        "app.kubernetes.io/part-of": PART_OF,
+        "cai-jobs/run": label_value(run_id),
+    }
+
+
+def stage_labels(spec: StageSpec, k8s: KubernetesConfig) -> dict[str, str]:
+    labels = {**common_labels(spec.run_id, spec.stage, k8s), "cai-jobs/round": str(spec.round), "cai-jobs/stage": spec.stage}
+    if k8s.queue:
+        labels[QUEUE_LABEL] = label_value(k8s.queue)
+    return labels
+
+
+def stage_image(stage: str, k8s: KubernetesConfig) -> str:
+    return k8s.stages[stage].image or f"{k8s.image_repository}-{stage}:{k8s.image_tag}"
+
+
+def controller_image(k8s: KubernetesConfig) -> str:
+    return f"{k8s.image_repository}:{k8s.image_tag}"
+
+
+def job_name(spec: StageSpec, spec_uri: str) -> str:
+    """`cai-<run>-r<k>-<stage>-<hash>`: readable, <= 63 chars, and a different spec (or store, or
+    shard count) gets a different name, so a resubmitted spec never collides with a stale Job."""
+    where = "base" if spec.round == 0 else f"r{spec.round}"
+    identity = canonical_hash({"spec_uri": spec_uri, "spec": spec.model_dump(mode="json")})
+    return dns_label(f"{_prefixed(spec.run_id)}-{where}-{spec.stage}", identity)
+
+
+def _prefixed(run_id: str) -> str:
+    return run_id if run_id.startswith("cai") else f"cai-{run_id}"
+
+
+def _k8s_model(cls: type, data: Any, field: str) -> Any:
+    """A user-supplied PodSpec fragment (tolerations, affinity) as its client model, or a one-line error."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"config: {field}{'.' + where if where else ''}: {err['msg']}; write it as in a Kubernetes PodSpec (camelCase keys)") from None
+
+
+def _security() -> tuple[m.V1PodSecurityContext, m.V1SecurityContext]:
+    seccomp = m.V1SeccompProfile(type="RuntimeDefault")
+    pod = m.V1PodSecurityContext(
+        run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER, seccomp_profile=seccomp
+    )
+    container = m.V1SecurityContext(
+        run_as_non_root=True, run_as_user=RUN_AS_USER, allow_privilege_escalation=False, privileged=False,
+        capabilities=m.V1Capabilities(drop=["ALL"]), seccomp_profile=seccomp,
+    )
+    return pod, container
+
+
+def _store_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
+    """Where the store is and how to sign in: a Secret's keys, or nothing (IRSA / instance role)."""
+    env = [m.V1EnvVar(name="CAI_CACHE_DIR", value=CACHE_DIR)]
+    if k8s.s3_endpoint:
+        env.append(m.V1EnvVar(name="AWS_ENDPOINT_URL_S3", value=k8s.s3_endpoint))
+    if k8s.s3_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = m.V1SecretKeySelector(name=k8s.s3_secret, key=key)
+            env.append(m.V1EnvVar(name=key, value_from=m.V1EnvVarSource(secret_key_ref=ref)))
+    return env
+
+
+def _scratch_volumes() -> tuple[list[m.V1Volume], list[m.V1VolumeMount]]:
+    volumes = [m.V1Volume(name="cache", empty_dir=m.V1EmptyDirVolumeSource()), m.V1Volume(name="tmp", empty_dir=m.V1EmptyDirVolumeSource())]
+    mounts = [m.V1VolumeMount(name="cache", mount_path=CACHE_DIR), m.V1VolumeMount(name="tmp", mount_path="/tmp")]
+    return volumes, mounts
+
+
+def _resources(res: StageResources) -> m.V1ResourceRequirements:
+    # No CPU limit: throttling a tokenizer or data loader only slows the GPU down.
+    requests = {"cpu": res.cpu, "memory": res.memory}
+    limits = {"memory": res.memory}
+    if res.ephemeral_storage:
+        requests["ephemeral-storage"] = res.ephemeral_storage
+    if res.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus)
+    return m.V1ResourceRequirements(requests=requests, limits=limits)
+
+
+def _pod_failure_policy(fatal_exit_codes: list[int]) -> m.V1PodFailurePolicy:
+    """Fail at once on exit codes that a retry cannot fix; never count evictions/preemptions."""
+    return m.V1PodFailurePolicy(
+        rules=[
+            m.V1PodFailurePolicyRule(
+                action="FailJob",
+                on_exit_codes=m.V1PodFailurePolicyOnExitCodesRequirement(container_name=CONTAINER, operator="In", values=fatal_exit_codes),
+            ),
+            m.V1PodFailurePolicyRule(
+                action="Ignore", on_pod_conditions=[m.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]
+            ),
+        ]
+    )
+
+
+def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: str | None = None) -> m.V1Job:
+    """The batch/v1 Job that runs one StageSpec; sharded specs become Indexed Jobs (one pod per shard)."""
+    res = k8s.stages[spec.stage]
+    field = f"kubernetes.stages.{spec.stage}"
+    labels = stage_labels(spec, k8s)
+    name = job_name(spec, spec_uri)
+    pod_security, container_security = _security()
+    volumes, mounts = _scratch_volumes()
+    container = m.V1Container(
+        name=CONTAINER,
+        image=stage_image(spec.stage, k8s),
+        image_pull_policy=k8s.image_pull_policy,
+        command=stage_command(spec.stage, spec_uri),
+        # the local executor's env, then the plumbing; Indexed Jobs add JOB_COMPLETION_INDEX themselves
+        env=[m.V1EnvVar(name=k, value=v) for k, v in pod_env().items()] + _store_env(k8s),
+        resources=_resources(res),
+        security_context=container_security,
+        volume_mounts=mounts,
+    )
+    pod = m.V1PodSpec(
+        restart_policy="Never",
+        containers=[container],
+        service_account_name=k8s.service_account,
+        automount_service_account_token=False,  # stages never call the Kubernetes API
+        image_pull_secrets=[m.V1LocalObjectReference(name=s) for s in k8s.image_pull_secrets] or None,
+        priority_class_name=k8s.priority_class,
+        node_selector=res.node_selector or None,
+        tolerations=[_k8s_model(m.V1Toleration, t, f"{field}.tolerations[{i}]") for i, t in enumerate(res.tolerations)] or None,
+        affinity=_k8s_model(m.V1Affinity, res.affinity, f"{field}.affinity") if res.affinity else None,
+        security_context=pod_security,
+        volumes=volumes,
+    )
+    shards = shard_count(spec.params)
+    return m.V1Job(
+        api_version="batch/v1",
+        kind="Job",
+        metadata=m.V1ObjectMeta(
+            name=name, namespace=namespace, labels=labels, annotations={SPEC_HASH: spec.spec_hash(), SPEC_URI: spec_uri}
+        ),
+        spec=m.V1JobSpec(
+            completion_mode="Indexed" if shards > 1 else "NonIndexed",
+            completions=shards,
+            parallelism=shards,
+            backoff_limit=k8s.backoff_limit,
+            pod_failure_policy=_pod_failure_policy([EXIT_CONFIG]),
+            active_deadline_seconds=res.active_deadline_seconds,
+            ttl_seconds_after_finished=k8s.ttl_seconds_after_finished,
+            suspend=True if k8s.queue else None,  # Kueue admits (unsuspends) queued Jobs itself
+            template=m.V1PodTemplateSpec(
+                metadata=m.V1ObjectMeta(labels={**labels, JOB_LABEL: name}, annotations=k8s.annotations or None),
+                spec=pod,
+            ),
+        ),
+    )
+
+
+# --- the controller in the cluster (`cai submit`) ---------------------------------------------------
+def controller_names(run_id: str) -> tuple[str, str]:
+    """(Job name, ConfigMap name) of a run's controller."""
+    return dns_label(f"{_prefixed(run_id)}-controller", run_id), dns_label(f"{_prefixed(run_id)}-config", run_id)
+
+
+def build_config_map(run_id: str, run_yaml: str, constitution_yaml: str, k8s: KubernetesConfig, namespace: str | None = None) -> m.V1ConfigMap:
+    return m.V1ConfigMap(
+        api_version="v1",
+        kind="ConfigMap",
+        metadata=m.V1ObjectMeta(name=controller_names(run_id)[1], namespace=namespace, labels=common_labels(run_id, "config", k8s)),
+        data={"run.yaml": run_yaml, "constitution.yaml": constitution_yaml},
+    )
+
+
+def controller_command(run_id: str, store: str) -> list[str]:
+    return ["cai", "run", "-c", f"{CONFIG_DIR}/run.yaml", "--executor", "kubernetes", "--store", store, "--run-id", run_id]
+
+
+def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespace: str | None = None) -> m.V1Job:
+    """The Job that runs `cai run --executor kubernetes` in the cluster, as ServiceAccount cai-controller."""
+    job, config_map = controller_names(run_id)
+    labels = common_labels(run_id, "controller", k8s)
+    pod_security, container_security = _security()
+    volumes, mounts = _scratch_volumes()
+    volumes.append(m.V1Volume(name="config", config_map=m.V1ConfigMapVolumeSource(name=config_map)))
+    mounts.append(m.V1VolumeMount(name="config", mount_path=CONFIG_DIR, read_only=True))
+    downward = [  # who holds the run lock, and where stage Jobs go by default
+        m.V1EnvVar(name=n, value_from=m.V1EnvVarSource(field_ref=m.V1ObjectFieldSelector(field_path=f)))
+        for n, f in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"))
+    ]
+    container = m.V1Container(
+        name=CONTAINER,
+        image=controller_image(k8s),
+        image_pull_policy=k8s.image_pull_policy,
+        command=controller_command(run_id, store),
+        env=[m.V1EnvVar(name=k, value=v) for k, v in pod_env().items()] + _store_env(k8s) + downward,
+        resources=m.V1ResourceRequirements(
+            requests={"cpu": CONTROLLER_CPU, "memory": CONTROLLER_MEMORY}, limits={"memory": CONTROLLER_MEMORY}
+        ),
+        security_context=container_security,
+        volume_mounts=mounts,
+    )
+    pod = m.V1PodSpec(
+        restart_policy="Never",
+        containers=[container],
+        service_account_name=CONTROLLER_SA,
+        image_pull_secrets=[m.V1LocalObjectReference(name=s) for s in k8s.image_pull_secrets] or None,
+        security_context=pod_security,
+        volumes=volumes,
+    )
+    return m.V1Job(
+        api_version="batch/v1",
+        kind="Job",
+        metadata=m.V1ObjectMeta(name=job, namespace=namespace, labels=labels, annotations={"cai-jobs/store": store}),
+        spec=m.V1JobSpec(
+            completions=1,
+            parallelism=1,
+            backoff_limit=k8s.backoff_limit,
+            pod_failure_policy=_pod_failure_policy(CONTROLLER_FATAL_EXITS),
+            ttl_seconds_after_finished=k8s.ttl_seconds_after_finished,
+            template=m.V1PodTemplateSpec(metadata=m.V1ObjectMeta(labels={**labels, JOB_LABEL: job}), spec=pod),
+        ),
+    )
+
+
+def build_service_account(k8s: KubernetesConfig, namespace: str | None = None) -> m.V1ServiceAccount:
+    return m.V1ServiceAccount(
+        api_version="v1", kind="ServiceAccount",
+        metadata=m.V1ObjectMeta(name=CONTROLLER_SA, namespace=namespace, labels=_rbac_labels(k8s)),
+    )
+
+
+def controller_rules() -> list[m.V1PolicyRule]:
+    """What the controller does, nothing more: run stage Jobs, read their pods and logs, read its
+    ConfigMaps, and hold a Lease so two controllers never drive one run."""
+    return [
+        m.V1PolicyRule(api_groups=["batch"], resources=["jobs"], verbs=["create", "get", "list", "watch", "delete"]),
+        m.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get", "list", "watch"]),
+        m.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
+        m.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["get", "list", "watch"]),
+        m.V1PolicyRule(api_groups=["coordination.k8s.io"], resources=["leases"], verbs=["get", "create", "update"]),
+    ]
+
+
+def _rbac_labels(k8s: KubernetesConfig) -> dict[str, str]:
+    return {**k8s.labels, "app.kubernetes.io/name": "cai-jobs", "app.kubernetes.io/component": "controller",
+            "app.kubernetes.io/managed-by": "cai-jobs", "app.kubernetes.io/part-of": PART_OF}
+
+
+def build_role(k8s: KubernetesConfig, namespace: str | None = None) -> m.V1Role:
+    return m.V1Role(
+        api_version="rbac.authorization.k8s.io/v1", kind="Role",
+        metadata=m.V1ObjectMeta(name=CONTROLLER_SA, namespace=namespace, labels=_rbac_labels(k8s)),
+        rules=controller_rules(),
+    )
+
+
+def build_role_binding(k8s: KubernetesConfig, namespace: str | None = None) -> m.V1RoleBinding:
+    return m.V1RoleBinding(
+        api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding",
+        metadata=m.V1ObjectMeta(name=CONTROLLER_SA, namespace=namespace, labels=_rbac_labels(k8s)),
+        role_ref=m.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=CONTROLLER_SA),
+        subjects=[m.RbacV1Subject(kind="ServiceAccount", name=CONTROLLER_SA, namespace=namespace)],
+    )
+
+
+# --- rendering ------------------------------------------------------------------------------------
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The object as the API server receives it (camelCase keys, unset fields left out)."""
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+def to_yaml(objs: list[Any], comments: list[str] | None = None) -> str:
+    """Multi-document YAML, `kubectl apply -f -` ready; offline."""
+    head = "".join(f"# {c}\n" for c in comments or [])
+    docs = [yaml.safe_dump(to_dict(o), sort_keys=False, default_flow_style=False, width=1000) for o in objs]
+    return head + "---\n" + "---\n".join(docs)

@@ -1,0 +1,337 @@
+"""Run stages as Kubernetes Jobs through an injected client: create or adopt, wait, copy logs, explain.
+
+`KubernetesExecutor.run(stage, spec_uri)` has the local executor's interface. The Job comes from
+`k8s_manifests.build_job`; its name is derived from the spec, so a restarted controller finds the
+Job it submitted before and watches it instead of starting the work twice. Pod logs are copied into
+the store (`<output>/logs/<pod>.log`) as each pod finishes, before `ttlSecondsAfterFinished` can
+delete them, and a failed Job becomes one StageFailed line that says why and what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import KubernetesConfig, StageSpec
+from ..errors import StageFailed, SubmitError
+from ..schema import parse_data
+from ..store import ArtifactStore
+from .k8s_manifests import CONTAINER, JOB_LABEL, SPEC_HASH, build_job
+from .local import EXIT_CONFIG
+
+IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+START_ERRORS = {"CreateContainerConfigError", "CreateContainerError"}  # e.g. a missing Secret
+TRANSIENT_TRIES = 5  # consecutive failed polls (API server restart, network blip) before giving up
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def log(msg: str) -> None:
+    print(f"[cai] {msg}", file=sys.stderr, flush=True)
+
+
+def api_error(what: str, e: Exception) -> SubmitError:
+    """One line from an ApiException or a connection error, with the fix where it is known."""
+    status = getattr(e, "status", None)
+    if status is None:
+        reason = getattr(e, "reason", None) or e
+        return SubmitError(f"{what}: cannot reach the Kubernetes API ({str(reason).splitlines()[0]}); check KUBECONFIG / the cluster")
+    body = str(getattr(e, "body", "") or "")
+    message = body
+    try:
+        import json
+
+        message = json.loads(body).get("message", body)
+    except (ValueError, AttributeError):
+        pass
+    hint = "; the controller's ServiceAccount needs the Role that `cai render --controller` prints" if status == 403 else ""
+    return SubmitError(f"{what}: {status} {getattr(e, 'reason', '')}: {' '.join(str(message).split())[:300]}{hint}")
+
+
+def kube_clients(namespace: str | None = None) -> tuple[Any, Any, str]:
+    """(BatchV1Api, CoreV1Api, namespace) from the pod's ServiceAccount, else from KUBECONFIG."""
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        raise SubmitError("the Kubernetes executor needs the kubernetes client: pip install 'cai-jobs[k8s]'") from None
+    conf = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=conf)
+        ns = SA_NAMESPACE.read_text().strip() if SA_NAMESPACE.exists() else "default"
+    except config.ConfigException:
+        try:
+            # read KUBECONFIG now: the client's default path was fixed when it was first imported
+            path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+            config.load_kube_config(config_file=path, client_configuration=conf)
+            _, active = config.list_kube_config_contexts(config_file=path)
+            ns = (active or {}).get("context", {}).get("namespace") or "default"
+        except (config.ConfigException, OSError) as e:
+            raise SubmitError(f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({e}); set KUBECONFIG") from None
+    api = client.ApiClient(conf)
+    return client.BatchV1Api(api), client.CoreV1Api(api), namespace or ns
+
+
+# --- reading Job and pod status (pure) ------------------------------------------------------------
+def job_state(job: Any) -> tuple[str | None, str, str]:
+    """("complete" | "failed" | None, reason, message) from the Job's conditions."""
+    for c in (job.status and job.status.conditions) or []:
+        if c.status == "True" and c.type in ("Complete", "Failed"):
+            return ("complete" if c.type == "Complete" else "failed"), c.reason or "", c.message or ""
+    return None, "", ""
+
+
+def _containers(pod: Any) -> list[Any]:
+    return [s for s in (pod.status and pod.status.container_statuses) or [] if s.name == CONTAINER]
+
+
+def pod_blocker(pod: Any) -> str | None:
+    """Why a pod can never start (bad image, missing Secret), or None: these fail fast."""
+    for s in _containers(pod):
+        waiting = s.state and s.state.waiting
+        if waiting and waiting.reason in IMAGE_ERRORS:
+            return f"cannot pull image {s.image} ({waiting.reason}); check kubernetes.image_repository/image_tag, the stage's image and image_pull_secrets"
+        if waiting and waiting.reason in START_ERRORS:
+            return f"pod {pod.metadata.name} cannot start ({waiting.reason}: {' '.join((waiting.message or '').split())})"
+    return None
+
+
+def termination(pod: Any) -> tuple[str, int | None]:
+    """(reason, exit code) of the stage container's last run, e.g. ("OOMKilled", 137)."""
+    for s in _containers(pod):
+        for st in (s.state, s.last_state):
+            t = st and st.terminated
+            if t:
+                return t.reason or "", t.exit_code
+    return "", None
+
+
+def pod_summary(pod: Any) -> str:
+    phase = (pod.status and pod.status.phase) or "Pending"
+    reason, code = termination(pod)
+    detail = f"{reason}, exit {code}" if code is not None else ""
+    for s in _containers(pod):
+        if s.state and s.state.waiting and s.state.waiting.reason:
+            detail = s.state.waiting.reason
+    for c in (pod.status and pod.status.conditions) or []:
+        if c.type == "PodScheduled" and c.status == "False" and c.reason:
+            detail = f"{c.reason}: {' '.join((c.message or '').split())[:160]}"
+    return f"{pod.metadata.name} {phase}" + (f" ({detail})" if detail else "")
+
+
+def last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+
+
+def failure_message(spec: StageSpec, job: Any, pods: list[Any], logs: dict[str, str], k8s: KubernetesConfig) -> str:
+    """One line: which Job, the Kubernetes reason, and what to change."""
+    _, reason, message = job_state(job)
+    res, where = k8s.stages[spec.stage], f"kubernetes.stages.{spec.stage}"
+    failed = [p for p in pods if termination(p)[1] not in (None, 0)]
+    last = failed[-1] if failed else None
+    tail = f": {last_line(logs.get(last.metadata.name, ''))}" if last is not None else ""
+    if any(termination(p)[0] == "OOMKilled" for p in pods):
+        why = f"OOMKilled at the memory limit {res.memory}; raise {where}.memory"
+    elif reason == "DeadlineExceeded":
+        why = f"ran longer than activeDeadlineSeconds={res.active_deadline_seconds}; raise {where}.active_deadline_seconds"
+    elif reason == "PodFailurePolicy" and last is not None and termination(last)[1] == EXIT_CONFIG:
+        why = f"config error (exit {EXIT_CONFIG}, not retried){tail}"
+    elif reason == "BackoffLimitExceeded":
+        code = termination(last)[1] if last is not None else None
+        why = f"{len(failed)} pod failure(s), backoffLimit {k8s.backoff_limit}; last exit {code}{tail}"
+    else:
+        why = f"{' '.join(message.split()) or 'failed'}{tail}"
+    return f"stage {spec.stage} failed: job {job.metadata.namespace}/{job.metadata.name}: {reason or 'Failed'}: {why}"
+
+
+def progress_line(job: Any, pods: list[Any]) -> str:
+    st = job.status
+    counts = f"{(st and st.active) or 0} active, {(st and st.succeeded) or 0} succeeded, {(st and st.failed) or 0} failed"
+    suspended = " (suspended: waiting for Kueue admission)" if job.spec and job.spec.suspend else ""
+    return f"job {job.metadata.name}: {counts}{suspended}" + "".join(f"; {pod_summary(p)}" for p in pods[-4:])
+
+
+@dataclass
+class Outcome:
+    state: str  # complete | failed | gone
+    job: Any = None
+    pods: list[Any] = field(default_factory=list)
+    logs: dict[str, str] = field(default_factory=dict)
+
+
+# --- the executor ---------------------------------------------------------------------------------
+class KubernetesExecutor:
+    """Runs each StageSpec as a batch/v1 Job; the client objects are injected (tests hand in ones
+    that talk to an emulated API server)."""
+
+    def __init__(self, batch_api: Any, core_api: Any, store: ArtifactStore, k8s_config: KubernetesConfig,
+                 namespace: str | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.batch, self.core, self.store, self.k8s = batch_api, core_api, store, k8s_config
+        self.namespace = namespace or k8s_config.namespace or "default"
+        self.sleep = sleep
+        if k8s_config.ttl_seconds_after_finished < 3 * k8s_config.poll_seconds:
+            log(f"warning: kubernetes.ttl_seconds_after_finished={k8s_config.ttl_seconds_after_finished} is under 3 polls "
+                f"({k8s_config.poll_seconds:g}s each): a finished Job may be deleted before its last pod's log is copied")
+
+    @classmethod
+    def from_environment(cls, store: ArtifactStore, k8s_config: KubernetesConfig) -> KubernetesExecutor:
+        batch, core, ns = kube_clients(k8s_config.namespace)
+        return cls(batch, core, store, k8s_config, namespace=ns)
+
+    def run(self, stage: str, spec_uri: str) -> str:
+        spec = self._load_spec(spec_uri)
+        job = build_job(spec, spec_uri, self.k8s, namespace=self.namespace)
+        self.submit(job, spec)
+        try:
+            outcome = self.wait(job.metadata.name, spec)
+        except KeyboardInterrupt:
+            log(f"job {self.namespace}/{job.metadata.name} left running; re-run to watch it again")
+            raise
+        if outcome.state == "failed":
+            raise StageFailed(failure_message(spec, outcome.job, outcome.pods, outcome.logs, self.k8s))
+        if outcome.state == "gone" and not self._outputs_complete(spec):
+            raise StageFailed(f"stage {stage} failed: job {self.namespace}/{job.metadata.name} was deleted before it finished; re-run to submit it again")
+        return ""  # pod logs are in the store already, one file per pod
+
+    # --- submit / adopt ---------------------------------------------------------------------------
+    def submit(self, job: Any, spec: StageSpec) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        name, what = job.metadata.name, f"job {self.namespace}/{job.metadata.name}"
+        try:
+            self.batch.create_namespaced_job(self.namespace, job)
+            log(f"{what}: created ({job.spec.completions} pod(s), image {job.spec.template.spec.containers[0].image})")
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise api_error(f"create {what}", e) from None
+        except Exception as e:  # urllib3 connection errors
+            raise api_error(f"create {what}", e) from None
+        existing = self._read(name)
+        theirs = ((existing and existing.metadata.annotations) or {}).get(SPEC_HASH)
+        if existing is not None and theirs != spec.spec_hash():
+            raise SubmitError(f"{what} exists with spec hash {theirs}, not {spec.spec_hash()}; delete it (kubectl delete job -n {self.namespace} {name}) or use another --run-id")
+        state = job_state(existing)[0] if existing is not None else "gone"
+        if state in ("failed", "gone"):
+            log(f"{what}: a previous attempt {'failed' if state == 'failed' else 'vanished'}; submitting it again")
+            self._delete(name)
+            self._call(f"create {what}", self.batch.create_namespaced_job, self.namespace, job)
+        else:
+            log(f"{what}: already {'finished' if state else 'running'} (submitted by an earlier controller); watching it")
+
+    def _delete(self, name: str) -> None:
+        """Delete a Job and its pods, and wait until it is gone, so its name can be reused."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Foreground")
+        except ApiException as e:
+            if e.status != 404:
+                raise api_error(f"delete job {self.namespace}/{name}", e) from None
+        deadline = time.monotonic() + max(60.0, 6 * self.k8s.poll_seconds)
+        while self._read(name) is not None:
+            if time.monotonic() > deadline:
+                raise SubmitError(f"job {self.namespace}/{name}: still being deleted after a minute; delete it by hand and re-run")
+            self.sleep(min(self.k8s.poll_seconds, 2.0))
+
+    # --- wait -------------------------------------------------------------------------------------
+    def wait(self, name: str, spec: StageSpec) -> Outcome:
+        """Poll until the Job completes or fails; copy each pod's log as soon as the pod finishes."""
+        logs: dict[str, str] = {}
+        shown, errors = "", 0
+        while True:
+            try:
+                job = self._read(name, strict=True)
+                pods = self._pods(name, job) if job is not None else []
+                errors = 0
+            except SubmitError:
+                errors += 1
+                if errors >= TRANSIENT_TRIES:
+                    raise
+                self.sleep(self.k8s.poll_seconds)
+                continue
+            if job is None:
+                return Outcome("gone", logs=logs)
+            state = job_state(job)[0]
+            self._copy_logs(spec, pods, logs, everything=state is not None)
+            if state is not None:
+                return Outcome(state, job, pods, logs)
+            blocker = next((b for b in map(pod_blocker, pods) if b), None)
+            if blocker:
+                self._delete(name)  # it would retry the pull until the deadline; nothing to wait for
+                raise StageFailed(f"stage {spec.stage} failed: job {self.namespace}/{name}: {blocker} (job deleted)")
+            line = progress_line(job, pods)
+            if line != shown:
+                log(line)
+                shown = line
+            self.sleep(self.k8s.poll_seconds)
+
+    def _copy_logs(self, spec: StageSpec, pods: list[Any], logs: dict[str, str], everything: bool) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        for pod in pods:
+            name = pod.metadata.name
+            finished = pod.status and pod.status.phase in ("Succeeded", "Failed")
+            if name in logs or not (finished or everything):
+                continue
+            try:
+                resp = self.core.read_namespaced_pod_log(name, self.namespace, container=CONTAINER, _preload_content=False)
+                text = resp.data.decode("utf-8", "replace")  # raw: the client would json-parse a log that looks like JSON
+            except ApiException as e:
+                if not finished:
+                    continue  # never started (e.g. killed while pending): nothing to keep
+                text = f"[cai] log of pod {name} unavailable: {e.status} {e.reason}\n"
+            logs[name] = text
+            self.store.write_text(pod_log_key(spec.output, name), text)
+
+    # --- API helpers --------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # ApiException or urllib3's connection errors
+            raise api_error(what, e) from None
+
+    def _read(self, name: str, strict: bool = False) -> Any:
+        """The Job, or None once it is gone; other errors raise SubmitError."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.batch.read_namespaced_job_status(name, self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise api_error(f"read job {self.namespace}/{name}", e) from None
+        except Exception as e:
+            raise api_error(f"read job {self.namespace}/{name}", e) from None
+
+    def _pods(self, name: str, job: Any) -> list[Any]:
+        pods = self._call(f"list pods of job {self.namespace}/{name}", self.core.list_namespaced_pod, self.namespace,
+                          label_selector=f"{JOB_LABEL}={name}").items
+        uid = job.metadata.uid
+        # pods of an earlier Job of the same name may still be terminating: keep this Job's own
+        mine = [p for p in pods if not uid or not p.metadata.owner_references or any(o.uid == uid for o in p.metadata.owner_references)]
+        return sorted(mine, key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name))
+
+    def _load_spec(self, spec_uri: str) -> StageSpec:
+        prefix = self.store.uri.rstrip("/") + "/"
+        if spec_uri.startswith(prefix):
+            return parse_data(StageSpec, self.store.read_json(spec_uri[len(prefix):]), spec_uri)
+        from ..stages import load_spec
+
+        return load_spec(spec_uri)[0]
+
+    def _outputs_complete(self, spec: StageSpec) -> bool:
+        """A Job deleted after finishing (TTL) still counts if every manifest it had to write is there."""
+        from ..manifest import is_complete
+        from ..sharding import shard_count
+        from ..stages import shard_spec
+
+        count = shard_count(spec.params)
+        parts = [spec] if count == 1 else [shard_spec(spec, i, count) for i in range(count)]
+        return is_complete(self.store, spec) or all(is_complete(self.store, p) for p in parts)
+
+
+def pod_log_key(output: str, pod: str) -> str:
+    return f"{output}/logs/{pod}.log"

@@ -1,0 +1,333 @@
+"""An emulated Kubernetes cluster for the executor tests: kmock's API server on a real port, plus a
+small job controller and kubelet behind it.
+
+The official `kubernetes` client does real HTTP to kmock's KubernetesEmulator (stateful objects,
+409 on duplicates, 404 after delete). Two reactions fill its gaps: label selectors on pod lists and
+the `pods/log` subresource. Behind the API, `FakeCluster` plays the job controller and the kubelet
+for every Job that appears: pods per completion index with the Job's template labels and an owner
+reference, retries up to `backoffLimit`, `podFailurePolicy` rules, `activeDeadlineSeconds`,
+`ttlSecondsAfterFinished`, and pod garbage collection. What a pod does comes from the test: a
+scripted `PodRun`, or `EXECUTE`: run the container's command with the container's env as a real
+process (emptyDir mount paths mapped to temp dirs), as a kubelet would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import kmock
+
+JOBS = kmock.resource("batch", "v1", "jobs")
+PODS = kmock.resource("", "v1", "pods")
+
+
+class PollingEmulator(kmock.KubernetesEmulator):
+    """kmock keeps every request for assertions and matches each new one against all of them, which
+    a polling client turns quadratic; this one keeps a tally per (action, resource) and the last request."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.tally: dict[tuple[Any, Any], int] = {}
+
+    async def _handle(self, request: Any) -> Any:
+        key = (request.action, request.resource)
+        self.tally[key] = self.tally.get(key, 0) + 1
+        del self._requests[:-1]
+        return await super()._handle(request)
+
+
+@dataclass
+class PodRun:
+    """What one pod attempt does (scripted)."""
+
+    exit_code: int = 0
+    log: str = ""
+    reason: str = ""  # terminated reason, e.g. OOMKilled
+    waiting: str | None = None  # stuck before start, e.g. ImagePullBackOff
+    seconds: float = 0.0  # how long it runs
+    disrupted: bool = False  # evicted/preempted: gets the DisruptionTarget condition
+
+
+EXECUTE = "execute"
+
+
+class Stopped(Exception):
+    """The cluster is shutting down."""
+Kubelet = Callable[[dict, int, int], "PodRun | str"]  # (job, completion index, attempt) -> behaviour
+
+
+def now() -> str:
+    return datetime.datetime.now(tz=datetime.timezone.utc).isoformat()
+
+
+class FakeCluster:
+    def __init__(self, kubelet: Kubelet | None = None):
+        self.kubelet = kubelet or (lambda job, index, attempt: PodRun(log="done\n"))
+        self.logs: dict[tuple[str, str], str] = {}
+        self.pods_started: list[str] = []
+        self.errors: list[str] = []
+        self._handled: set[tuple[str, str, str]] = set()
+        self._stop, self._closing = threading.Event(), threading.Event()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(ready)), daemon=True)
+        self._thread.start()
+        if not ready.wait(20):
+            raise RuntimeError("kmock server did not start")
+        self._controller = threading.Thread(target=self._control_loop, daemon=True)
+        self._controller.start()
+
+    # --- the API server -----------------------------------------------------------------------
+    async def _serve(self, ready: threading.Event) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        async with PollingEmulator() as k, kmock.Server(k) as server:
+            self.k, self.url = k, str(server.url).rstrip("/")
+            k[kmock.action.LIST, PODS] << self._list_pods
+            k[PODS, kmock.subresource("log")] << self._pod_log
+            ready.set()
+            await self._done.wait()
+
+    def _list_pods(self, request: Any) -> dict:
+        wanted = dict(kv.split("=", 1) for kv in request.params.get("labelSelector", "").split(",") if kv)
+        items = [
+            o.raw for (res, ns, _), o in list(self.k.objects.items())
+            if res == PODS and not o.deleted and ns == request.namespace
+            and all(o.raw.get("metadata", {}).get("labels", {}).get(key) == v for key, v in wanted.items())
+        ]
+        return {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}
+
+    def _pod_log(self, request: Any) -> bytes:
+        if (request.namespace, request.name) not in self.logs:
+            raise kmock.KubernetesObjectNotFoundError()
+        return self.logs[(request.namespace, request.name)].encode()
+
+    def do(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the server's loop: kmock's objects are only touched there."""
+        if self._closing.is_set():
+            raise Stopped()
+
+        async def call() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._controller.join(10)
+        self._closing.set()  # pods still "running" in their threads stop touching the server
+        self.loop.call_soon_threadsafe(self._done.set)
+        self._thread.join(10)
+        assert not self.errors, "the fake cluster crashed:\n" + "\n".join(self.errors)
+
+    # --- client side helpers ------------------------------------------------------------------
+    def clients(self) -> tuple[Any, Any]:
+        from kubernetes import client
+
+        conf = client.Configuration()
+        conf.host = self.url
+        api = client.ApiClient(conf)
+        return client.BatchV1Api(api), client.CoreV1Api(api)
+
+    def kubeconfig(self, path: str, namespace: str = "default") -> str:
+        import yaml
+
+        conf = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+            "clusters": [{"name": "emu", "cluster": {"server": self.url}}],
+            "users": [{"name": "emu", "user": {"token": "test"}}],
+            "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "emu", "namespace": namespace}}],
+        }
+        with open(path, "w") as f:
+            yaml.safe_dump(conf, f)
+        return path
+
+    def objects(self, resource: Any) -> dict[tuple[str, str], dict]:
+        return self.do(lambda: {(ns, n): o.raw for (r, ns, n), o in list(self.k.objects.items()) if r == resource and not o.deleted})
+
+    def put(self, resource: Any, obj: dict) -> None:
+        meta = obj["metadata"]
+        self.do(lambda: self.k.objects.__setitem__((resource, meta["namespace"], meta["name"]), obj))
+
+    def requests(self, action: Any, resource: Any) -> int:
+        return self.do(lambda: self.k.tally.get((action, resource), 0))
+
+    # --- job controller + kubelet ---------------------------------------------------------------
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """A crash in the fake cluster must fail the test, not hang it."""
+        try:
+            fn(*args)
+        except Stopped:
+            pass
+        except Exception:  # noqa: BLE001 - reported by close()
+            self.errors.append(traceback.format_exc())
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            self._guarded(self._control_step)
+            time.sleep(0.01)
+
+    def _control_step(self) -> None:
+        jobs = self.objects(JOBS)
+        for (ns, name), job in jobs.items():
+            key = (ns, name, job["metadata"].get("uid", ""))
+            if key not in self._handled and not job.get("status", {}).get("conditions"):
+                uid = str(uuid.uuid4())
+                self._patch(JOBS, ns, name, {"metadata": {"uid": uid, "creationTimestamp": now()}})
+                self._handled.add((ns, name, uid))
+                threading.Thread(target=self._guarded, args=(self._run_job, ns, name), daemon=True).start()
+        # garbage collection: pods whose Job is gone go too
+        live = {j["metadata"].get("uid") for j in self.objects(JOBS).values()}  # read after the uids above
+        for (ns, pod), raw in self.objects(PODS).items():
+            owners = [o["uid"] for o in raw["metadata"].get("ownerReferences", [])]
+            if owners and not set(owners) & live:
+                self._delete(PODS, ns, pod)
+
+    def _patch(self, resource: Any, ns: str, name: str, changes: dict) -> bool:
+        def patch() -> bool:
+            obj = self.k.objects[resource, ns, name] if (resource, ns, name) in self.k.objects else None
+            if obj is None or obj.deleted:
+                return False
+            obj.patch(changes)
+            return True
+
+        return self.do(patch)
+
+    def _delete(self, resource: Any, ns: str, name: str) -> None:
+        def delete() -> None:
+            obj = self.k.objects[resource, ns, name] if (resource, ns, name) in self.k.objects else None
+            if obj is not None and not obj.deleted:
+                obj.delete()
+
+        self.do(delete)
+
+    def _job(self, ns: str, name: str) -> dict | None:
+        return self.objects(JOBS).get((ns, name))
+
+    def _run_job(self, ns: str, name: str) -> None:
+        job = self._job(ns, name)
+        spec = job["spec"]
+        if spec.get("suspend"):
+            return  # no Kueue here to admit it
+        deadline = time.monotonic() + spec.get("activeDeadlineSeconds", 10**9)
+        indexed = spec.get("completionMode") == "Indexed"
+        counts = {"failed": 0, "succeeded": 0}
+        outcome: tuple[str, str] | None = None
+        for index in range(spec.get("completions", 1)):
+            attempt = 0
+            while outcome is None:
+                result = self._run_pod(job, index if indexed else None, attempt, deadline)
+                if result is None:  # job deleted, or stuck waiting
+                    return
+                code, disrupted, timed_out = result
+                if timed_out:
+                    outcome = ("DeadlineExceeded", "Job was active longer than specified deadline")
+                elif code == 0:
+                    counts["succeeded"] += 1
+                    self._patch(JOBS, ns, name, {"status": {"succeeded": counts["succeeded"]}})
+                    break
+                elif self._fail_job_rule(spec, code):
+                    counts["failed"] += 1
+                    outcome = ("PodFailurePolicy", f"Container stage for pod {ns}/... failed with exit code {code} matching FailJob rule at index 0")
+                elif disrupted:
+                    pass  # Ignore rule: not counted
+                else:
+                    counts["failed"] += 1
+                    if counts["failed"] > spec.get("backoffLimit", 6):
+                        outcome = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+                self._patch(JOBS, ns, name, {"status": {"failed": counts["failed"]}})
+                attempt += 1
+            if outcome is not None:
+                break
+        ctype, (reason, message) = ("Failed", outcome) if outcome else ("Complete", ("", ""))
+        self._patch(JOBS, ns, name, {"status": {"active": 0, "conditions": [
+            {"type": ctype, "status": "True", "reason": reason or None, "message": message or None, "lastTransitionTime": now()}]}})
+        ttl = spec.get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            time.sleep(ttl)
+            self._delete(JOBS, ns, name)
+
+    @staticmethod
+    def _fail_job_rule(spec: dict, code: int) -> bool:
+        for rule in spec.get("podFailurePolicy", {}).get("rules", []):
+            req = rule.get("onExitCodes")
+            if rule["action"] == "FailJob" and req and req["operator"] == "In" and code in req["values"]:
+                return True
+        return False
+
+    def _run_pod(self, job: dict, index: int | None, attempt: int, deadline: float) -> tuple[int, bool, bool] | None:
+        meta, ns = job["metadata"], job["metadata"]["namespace"]
+        suffix = uuid.uuid4().hex[:5]
+        pod = f"{meta['name']}-{index}-{suffix}" if index is not None else f"{meta['name']}-{suffix}"
+        template = job["spec"]["template"]
+        container = template["spec"]["containers"][0]
+        self.put(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "namespace": ns, "labels": template["metadata"]["labels"], "creationTimestamp": now(),
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"], "controller": True}]},
+            "spec": template["spec"],
+            "status": {"phase": "Pending"},
+        })
+        self.pods_started.append(pod)
+        self._patch(JOBS, ns, meta["name"], {"status": {"active": 1, "startTime": now()}})
+        behaviour = self.kubelet(job, index or 0, attempt)
+        if isinstance(behaviour, PodRun) and behaviour.waiting:
+            self._patch(PODS, ns, pod, {"status": {"containerStatuses": [{
+                "name": container["name"], "image": container["image"], "imageID": "", "ready": False, "restartCount": 0,
+                "state": {"waiting": {"reason": behaviour.waiting, "message": f"Back-off pulling image {container['image']!r}"}}}]}})
+            return None
+        self._patch(PODS, ns, pod, {"status": {"phase": "Running", "containerStatuses": [{
+            "name": container["name"], "image": container["image"], "imageID": "", "ready": True, "restartCount": 0,
+            "state": {"running": {"startedAt": now()}}}]}})
+        if behaviour == EXECUTE:
+            code, text = self._execute(container, index)
+            reason, disrupted = ("Completed" if code == 0 else "Error"), False
+        else:
+            stop = min(time.monotonic() + behaviour.seconds, deadline)
+            while time.monotonic() < stop:
+                if self._job(ns, meta["name"]) is None:
+                    return None
+                time.sleep(0.01)
+            if time.monotonic() >= deadline:
+                self.logs[(ns, pod)] = behaviour.log
+                self._finish(ns, pod, container, 137, "Error", False)
+                return 137, False, True
+            code, text, disrupted = behaviour.exit_code, behaviour.log, behaviour.disrupted
+            reason = behaviour.reason or ("Completed" if code == 0 else "Error")
+        self.logs[(ns, pod)] = text
+        self._finish(ns, pod, container, code, reason, disrupted)
+        return code, disrupted, False
+
+    def _finish(self, ns: str, pod: str, container: dict, code: int, reason: str, disrupted: bool) -> None:
+        conditions = [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}] if disrupted else []
+        self._patch(PODS, ns, pod, {"status": {"phase": "Succeeded" if code == 0 else "Failed", "conditions": conditions, "containerStatuses": [{
+            "name": container["name"], "image": container["image"], "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now()}}}]}})
+
+    @staticmethod
+    def _execute(container: dict, index: int | None) -> tuple[int, str]:
+        """What a kubelet does with the container: its command, its env (plus the image's PATH/HOME)."""
+        with tempfile.TemporaryDirectory() as root:
+            mounts = {m["mountPath"]: os.path.join(root, m["name"]) for m in container.get("volumeMounts", [])}
+            env = {"PATH": os.environ["PATH"], "HOME": os.path.join(root, "home")}
+            for var in container.get("env", []):
+                assert "valueFrom" not in var, "EXECUTE pods resolve literal env values only"
+                env[var["name"]] = mounts.get(var["value"], var["value"])
+            if index is not None:
+                env["JOB_COMPLETION_INDEX"] = str(index)  # what Kubernetes sets in an Indexed Job's pods
+            for path in [*mounts.values(), env["HOME"]]:
+                os.makedirs(path, exist_ok=True)
+            cmd = container["command"]
+            assert cmd[0] == "cai"  # the image's console script
+            proc = subprocess.run([sys.executable, "-m", "jobs.cli", *cmd[1:]], env=env, capture_output=True, text=True, timeout=600)
+            return proc.returncode, proc.stdout + proc.stderr
