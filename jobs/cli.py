@@ -1,4 +1,4 @@
-"""`cai`: run, stage, status, constitution, model. Errors print as one line; --debug shows tracebacks."""
+"""`cai`: run, stage, status, logs, render, submit, constitution, model. Errors print as one line; --debug shows tracebacks."""
 
 from __future__ import annotations
 

@@ -313,6 +313,20 @@ def test_cai_logs_without_logs_says_where_to_look(tmp_path, capsys):
     assert "stage train has not run" in capsys.readouterr().err
 
 
+def test_cai_logs_reads_the_local_executors_layout_and_picks_the_round(tmp_path, capsys):
+    store = tmp_path / "store"
+    run = {"run_id": "r9", "base": {"evaluate": {"status": "completed", "output": "runs/r9/base/evaluate"}, "quality": 0.5},
+           "rounds": [{"round": r, "stages": {"evaluate": {"status": "completed", "output": f"runs/r9/round-{r}/evaluate"}}} for r in (1, 2)]}
+    for out in ("base/evaluate", "round-1/evaluate", "round-2/evaluate"):
+        (store / "runs" / "r9" / out / "logs").mkdir(parents=True)
+        (store / "runs" / "r9" / out / "logs" / "stage.log").write_text(f"[evaluate] {out}\n")
+    (store / "runs" / "r9" / "run.json").write_text(json.dumps(run))
+    assert main(["logs", "r9", "evaluate", "--store", str(store)]) == 0
+    assert capsys.readouterr().out == "[evaluate] round-2/evaluate\n"  # the latest round; one file, no header
+    assert main(["logs", "r9", "evaluate", "--round", "0", "--store", str(store)]) == 0
+    assert capsys.readouterr().out == "[evaluate] base/evaluate\n"
+
+
 def _service_account(cluster: FakeCluster) -> None:
     cluster.put(kmock.resource("", "v1", "serviceaccounts"),
                 {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "cai-controller", "namespace": NS}})
