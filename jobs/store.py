@@ -1,4 +1,4 @@
-"""Artifact stores: one interface over a local directory (and S3 later), atomic writes, manifests last.
+"""Artifact stores: one interface over a local directory and S3 (store_s3.py), atomic writes, manifests last.
 
 Keys are POSIX-style relative paths (`runs/<id>/round-1/generate/sft.jsonl`). A write either
 lands whole or not at all, so a crash never leaves a file that looks complete.
@@ -252,7 +252,9 @@ def open_store(uri: str | Path) -> ArtifactStore:
     """`s3://bucket/prefix` or a local directory (plain path or file:// URI)."""
     uri = str(uri)
     if uri.startswith("s3://"):
-        raise StoreError(f"{uri}: the S3 store is not available in this build; use a local directory")
+        from .store_s3 import S3Store  # boto3 is the `s3` extra: imported only for S3 stores
+
+        return S3Store(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return LocalStore(uri)

@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["s3_server"]  # s3_server / s3_env / s3_bucket: a real SeaweedFS S3 server (tests/s3_server.py)
+
 
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> Path:

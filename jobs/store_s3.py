@@ -1,0 +1,337 @@
+"""S3 (and S3-compatible) artifact store: `s3://bucket/prefix`, same contract as the local store.
+
+boto3's standard credential chain and endpoint settings apply (AWS_ACCESS_KEY_ID, AWS_PROFILE, a pod
+role; AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for SeaweedFS or MinIO). A PUT is atomic on S3, so a
+write is whole or absent; streamed writes spool to a local temp file and upload only on success.
+Directories (models) are downloaded into a local cache once and reused while the objects are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StoreError
+from .models import _file_lock, cache_dir
+from .store import ArtifactStore
+
+MIB = 1 << 20
+DEFAULT_ATTEMPTS = 6  # tries in all; standard mode backs off exponentially (up to 20 s): rides out ~30 s of 5xx/throttling
+_CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"}
+
+
+def _boto3():
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise StoreError("s3:// stores need boto3; run `pip install 'cai-jobs[s3]'`") from None
+    return boto3, Config
+
+
+def make_client(uri: str = "s3://"):
+    """An S3 client from the standard chain, with bounded timeouts and retries with backoff on 5xx,
+    throttling and dropped connections (AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override the defaults)."""
+    boto3, Config = _boto3()
+    from botocore.exceptions import BotoCoreError
+
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_ATTEMPTS)
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise StoreError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a whole number >= 1 (tries per S3 request)")
+    config = Config(
+        retries={"mode": os.environ.get("AWS_RETRY_MODE") or "standard", "total_max_attempts": int(attempts)},
+        connect_timeout=10, read_timeout=120, max_pool_connections=16,
+    )
+    try:
+        return boto3.session.Session().client("s3", config=config)
+    except BotoCoreError as e:  # e.g. AWS_PROFILE names a profile that does not exist
+        raise StoreError(f"{uri}: cannot set up the S3 client: {str(e).splitlines()[0]}") from None
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StoreError(f"{uri}: no bucket name; use s3://BUCKET/PREFIX")
+    prefix = posixpath.normpath(prefix.strip("/")) if prefix.strip("/") else ""
+    if prefix == ".." or prefix.startswith("../"):
+        raise StoreError(f"{uri}: the prefix climbs out of the bucket; use s3://BUCKET/PREFIX")
+    return bucket, prefix
+
+
+class S3Store(ArtifactStore):
+    """Objects under `prefix/` in one bucket; keys map one-to-one to the local store's paths."""
+
+    def __init__(self, uri: str, client=None, multipart_threshold: int = 8 * MIB, cache_root: Path | None = None):
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self._client = client or make_client(self.uri)
+        self._checked = False
+        self._hashes: dict[str, tuple[str, str]] = {}  # key -> (ETag, sha256) of files this process uploaded
+        self.cache_root = Path(cache_root) if cache_root else cache_dir() / "store"
+        from boto3.s3.transfer import TransferConfig
+
+        # parts of `multipart_threshold` bytes (S3 wants >= 5 MiB); 4 parts in flight per file
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=max(multipart_threshold, 5 * MIB), max_concurrency=4)
+
+    @property
+    def endpoint(self) -> str:
+        return self._client.meta.endpoint_url
+
+    @property
+    def client(self):
+        """The client, after one listing of the bucket: a missing bucket or bad credentials fail here, named.
+        (A listing, not HEAD: HEAD errors carry no code, so a bad secret and a denied bucket would look alike.)"""
+        if not self._checked:
+            with self._errors(""):
+                self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+            self._checked = True
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- errors ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """botocore's exceptions -> one-line StoreErrors that name the bucket/key/endpoint and the fix."""
+        from botocore import exceptions as bx
+
+        try:
+            yield
+        except bx.ClientError as e:
+            raise self._client_error(e, key) from None
+        except bx.NoCredentialsError:
+            raise StoreError(f"{self.uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                             "AWS_PROFILE, or give the pod an IAM role") from None
+        except bx.BotoCoreError as e:
+            if isinstance(e, (bx.ConnectionError, bx.HTTPClientError)):  # refused, timed out, cut off: after retries
+                raise StoreError(f"{self.uri}: S3 endpoint {self.endpoint} unreachable ({type(e).__name__}); check "
+                                 "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and that the server is up") from None
+            raise StoreError(f"{self.uri_for(key)}: S3 error: {str(e).splitlines()[0]}") from None
+        except Exception as e:
+            if type(e).__module__.startswith(("boto3", "s3transfer")):  # the transfer manager's wrappers
+                if isinstance(e.__context__, bx.ClientError):
+                    raise self._client_error(e.__context__, key) from None
+                raise StoreError(f"{self.uri_for(key)}: S3 transfer failed: {str(e).splitlines()[0]}") from None
+            raise
+
+    def _client_error(self, e, key: str) -> StoreError:
+        err, meta = e.response.get("Error", {}), e.response.get("ResponseMetadata", {})
+        code, status = str(err.get("Code", "")), meta.get("HTTPStatusCode")
+        if code == "NoSuchBucket" or (status == 404 and not key):
+            return StoreError(f"s3://{self.bucket}: bucket does not exist at {self.endpoint}; create it "
+                              f"(`aws s3 mb s3://{self.bucket} --endpoint-url {self.endpoint}`) or fix the store URI")
+        if code in ("NoSuchKey", "404") or status == 404:
+            return StoreError(f"{self.uri_for(key)}: not found")
+        if code in _CREDENTIAL_CODES:
+            return StoreError(f"{self.uri}: credentials rejected by {self.endpoint} ({code}); check AWS_ACCESS_KEY_ID / "
+                              "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        if status == 403:
+            return StoreError(f"{self.uri}: access denied by {self.endpoint} ({code}); check the credentials "
+                              "(AWS_ACCESS_KEY_ID, AWS_PROFILE or the pod's role) and the bucket policy")
+        message = str(err.get("Message", "")).splitlines()[0] if err.get("Message") else ""
+        return StoreError(f"{self.uri_for(key) if key else self.uri}: S3 {e.operation_name} failed ({code or status}: {message})")
+
+    # --- keys --------------------------------------------------------------------------------
+    def _k(self, key: str) -> str:
+        norm = posixpath.normpath(key.strip("/")) if key.strip("/") else ""
+        norm = "" if norm == "." else norm
+        if norm == ".." or norm.startswith("../"):
+            raise StoreError(f"{key}: key escapes the store root {self.uri}")
+        return "/".join(p for p in (self.prefix, norm) if p)
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    def _objects(self, full: str) -> list[dict]:
+        """Objects at `full` or under `full/` (not `full-other`), sorted by key."""
+        out = []
+        with self._errors(self._rel(full)):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                out += [o for o in page.get("Contents", []) if not full or o["Key"] == full or o["Key"].startswith(full + "/")]
+        return sorted((o for o in out if not o["Key"].endswith("/")), key=lambda o: o["Key"])
+
+    # --- primitives --------------------------------------------------------------------------
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors(key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors(key):
+            if len(data) >= self.transfer.multipart_threshold:
+                self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._k(key), Config=self.transfer)
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+
+    def create_only(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *): of two racing writers exactly one gets True."""
+        from botocore.exceptions import ClientError
+
+        full, client = self._k(key), self.client
+        for attempt in range(6):
+            with self._errors(key):
+                try:
+                    client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                    return True
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if status == 412:  # the key exists: the other writer won
+                        return False
+                    if status != 409:
+                        raise
+            time.sleep(0.1 * 2**attempt)  # 409 ConditionalRequestConflict: a racing write is in flight; ask again
+        raise StoreError(f"{self.uri_for(key)}: concurrent conditional writes kept conflicting (409); retry the command")
+
+    def exists(self, key: str) -> bool:
+        """An object, or a directory (objects under `key/`), as the local store counts both."""
+        full = self._k(key)
+        with self._errors(key):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=full)
+                return True
+            except Exception as e:
+                if getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                    raise
+            page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full + "/" if full else "", MaxKeys=1)
+            return bool(page.get("KeyCount"))
+
+    def list(self, prefix: str) -> list[str]:
+        return [self._rel(o["Key"]) for o in self._objects(self._k(prefix))]
+
+    def delete(self, key: str) -> None:
+        """The object and everything under `key/`, as the local store removes a file or a tree."""
+        self._delete_keys([o["Key"] for o in self._objects(self._k(key))])
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            with self._errors(self._rel(keys[i])):
+                batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+                failed = self.client.delete_objects(Bucket=self.bucket, Delete=batch).get("Errors", [])
+            if failed:
+                raise StoreError(f"{self.uri_for(self._rel(failed[0]['Key']))}: delete failed ({failed[0].get('Code')}); retry")
+
+    @contextlib.contextmanager
+    def open_writer(self, key: str) -> Iterator[io.TextIOBase]:
+        """Spooled to a local temp file; uploaded (multipart when big) only if the block finishes."""
+        full = self._k(key)
+        with tempfile.TemporaryFile(prefix="cai-s3-") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            try:
+                yield text
+            finally:
+                text.detach()  # flushed into `raw`, which closes (and vanishes) with the `with`
+            raw.seek(0)  # reached only when the block finished: a failed write uploads nothing
+            with self._errors(key):
+                self.client.upload_fileobj(raw, self.bucket, full, Config=self.transfer)
+
+    def iter_lines(self, key: str) -> Iterator[str]:
+        """Streamed: a 100k-row file never sits in memory. Only b"\\n" ends a line (never inside UTF-8)."""
+        with self._errors(key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"]
+            pending = b""
+            with contextlib.closing(body):
+                for chunk in body.iter_chunks(1 << 20):
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        yield line.decode("utf-8") + "\n"
+            if pending:
+                yield pending.decode("utf-8")
+
+    def sha256(self, key: str) -> str:
+        """Streamed; for a file this process just uploaded (a model for its manifest), one HEAD instead
+        of downloading gigabytes again, trusted only while the object's ETag is the one uploaded."""
+        full, digest = self._k(key), hashlib.sha256()
+        with self._errors(key):
+            if full in self._hashes and self._etag(full) == self._hashes[full][0]:
+                return self._hashes[full][1]
+            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            with contextlib.closing(body):
+                for chunk in body.iter_chunks(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def _etag(self, full: str) -> str:
+        return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"]
+
+    # --- directories -------------------------------------------------------------------------
+    def local_dir(self, key: str) -> Path:
+        """Downloaded into `<cache>/store/<bucket>/<prefix>/<key>`: into a temp dir, renamed into place,
+        with a marker of the objects' ETags and sizes; reused while the bucket holds the same objects."""
+        full = self._k(key)
+        cut = len(full) + 1 if full else 0
+        index = {o["Key"][cut:]: [o["ETag"], o["Size"]] for o in self._objects(full) if o["Key"] != full}
+        if not index:
+            raise StoreError(f"{self.uri_for(key)}: directory not found")
+        dest = self.cache_root / self.bucket / full
+        marker = dest.parent / f".{dest.name}.sync.json"
+        if _synced(dest, marker, index):
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(dest.parent / f".{dest.name}.lock"):  # parallel shards download once
+            if _synced(dest, marker, index):
+                return dest
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+            try:
+                for rel, (_, size) in index.items():
+                    target = (tmp / rel).resolve()
+                    if tmp.resolve() not in target.parents:
+                        raise StoreError(f"{self.uri_for(key)}/{rel}: object name escapes the directory")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with self._errors(f"{key}/{rel}"):
+                        self.client.download_file(self.bucket, f"{full}/{rel}", str(target), Config=self.transfer)
+                    if target.stat().st_size != size:
+                        raise StoreError(f"{self.uri_for(key)}/{rel}: changed while downloading; retry")
+                marker.unlink(missing_ok=True)
+                if dest.exists():
+                    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old.", suffix=".tmp"))
+                    os.replace(dest, old / dest.name)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, dest)
+                part = marker.with_name(marker.name + ".tmp")
+                part.write_text(json.dumps(index, sort_keys=True))
+                os.replace(part, marker)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return dest
+
+    def put_dir(self, src: Path, key: str) -> None:
+        """Upload every file (multipart when big), then drop objects the new tree no longer has.
+        Readers trust the tree only once the stage manifest, written after this, exists."""
+        src, full = Path(src), self._k(key)
+        if not src.is_dir():
+            raise StoreError(f"{src}: not a directory; cannot upload it to {self.uri_for(key)}")
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        uploaded = set()
+        for path in files:
+            rel = path.relative_to(src).as_posix()
+            with self._errors(f"{key}/{rel}"):
+                self.client.upload_file(str(path), self.bucket, f"{full}/{rel}", Config=self.transfer)
+                self._hashes[f"{full}/{rel}"] = (self._etag(f"{full}/{rel}"), _file_sha256(path))
+            uploaded.add(f"{full}/{rel}")
+        self._delete_keys([o["Key"] for o in self._objects(full) if o["Key"] not in uploaded])
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _synced(dest: Path, marker: Path, index: dict) -> bool:
+    try:
+        return dest.is_dir() and json.loads(marker.read_text()) == index
+    except (OSError, ValueError):
+        return False
