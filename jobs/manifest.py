@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field
 
 from .config import StageSpec
+from .errors import StageFailed
 from .schema import StrictModel
 from .store import MANIFEST, ArtifactStore
 
@@ -73,8 +74,17 @@ def is_complete(store: ArtifactStore, spec: StageSpec) -> bool:
     return all(store.exists(k) for k in spec.inputs.values()) and m.input_hashes == input_hashes(store, spec)
 
 
-def write_manifest(store: ArtifactStore, spec: StageSpec, manifest: StageManifest) -> None:
-    store.write_text(manifest_key(spec), json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+def write_manifest(store: ArtifactStore, spec: StageSpec, manifest: StageManifest) -> bool:
+    """Create-only, so two writers (a retried pod and its predecessor) never both finish a stage: the
+    loser gets False when the winner ran the same spec, and a StageFailed when it ran another."""
+    data = (json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    if store.create_only(manifest_key(spec), data):
+        return True
+    existing = read_manifest(store, spec)
+    if existing is not None and existing.spec_hash == manifest.spec_hash:
+        return False
+    raise StageFailed(f"{store.uri_for(manifest_key(spec))}: another writer finished this stage with a different spec; "
+                      "delete the stage directory and re-run")
 
 
 def build_manifest(spec: StageSpec, store: ArtifactStore, outputs: list[str], counts: dict, timings: dict, started_at: str) -> StageManifest:
