@@ -8,8 +8,8 @@ are trl's own token count (non-padding tokens, chosen + rejected for DPO) over t
 
 Baseline: SFT. `ratio` = DPO tokens/s / SFT tokens/s, measured in the same run. A DPO token costs the
 policy's forward and backward (6N FLOPs) plus the reference's forward (2N), so with no waste the ratio
-is about 6/8 = 0.75; far below that means the DPO side wastes work. `--lora` also runs the stage with
-LoRA adapters and reports LoRA vs full fine-tuning per phase.
+is about 6/8 = 0.75; far from it means one phase wastes work (or the run was disturbed). `--lora`
+also runs the stage with LoRA adapters and reports LoRA vs full fine-tuning per phase.
 
 MFU = model FLOPs per token x tokens/s / peak FLOP/s, with 6N per SFT token and 8N per DPO token
 (full fine-tuning; LoRA skips weight gradients: 4N and 6N), N = all parameters (the tied embedding
