@@ -1,4 +1,4 @@
-"""`cai`: run, stage, status, logs, render, submit, constitution, model. Errors print as one line; --debug shows tracebacks."""
+"""`cai`: run, stage, status, logs, render, submit, realign, models, constitution, model. Errors print as one line; --debug shows tracebacks."""
 
 from __future__ import annotations
 
@@ -204,6 +204,55 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- scheduled realignment and the promoted model --------------------------------------------------
+def _cmd_realign(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .executors import make_executor
+    from .realign import realign
+    from .store import open_store
+
+    config = load_run_config(args.config)
+    if args.rounds is not None:
+        config.rounds = args.rounds
+    if args.store:
+        config.store = args.store
+    store = open_store(config.store)
+    outcome = realign(config, store, lambda rc: make_executor(rc, store, args.executor), force=args.force)
+    print(f"realign: {outcome.action}: {outcome.message}")
+    for g in outcome.gates:
+        print(f"  gate {g.name}: {'pass' if g.passed else 'FAIL'} ({g.detail})")
+    if outcome.run_id and outcome.action != "unchanged":
+        print(f"run:     cai status {outcome.run_id} --store {config.store}")
+    print(f"models:  cai models --store {config.store}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .promotion import as_json, format_history, read_pointer
+    from .store import open_store
+
+    store = open_store(args.store)
+    pointer = read_pointer(store)
+    if pointer is None:
+        if args.json:
+            print(json.dumps({"current": None, "history": []}, indent=2))
+        else:
+            print(f"no promoted model in {store.uri_for('models')} yet; `cai realign -c CONFIG --store {args.store}` promotes one")
+        return 0
+    print(json.dumps(as_json(pointer), indent=2) if args.json else format_history(pointer))
+    return 0
+
+
+def _cmd_models_rollback(args: argparse.Namespace) -> int:
+    from .promotion import rollback
+    from .store import open_store
+
+    store = open_store(args.store)
+    entry = rollback(store, args.to, args.reason)
+    print(f"entry {entry.seq}: {entry.model} is current again ({entry.reason})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI as batch jobs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -266,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, help="round (default: the latest that ran the stage; 0 = base evaluation)")
     p.add_argument("--store", default="./cai-store")
     p.set_defaults(func=_cmd_logs)
+
+    p = sub.add_parser("realign", help="one realignment tick: rounds from the promoted model, promoted only if the gates pass")
+    p.add_argument("-c", "--config", type=Path, help="run config YAML (default: built-in defaults)")
+    p.add_argument("--store", help="artifact store; overrides the config's `store`")
+    p.add_argument("--rounds", type=int, help="override the config's `rounds`")
+    p.add_argument("--executor", choices=["local", "kubernetes"], help="where stages run; overrides the config's `executor`")
+    p.add_argument("--force", action="store_true", help="run and decide even when the inputs are unchanged")
+    p.set_defaults(func=_cmd_realign)
+
+    p = sub.add_parser("models", help="the promoted model and its history (`cai models rollback` points back)")
+    p.add_argument("--store", default="./cai-store")
+    p.add_argument("--json", action="store_true", help="print models/latest.json (current entry and history)")
+    p.set_defaults(func=_cmd_models)
+    msub = p.add_subparsers(dest="action")
+    r = msub.add_parser("rollback", help="make an older entry's model current again (a new entry; history is kept)")
+    r.add_argument("--to", type=int, metavar="SEQ", help="entry to return to (default: the model the current one replaced)")
+    r.add_argument("--reason", help="note recorded in the new entry")
+    r.add_argument("--store", default=argparse.SUPPRESS, help="artifact store (default: ./cai-store)")
+    r.set_defaults(func=_cmd_models_rollback)
     return parser
 
 

@@ -16,6 +16,7 @@ from .data import load_prompts
 from .errors import CaiError, ConfigError
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
+from .run_lock import RunLock
 from .sharding import shard_count
 from .stages import merge_stage
 from .store import ArtifactStore
@@ -61,6 +62,7 @@ class Controller:
         self.executor = executor
         self.paths = RunPaths(run_id or default_run_id(config))
         self.state: dict[str, Any] = {}
+        self._lock: RunLock | None = None
 
     # --- run.json -----------------------------------------------------------------------------
     def _load_or_init_state(self) -> None:
@@ -87,6 +89,8 @@ class Controller:
         self._save()
 
     def _save(self) -> None:
+        if self._lock is not None:
+            self._lock.check()  # a controller that lost its lock must not overwrite the new holder's run.json
         self.state["updated_at"] = now_iso()
         self.store.write_json(self.paths.run_json, self.state)
 
@@ -236,7 +240,12 @@ class Controller:
                 raise ConfigError(f"config: stages: {stage} needs {sorted(deps)} in the same round; add them or drop {stage}")
 
     def run(self) -> dict[str, Any]:
+        """Holds the run's lock (runs/<id>/lock.json) throughout: a second controller fails fast."""
         self._check_dependencies()
+        with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
         self._load_or_init_state()
         try:
             inputs = self.stage_inputs()

@@ -1,0 +1,245 @@
+"""The run lock: one controller per run, expiry takeover fenced by create-only writes, release on crash."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import jobs.controller
+from jobs.config import RunConfig
+from jobs.controller import Controller
+from jobs.errors import StageFailed
+from jobs.run_lock import LockHeld, LockLost, RunLock
+from jobs.store import LocalStore
+
+KEY = "runs/r1/lock.json"
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class GatedExecutor:
+    """Blocks inside the first stage until the test lets it go, then fails it (a crash mid-run)."""
+
+    def __init__(self):
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.on_hold = None
+
+    def run(self, stage: str, spec_uri: str) -> str:
+        self.entered.set()
+        assert self.go.wait(30)
+        if self.on_hold:
+            return self.on_hold()
+        raise StageFailed(f"{stage}: killed by the test")
+
+
+def config() -> RunConfig:
+    # a model name is enough: the controller never loads models, and the gated executor runs no stage
+    return RunConfig(name="lock", model="unused-model", data={"train": [{"source": "bundled:helpful", "limit": 2}]})
+
+
+def start(controller: Controller) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append(controller.run())
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            outcome.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, outcome
+
+
+def test_second_controller_fails_fast_and_a_crash_releases_the_lock(tmp_path):
+    store = LocalStore(tmp_path)
+    first_exec = GatedExecutor()
+    first = Controller(config(), store, first_exec, run_id="r1")
+    thread, outcome = start(first)
+    assert first_exec.entered.wait(30)
+    lock = json.loads((tmp_path / KEY).read_text())
+    before = (tmp_path / "runs/r1/run.json").read_text()
+
+    second = Controller(config(), store, GatedExecutor(), run_id="r1")
+    t0 = time.monotonic()
+    with pytest.raises(LockHeld) as err:
+        second.run()
+    assert time.monotonic() - t0 < 2  # fails fast, does not wait
+    msg = str(err.value)
+    assert "\n" not in msg and f"pid {lock['owner']['pid']}" in msg and f"until {lock['expires_at']}" in msg
+    assert (tmp_path / "runs/r1/run.json").read_text() == before  # the loser wrote nothing
+
+    first_exec.go.set()
+    thread.join(30)
+    assert isinstance(outcome[0], StageFailed)
+    assert not (tmp_path / KEY).exists()  # released although the run crashed
+    assert json.loads((tmp_path / "runs/r1/run.json").read_text())["status"] == "failed"
+    with RunLock(store, KEY):  # and the run can be taken up again at once
+        pass
+
+
+def test_lost_lock_stops_the_controller_from_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs.controller, "RunLock", functools.partial(RunLock, ttl_s=0.4))
+    store = LocalStore(tmp_path)
+    gated = GatedExecutor()
+    thread, outcome = start(Controller(config(), store, gated, run_id="r1"))
+    assert gated.entered.wait(30)
+    # another controller takes the lock while this one is stuck in a stage
+    store.delete(KEY)
+    assert store.create_only(KEY, json.dumps({"token": "other", "owner": {"pid": 1}, "expires_at_epoch": time.time() + 99}).encode())
+    time.sleep(0.5)  # at least one heartbeat sees the foreign token
+    run_json = (tmp_path / "runs/r1/run.json").read_text()
+    gated.on_hold = lambda: ""  # the stage "finishes"; the controller's next save must refuse
+    gated.go.set()
+    thread.join(30)
+    assert isinstance(outcome[0], LockLost) and "taken over" in str(outcome[0])
+    assert (tmp_path / "runs/r1/run.json").read_text() == run_json  # the new holder's run.json is untouched
+    assert json.loads((tmp_path / KEY).read_text())["token"] == "other"  # and its lock too
+
+
+def test_heartbeat_renews_and_exit_releases(tmp_path):
+    store = LocalStore(tmp_path)
+    with RunLock(store, KEY, ttl_s=0.4) as lock:
+        first = json.loads((tmp_path / KEY).read_text())["expires_at_epoch"]
+        time.sleep(0.8)
+        rec = json.loads((tmp_path / KEY).read_text())
+        assert rec["expires_at_epoch"] > first and rec["token"] == lock.token
+        lock.check()  # still ours
+        with pytest.raises(LockHeld):
+            RunLock(store, KEY, ttl_s=0.4).acquire()  # kept alive past the first expiry
+    assert not (tmp_path / KEY).exists()
+
+
+def no_sleep(seconds):
+    raise AssertionError(f"must not wait (asked for {seconds}s)")
+
+
+def test_expired_lock_is_taken_over_after_the_grace(tmp_path):
+    store = LocalStore(tmp_path)
+    clock = Clock()
+    holder = RunLock(store, KEY, ttl_s=10, clock=clock)
+    holder.acquire()  # at 1000: expires 1010, may be taken over from 1012.5
+    taker = RunLock(store, KEY, ttl_s=10, clock=clock, sleep=no_sleep)
+    clock.t = 1004.0  # renewed 4 s ago: a live holder, fail fast
+    with pytest.raises(LockHeld):
+        taker.acquire()
+    clock.t = 1013.0
+    taker.acquire()
+    rec = json.loads((tmp_path / KEY).read_text())
+    assert rec["token"] == taker.token and rec["expires_at_epoch"] == 1023.0
+    assert store.exists(f"{KEY}.takeover-{holder.token}")  # the marker that let exactly one taker in
+
+    holder.renew()  # the old holder wakes up: past its own expiry it never writes, and learns it lost
+    assert holder.lost.is_set()
+    with pytest.raises(LockLost):
+        holder.check()
+    holder.release()  # must not delete the new holder's lock
+    assert json.loads((tmp_path / KEY).read_text())["token"] == taker.token
+
+
+def test_a_stale_lock_is_waited_out_unless_its_holder_comes_back(tmp_path):
+    store = LocalStore(tmp_path)
+    clock = Clock()
+    holder = RunLock(store, KEY, ttl_s=10, clock=clock)
+    holder.acquire()
+    slept = []
+
+    def sleep(seconds):  # the holder stays silent while we wait
+        slept.append(seconds)
+        clock.t += seconds
+
+    clock.t = 1006.0  # two heartbeats missed (stale), not yet expired
+    taker = RunLock(store, KEY, ttl_s=10, clock=clock, sleep=sleep)
+    taker.acquire()
+    assert slept == [6.5] and json.loads((tmp_path / KEY).read_text())["token"] == taker.token
+
+    clock.t = 2000.0
+    back = RunLock(store, "runs/r2/lock.json", ttl_s=10, clock=clock)
+    back.acquire()  # expires 2010
+
+    def holder_returns(seconds):  # a slow holder renews while we wait: it is live, so fail fast
+        clock.t += 1
+        back.renew()
+
+    clock.t = 2006.0
+    with pytest.raises(LockHeld, match="until"):
+        RunLock(store, "runs/r2/lock.json", ttl_s=10, clock=clock, sleep=holder_returns).acquire()
+    assert not back.lost.is_set() and json.loads((tmp_path / "runs/r2/lock.json").read_text())["token"] == back.token
+
+
+def test_two_takers_of_one_expired_lock_one_wins(tmp_path):
+    store = LocalStore(tmp_path)
+    clock = Clock()
+    RunLock(store, KEY, ttl_s=10, clock=clock).acquire()
+    expired = json.loads((tmp_path / KEY).read_text())
+    clock.t = 2000.0
+    a, b = RunLock(store, KEY, ttl_s=10, clock=clock), RunLock(store, KEY, ttl_s=10, clock=clock)
+    # both read the same expired record; a gets through first
+    a._take_over(expired)
+    with pytest.raises(LockHeld, match="another controller is taking it over"):
+        b._take_over(expired)
+    assert json.loads((tmp_path / KEY).read_text())["token"] == a.token
+
+
+def test_renew_notices_a_foreign_token_without_writing(tmp_path):
+    store = LocalStore(tmp_path)
+    lock = RunLock(store, KEY, ttl_s=30)
+    lock.acquire()
+    store.write_bytes(KEY, json.dumps({"token": "someone-else", "expires_at_epoch": time.time() + 30}).encode())
+    lock.renew()
+    assert lock.lost.is_set()
+    assert json.loads((tmp_path / KEY).read_text())["token"] == "someone-else"
+
+
+def test_lock_on_s3(s3_bucket, tmp_path):
+    """Create-only on S3 is a conditional PUT: the same fail-fast and takeover behaviour."""
+    from jobs.store_s3 import S3Store
+
+    store = S3Store(f"s3://{s3_bucket}/cai", cache_root=tmp_path / "cache")
+    clock = Clock()
+    holder = RunLock(store, KEY, ttl_s=10, clock=clock)
+    holder.acquire()
+    with pytest.raises(LockHeld, match=f"s3://{s3_bucket}/cai/{KEY}: run is locked by"):
+        RunLock(store, KEY, ttl_s=10, clock=clock).acquire()
+    clock.t += 20
+    taker = RunLock(store, KEY, ttl_s=10, clock=clock)
+    taker.acquire()
+    assert store.read_json(KEY)["token"] == taker.token
+    holder.release()  # the old holder's release leaves the new lock alone
+    assert store.read_json(KEY)["token"] == taker.token
+    taker.release()
+    assert not store.exists(KEY)
+
+
+def test_cli_exit_code_is_retryable_while_locked(tmp_path, capsys):
+    from jobs.cli import main
+
+    store = LocalStore(tmp_path)
+    with RunLock(store, KEY):
+        assert main(["run", "--store", str(tmp_path), "--run-id", "r1"]) == 75  # not 1/2: the controller Job retries
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "run r1 is locked by" in err
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, reason="SIGTERM already handled by the test runner")
+def test_sigterm_unwinds_and_releases(tmp_path):
+    store = LocalStore(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with RunLock(store, KEY):
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+            os.kill(os.getpid(), signal.SIGTERM)  # what Kubernetes sends a pod it stops
+            time.sleep(10)
+    assert not (tmp_path / KEY).exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
