@@ -191,11 +191,13 @@ def realign(config: RunConfig, store: ArtifactStore, make_executor: Callable[[Ru
         log(f"realign: run {run_id} from {start} with {len(sources) - len(config.data.train)} added prompt file(s)")
         state = Controller(run_config, store, make_executor(run_config), run_id=run_id).run()
         lock.check()
-        return _decide(config, store, state, cur, start, inputs, fp)
+        return decide_run(config, store, state, cur, start, inputs, fp)
 
 
-def _decide(config: RunConfig, store: ArtifactStore, state: dict[str, Any], cur: Entry | None, start: str,
+def decide_run(config: RunConfig, store: ArtifactStore, state: dict[str, Any], cur: Entry | None, start: str,
             inputs: dict[str, str], fp: str) -> TickOutcome:
+    """Gate the finished run's best round against its base evaluation; promote it or record why not.
+    Either way the attempt is recorded, so an unchanged next tick knows it has been decided."""
     run_id = state["run_id"]
     weights = config.stop.weights
     base_report = store.read_json(f"{state['base']['evaluate']['output']}/report.json")

@@ -25,6 +25,7 @@ do is identical and only one copy of each stage's outputs is kept.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -91,22 +92,33 @@ class RunLock:
         self._old_sigterm = None
 
     # --- the lock object ----------------------------------------------------------------------
-    def _record(self) -> bytes:
+    def _write(self, create: bool) -> bool:
+        """Our record, create-only or replacing; the expiry counts from before the write, and is
+        believed only once the write has landed."""
         now = self.clock()
-        self.expires_at = now + self.ttl_s
-        return json.dumps({
+        expires = now + self.ttl_s
+        data = json.dumps({
             "token": self.token, "owner": self.owner, "purpose": self.purpose, "ttl_s": self.ttl_s,
             "acquired_at": _iso(self.acquired_at or now), "renewed_at": _iso(now),
-            "expires_at": _iso(self.expires_at), "expires_at_epoch": self.expires_at, "renewed_at_epoch": now,
+            "expires_at": _iso(expires), "expires_at_epoch": expires, "renewed_at_epoch": now,
         }, indent=2, sort_keys=True).encode() + b"\n"
+        if create:
+            if not self.store.create_only(self.key, data):
+                return False
+        else:
+            self.store.write_bytes(self.key, data)
+        self.expires_at = expires
+        return True
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.store.read_bytes(self.key))
+            data = self.store.read_bytes(self.key)
         except StoreError:
             return None  # gone between our create attempt and this read: try again
-        except json.JSONDecodeError:
-            return {"token": "unreadable", "owner": {}, "expires_at_epoch": 0.0, "expires_at": "unknown"}
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError:  # not ours to interpret: treat as expired, under a token of its content
+            return {"token": "unreadable-" + hashlib.sha256(data).hexdigest()[:16], "owner": {}, "expires_at_epoch": 0.0}
 
     def _held_error(self, rec: dict[str, Any], why: str = "") -> LockHeld:
         return LockHeld(
@@ -120,7 +132,7 @@ class RunLock:
         predecessor was killed finds its lock) and takes over an expired one."""
         for _ in range(5):  # a lock that vanishes between our create and read: retry a few times
             self.acquired_at = self.clock()
-            if self.store.create_only(self.key, self._record()):
+            if self._write(create=True):
                 return
             rec = self._read()
             if rec is None:
@@ -146,7 +158,7 @@ class RunLock:
             raise self._held_error(current)
         self.store.delete(self.key)
         self.acquired_at = self.clock()
-        if not self.store.create_only(self.key, self._record()):
+        if not self._write(create=True):
             raise self._held_error(self._read() or expired)
 
     def renew(self) -> None:
@@ -158,7 +170,7 @@ class RunLock:
         if rec is None or rec.get("token") != self.token:
             self.lost.set()
             return
-        self.store.write_bytes(self.key, self._record())
+        self._write(create=False)
 
     def release(self) -> None:
         rec = self._read()
@@ -166,7 +178,9 @@ class RunLock:
             self.store.delete(self.key)
 
     def check(self) -> None:
-        if self.lost.is_set():
+        """Raise if the lock was taken over or, by our own clock, has lapsed (whatever the heartbeat did)."""
+        if self.lost.is_set() or self.clock() >= self.expires_at:
+            self.lost.set()
             raise LockLost(
                 f"{self.store.uri_for(self.key)}: this controller's {self.purpose} lock expired or was taken over "
                 f"(heartbeat missed for {self.ttl_s:g}s); another controller may be driving it, so this one stops"
@@ -178,8 +192,9 @@ class RunLock:
         while not self._stop.wait(interval):
             try:
                 self.renew()
-            except CaiError:
-                pass  # a store hiccup: the next beat retries; the expiry check above fences us
+            except Exception as e:  # noqa: BLE001 - a store hiccup: the next beat retries; check() fences a lapse
+                print(f"[cai] {self.store.uri_for(self.key)}: lock renewal failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                      "retrying", file=sys.stderr, flush=True)
             if self.lost.is_set():
                 return
 

@@ -135,7 +135,7 @@ def test_unchanged_inputs_run_nothing(tmp_path):
     config = RunConfig(model="m0", stages=["generate", "judge", "train", "evaluate"], data={"train": [{"source": "bundled:helpful", "limit": 2}]})
 
     def no_run(_):
-        raise AssertionError("an unchanged tick must not start a run")
+        raise AssertionError("tried to start a run")
 
     inputs = tick_inputs(config, "store:runs/x/round-1/train/model", list(config.data.train))
     e1 = promotion.promote(store, based_on=None, kind="initial", model="m0", run_id="x", round_=0, scores=Scores(), inputs={}, reason="t")
@@ -155,6 +155,9 @@ def test_unchanged_inputs_run_nothing(tmp_path):
     fresh.write_json(realign.LAST_ATTEMPT, {"inputs_fingerprint": fp, "run_id": "y", "decision": "rejected", "at": "t", "reason": "failed harmless"})
     out = realign.realign(config, fresh, no_run)
     assert out.action == "unchanged" and "run y was rejected" in out.message
+    with pytest.raises(AssertionError, match="tried to start a run"):  # --force decides again: it does start one
+        realign.realign(config, fresh, no_run, force=True)
+    assert not fresh.exists(realign.REALIGN_LOCK)
 
 
 # --- the decision, on a stored run -------------------------------------------------------------
@@ -171,7 +174,7 @@ def stored_run(store: LocalStore, base: dict, cand: dict | None, result_round: i
 def test_passing_run_is_promoted_over_the_initial_model(tmp_path):
     store = LocalStore(tmp_path)
     state = stored_run(store, report(harmless=0.4), report(harmless=0.6, mc=0.5, em=0.5))
-    out = realign._decide(RunConfig(model="m0"), store, state, None, "m0", {"model": "m0", "p": "1"}, "fp")
+    out = realign.decide_run(RunConfig(model="m0"), store, state, None, "m0", {"model": "m0", "p": "1"}, "fp")
     assert out.action == "promoted" and out.entry.seq == 2
     history = promotion.load_history(store)
     assert [(e.kind, e.model) for e in history] == [("initial", "m0"), ("promote", "store:runs/r/round-1/train/model")]
@@ -187,7 +190,7 @@ def test_failing_gate_is_recorded_not_promoted(tmp_path):
     store = LocalStore(tmp_path)
     cur = promotion.promote(store, based_on=None, kind="initial", model="m0", run_id="x", round_=0, scores=Scores(), inputs={}, reason="t")
     state = stored_run(store, report(over=0.1), report(over=0.5))
-    out = realign._decide(RunConfig(model="m0"), store, state, cur, "m0", {"model": "m0"}, "fp")
+    out = realign.decide_run(RunConfig(model="m0"), store, state, cur, "m0", {"model": "m0"}, "fp")
     assert out.action == "rejected" and "over_refusal: over-refusal 0.500 vs ceiling 0.150" in out.message
     assert promotion.current(store) == cur
     attempt = store.read_json(realign.LAST_ATTEMPT)
@@ -198,7 +201,7 @@ def test_failing_gate_is_recorded_not_promoted(tmp_path):
 def test_no_better_round_is_not_promoted(tmp_path):
     store = LocalStore(tmp_path)
     state = stored_run(store, report(), None, result_round=0)
-    out = realign._decide(RunConfig(model="m0"), store, state, None, "m0", {}, "fp")
+    out = realign.decide_run(RunConfig(model="m0"), store, state, None, "m0", {}, "fp")
     assert out.action == "rejected" and "no round beat the start model" in out.message
     assert promotion.current(store) is None
 

@@ -243,3 +243,14 @@ def test_sigterm_unwinds_and_releases(tmp_path):
             time.sleep(10)
     assert not (tmp_path / KEY).exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_check_fences_a_lapsed_lock_even_without_a_heartbeat(tmp_path):
+    clock = Clock()
+    lock = RunLock(LocalStore(tmp_path), KEY, ttl_s=10, clock=clock)
+    lock.acquire()
+    clock.t = 1009.9
+    lock.check()
+    clock.t = 1010.0  # our own lease is over: nobody may have taken it yet, but we must not assume so
+    with pytest.raises(LockLost, match="expired or was taken over"):
+        lock.check()
