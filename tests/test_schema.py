@@ -151,7 +151,7 @@ def test_unknown_keys(tmp_path, text, path):
         ("seed: abc\n", "seed", "valid integer"),
         ("name: Bad_Name\n", "name", "pattern"),
         ("model: 5\n", "model", "valid string"),
-        ("engine: {backend: vllm}\n", "engine.backend", "'auto' or 'hf'"),
+        ("engine: {backend: tgi}\n", "engine.backend", "'auto', 'hf' or 'vllm'"),
         ("engine: {dtype: int8}\n", "engine.dtype", "'float32'"),
         ("engine: {batch_size: 0}\n", "engine.batch_size", "greater than 0"),
         ("generate: {top_p: 1.5}\n", "generate.top_p", "less than or equal to 1"),
