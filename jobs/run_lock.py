@@ -69,6 +69,19 @@ def owner_info() -> dict[str, Any]:
     return {"host": host, "pid": os.getpid(), "pod": os.environ.get("POD_NAME") or None}
 
 
+def holder_is_dead_here(owner: dict[str, Any]) -> bool:
+    """The holder ran on this host (not in a pod) and its process is gone."""
+    if owner.get("pod") or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def describe_owner(owner: dict[str, Any]) -> str:
     where = f"pod {owner['pod']}" if owner.get("pod") else f"host {owner.get('host', '?')}"
     return f"{where} pid {owner.get('pid', '?')}"
@@ -138,6 +151,8 @@ class RunLock:
             if rec is None:
                 continue
             now, takeover_at = self.clock(), float(rec.get("expires_at_epoch", 0.0)) + self.grace_s
+            if now < takeover_at and holder_is_dead_here(rec.get("owner", {})):
+                takeover_at = now  # killed on this very host (Ctrl-C, SIGKILL): no need to wait out its lease
             if now < takeover_at:
                 if now - float(rec.get("renewed_at_epoch", now)) < self.ttl_s * STALE_FRACTION:
                     raise self._held_error(rec)
