@@ -254,3 +254,21 @@ def test_check_fences_a_lapsed_lock_even_without_a_heartbeat(tmp_path):
     clock.t = 1010.0  # our own lease is over: nobody may have taken it yet, but we must not assume so
     with pytest.raises(LockLost, match="expired or was taken over"):
         lock.check()
+
+
+def test_a_holder_that_died_on_this_host_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    store = LocalStore(tmp_path)
+    holder = RunLock(store, KEY)
+    holder.owner = {**holder.owner, "pid": int(dead.stdout), "pod": None}  # what a `kill -9`ed controller leaves
+    holder.acquire()
+    taker = RunLock(store, KEY, sleep=no_sleep)
+    taker.acquire()  # fresh lease, but its process is gone: no waiting
+    assert json.loads((tmp_path / KEY).read_text())["token"] == taker.token
+    alive = RunLock(store, "runs/r2/lock.json")
+    alive.acquire()  # this process: alive, so a second one fails fast
+    with pytest.raises(LockHeld):
+        RunLock(store, "runs/r2/lock.json", sleep=no_sleep).acquire()
