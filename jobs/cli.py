@@ -10,10 +10,9 @@ from pathlib import Path
 from .errors import CaiError
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _config_and_store(args: argparse.Namespace):
+    """The run config with the command line's --rounds/--store applied, and its opened store."""
     from .config import load_run_config
-    from .controller import Controller
-    from .executors import make_executor
     from .store import open_store
 
     config = load_run_config(args.config)
@@ -21,7 +20,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.rounds = args.rounds
     if args.store:
         config.store = args.store
-    store = open_store(config.store)
+    return config, open_store(config.store)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .controller import Controller
+    from .executors import make_executor
+
+    config, store = _config_and_store(args)
     executor = make_executor(config, store, args.executor)
     state = Controller(config, store, executor, run_id=args.run_id).run()
     root = store.uri_for(f"runs/{state['run_id']}")
@@ -206,17 +212,10 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 # --- scheduled realignment and the promoted model --------------------------------------------------
 def _cmd_realign(args: argparse.Namespace) -> int:
-    from .config import load_run_config
     from .executors import make_executor
     from .realign import realign
-    from .store import open_store
 
-    config = load_run_config(args.config)
-    if args.rounds is not None:
-        config.rounds = args.rounds
-    if args.store:
-        config.store = args.store
-    store = open_store(config.store)
+    config, store = _config_and_store(args)
     outcome = realign(config, store, lambda rc: make_executor(rc, store, args.executor), force=args.force)
     print(f"realign: {outcome.action}: {outcome.message}")
     for g in outcome.gates:

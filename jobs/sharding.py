@@ -8,6 +8,7 @@ sets in each child process, so both run the same command.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -52,6 +53,13 @@ def take_slice(rows: Iterable[T], lo: int, hi: int) -> Iterator[T]:
             return
         if i >= lo:
             yield row
+
+
+def chunks(rows: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Fixed-size chunks of a stream: 100k prompts never sit in memory at once."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
 
 
 def count_rows(store: ArtifactStore, key: str) -> int:

@@ -214,13 +214,17 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     grade_harmless(judge, [r for res in results.values() for r in res["harmful"]])
     timings["judge_s"] = time.perf_counter() - t
 
-    samples = [{"variant": v, "set": s, **row} for v, res in results.items() for s, rows in res.items() for row in rows]
     if shard[1] > 1:  # the report needs every shard's rows: the merge writes it
         keys = [f"{spec.output}/samples.jsonl", f"{spec.output}/sets.json"]
-        store.write_jsonl(keys[0], samples)
+        store.write_jsonl(keys[0], flatten(results))
         store.write_json(keys[1], info)
         return StageResult(outputs=keys, counts={**{k: len(v) for k, v in sets.items()}, "generated_tokens": generated}, timings=timings)
     return finish(spec, store, cfg, constitution, judge_ref, info, results, generated, timings)
+
+
+def flatten(results: dict[str, dict[str, list[dict]]]) -> list[dict]:
+    """Per-item rows tagged with their variant and set: samples.jsonl, and what shards hand the merge."""
+    return [{"variant": v, "set": s, **row} for v, res in results.items() for s, rows in res.items() for row in rows]
 
 
 def variants(constitution: Constitution, cfg: EvaluateConfig) -> dict[str, str | None]:
@@ -264,7 +268,7 @@ def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitut
             em_strict=[r["strict"] for r in res["capability_exact"]],
         )
     baseline = store.read_json(spec.inputs["baseline"]) if spec.inputs.get("baseline") else None
-    samples = [{"variant": v, "set": s, **row} for v, res in results.items() for s, rows in res.items() for row in rows]
+    samples = flatten(results)
 
     t = time.perf_counter()
     report, outputs = write_report(

@@ -7,11 +7,9 @@ depend on batch size, chunking or sharding.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -24,7 +22,7 @@ from ..engines import Engine, SamplingParams, load_engine
 from ..models import resolve_model
 from ..manifest import StageManifest
 from ..schema import parse_data
-from ..sharding import concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
+from ..sharding import chunks, concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
 from . import StageResult, log
 
@@ -72,12 +70,6 @@ def revise_chunk(
 
 def sft_row(trace: dict[str, Any]) -> dict[str, Any]:
     return {"messages": trace["messages"] + [{"role": "assistant", "content": trace["final"]}]}
-
-
-def chunks(prompts: Iterator[PromptRecord], size: int) -> Iterator[list[PromptRecord]]:
-    """Fixed-size chunks of a stream: 100k prompts never sit in memory at once."""
-    while chunk := list(itertools.islice(prompts, size)):
-        yield chunk
 
 
 def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, shard: tuple[int, int] = (0, 1)) -> StageResult:

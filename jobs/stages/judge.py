@@ -25,10 +25,9 @@ from ..models import resolve_model
 from ..refusal import is_refusal
 from ..manifest import StageManifest
 from ..schema import parse_data
-from ..sharding import concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
+from ..sharding import chunks, concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
 from . import StageResult, log
-from .generate import chunks
 
 # Written for cai-jobs: what a needlessly cautious assistant says to a harmless request.
 NEEDLESS_REFUSALS = (
