@@ -1,11 +1,18 @@
-"""Benchmark: the `generate` stage (batched) against the textbook sequential critique-revision loop.
+"""Benchmark: the `generate` stage (batched; transformers and vLLM engines) against the textbook
+sequential critique-revision loop.
 
-Both sides run the same bundled model (SmolLM2-135M-Instruct, float32, CPU), greedy decoding, the
+All sides run the same bundled model (SmolLM2-135M-Instruct, float32, CPU), greedy decoding, the
 same prompts, the same token cap per step and the same number of steps per prompt (1 response +
-2 x rounds critique/revision calls). Throughput is generated tokens / wall seconds of the timed work.
+2 x rounds critique/revision calls). Throughput is generated tokens / wall seconds of the timed work;
+model loading (and vLLM's compile at start) is not timed, and reported apart.
+
+The vLLM side runs the same stage code in the vLLM venv (`make install-vllm` creates `.venv-vllm`;
+`CAI_VLLM_PYTHON` names another interpreter) as a child process; without it the side is skipped
+and the JSON says why.
 
     .venv/bin/python bench/generate.py            # quick sizes (also what `--quick` selects)
     .venv/bin/python bench/generate.py --prompts 64 --rounds 2 --max-new-tokens 128
+    .venv/bin/python bench/generate.py --no-vllm  # seed loop vs the transformers engine only
 
 Results: a table on stdout and bench/results/generate.json (written atomically).
 """
@@ -14,9 +21,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
+import os
 import random
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +77,7 @@ def step_kind(desc: str) -> str:
 class StepRecorder:
     """Wraps an engine for revise_chunk and books each generate call's time and tokens under its step."""
 
-    def __init__(self, engine: HFEngine):
+    def __init__(self, engine):
         self.engine = engine
         self.stats = engine.stats
         self.steps: dict[str, dict] = {}
@@ -184,15 +195,8 @@ def run_seed_loop(model_path: str, prompts, constitution, args) -> dict:
     return res
 
 
-def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
-    log(f"cai generate stage (hf): loading model, {len(prompts)} prompts x {1 + 2 * args.rounds} steps, batch {args.batch_size}")
-    engine = HFEngine(
-        model_path, dtype=DTYPE, device=DEVICE, batch_size=args.batch_size, show_progress=False,
-        prefix_cache_gb=EngineConfig().prefix_cache_gb,  # the stage's default
-    )
-    engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4), desc="warmup")  # not timed
-    recorder = StepRecorder(engine)
-    cfg = GenerateConfig(
+def stage_config(prompts, args) -> GenerateConfig:
+    return GenerateConfig(
         revision_rounds=args.rounds,
         max_new_tokens=args.max_new_tokens,
         critique_max_new_tokens=args.max_new_tokens,
@@ -200,22 +204,81 @@ def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
         temperature=0.0,
         chunk_size=max(len(prompts), 1),
     )
+
+
+def run_stage(engine, prompts, constitution, args) -> dict:
+    """The generate stage's own batch loop (revise_chunk) on an already-loaded, warmed-up engine."""
+    engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4), desc="warmup")  # not timed
+    recorder = StepRecorder(engine)
     t0 = time.perf_counter()
-    revise_chunk(prompts, constitution, recorder, cfg, args.seed)
-    res = totals(recorder.steps, time.perf_counter() - t0)
+    revise_chunk(prompts, constitution, recorder, stage_config(prompts, args), args.seed)
+    return totals(recorder.steps, time.perf_counter() - t0)
+
+
+def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
+    log(f"cai generate stage (hf): loading model, {len(prompts)} prompts x {1 + 2 * args.rounds} steps, batch {args.batch_size}")
+    engine = HFEngine(
+        model_path, dtype=DTYPE, device=DEVICE, batch_size=args.batch_size, show_progress=False,
+        prefix_cache_gb=EngineConfig().prefix_cache_gb,  # the stage's default
+    )
+    res = run_stage(engine, prompts, constitution, args)
     if engine.prefix_cache is not None:
         res["prefix_reuse_rate"] = round(engine.prefix_cache.stats.reuse_rate, 3)
         log(f"prefix cache: {res['prefix_reuse_rate']:.0%} of prompt tokens reused from the previous step")
-    del recorder, engine
+    del engine
     return res
 
 
-def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dict, extrap: dict | None) -> None:
+def vllm_python() -> tuple[str | None, str]:
+    """The interpreter that has vLLM (this one, CAI_VLLM_PYTHON or .venv-vllm), or None and why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable, "this interpreter"
+    candidate = os.environ.get("CAI_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    if not Path(candidate).exists():
+        return None, f"no vLLM here and no {_rel(candidate)} (run `make install-vllm`)"
+    return candidate, _rel(candidate)
+
+
+def run_vllm_child(args) -> None:
+    """In the vLLM interpreter: the same stage and prompts with the vLLM engine (fp32, compiled)."""
+    from jobs.engines.vllm import VLLMEngine
+
+    model_path = resolve_model(args.model)
+    prompts = bench_prompts(args.prompts)
+    engine = VLLMEngine(model_path, dtype=DTYPE, device=DEVICE, show_progress=False)
+    res = run_stage(engine, prompts, load_constitution("default"), args)
+    import vllm
+
+    res.update(start_s=round(engine.start_seconds, 1), vllm=vllm.__version__,
+               compiled=os.environ.get("VLLM_CPU_CI_ENV", "0") in ("", "0"))
+    args.vllm_child.write_text(json.dumps(res))
+
+
+def run_vllm_stage(args, argv: list[str]) -> tuple[dict | None, str]:
+    python, where = vllm_python()
+    if python is None:
+        log(f"cai generate stage (vllm): skipped: {where}")
+        return None, where
+    log(f"cai generate stage (vllm): {where}; starting vLLM (it compiles the model first: about a minute on 2 cores)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "vllm.json"  # a file, not stdout: vLLM may print there
+        proc = subprocess.run([python, str(Path(__file__).resolve()), *argv, "--vllm-child", str(out)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise SystemExit(f"cai generate stage (vllm) failed (exit {proc.returncode}): {tail[0]}")
+        return json.loads(out.read_text()), where
+
+
+def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dict, extrap: dict | None,
+                vllm_res: dict | None = None) -> None:
     seed_tps, hf_tps = rate(seed_res["tokens"], seed_res["seconds"]), rate(hf_res["tokens"], hf_res["seconds"])
     print()
     print(f"machine: {machine['cpu']}, cores={machine['cores']} (usable {machine['usable_cores']}), "
           f"torch threads={machine['torch_threads']}, torch {machine['torch']}, transformers {machine['transformers']}")
-    print(f"model: {MODEL_REF}, dtype {DTYPE} on {DEVICE} (both sides), greedy")
+    print(f"model: {args.model}, dtype {DTYPE} on {DEVICE} (every side), greedy")
     print(f"work: {n_prompts} prompts x (1 + 2x{args.rounds}) steps, max_new_tokens={args.max_new_tokens} per step, "
           f"few_shot=0, seed={args.seed}")
     print()
@@ -230,11 +293,18 @@ def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dic
     ratio = hf_tps / seed_tps if seed_tps else float("nan")
     print(f"| {'cai generate stage (hf)':<34} | {args.batch_size:>5} | {n_prompts:>7} | {hf_res['tokens']:>10} | "
           f"{hf_res['seconds']:>8.1f} | {hf_tps:>7.1f} | {ratio:>6.2f}x |")
+    if vllm_res:
+        v_tps = rate(vllm_res["tokens"], vllm_res["seconds"])
+        v_ratio = v_tps / seed_tps if seed_tps else float("nan")
+        print(f"| {'cai generate stage (vllm)':<34} | {'all':>5} | {n_prompts:>7} | {vllm_res['tokens']:>10} | "
+              f"{vllm_res['seconds']:>8.1f} | {v_tps:>7.1f} | {v_ratio:>6.2f}x |")
+        print(f"vllm {vllm_res['vllm']}: ready in {vllm_res['start_s']:.0f}s "
+              f"({'compiled' if vllm_res['compiled'] else 'eager'}; not timed, like model loading on the other sides)")
     print()
     print("per step (engine-call time, summed over rounds; prompt tokens exclude padding):")
     for kind in STEP_KINDS:
         parts = []
-        for name, res in (("seed", seed_res), ("hf", hf_res)):
+        for name, res in (("seed", seed_res), ("hf", hf_res), ("vllm", vllm_res or {"steps": {}})):
             row = res["steps"].get(kind)
             if row:
                 parts.append(f"{name} {row['tokens']} tok / {row['seconds']:.1f}s = {rate(row['tokens'], row['seconds']):.1f} tok/s "
@@ -262,7 +332,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--extrapolate", action="store_true",
                     help="with --baseline-prompts K < N, also report the seed loop's estimated tokens and seconds for all N prompts")
     ap.add_argument("--seed", type=int, default=0, help="principle-sampling seed (default 0)")
+    ap.add_argument("--model", default=MODEL_REF, help=f"model reference for every side (default {MODEL_REF})")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM side")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path (default bench/results/generate.json)")
+    ap.add_argument("--vllm-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for key, value in QUICK.items():
         if getattr(args, key) is None:
@@ -283,12 +356,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.vllm_child:
+        run_vllm_child(args)
+        return 0
     machine = machine_info()
     busy = machine["cpu_busy_before_run"]
     if busy is not None and busy > 0.2:
         log(f"warning: the CPUs were {busy:.0%} busy before the run; other processes share the "
             f"{machine['cores']} cores and will slow both sides (figures are not comparable to a quiet machine)")
-    model_path = resolve_model(MODEL_REF)
+    model_path = resolve_model(args.model)
     constitution = load_constitution("default")
     prompts = bench_prompts(args.prompts)
 
@@ -307,9 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     with OtherLoad() as hf_load:
         hf_res = run_hf_stage(model_path, prompts, constitution, args)
     log(f"cai generate stage (hf): {hf_res['tokens']} tokens in {hf_res['seconds']:.1f}s")
+    vllm_res, vllm_where = None, "skipped (--no-vllm)"
+    if not args.no_vllm:
+        with OtherLoad() as vllm_load:
+            vllm_res, vllm_where = run_vllm_stage(args, argv)
+        if vllm_res:
+            log(f"cai generate stage (vllm): {vllm_res['tokens']} tokens in {vllm_res['seconds']:.1f}s")
+            machine["other_cpu_share_during_vllm"] = vllm_load.share
     machine["other_cpu_share_during_seed_loop"] = seed_load.share
     machine["other_cpu_share_during_hf"] = hf_load.share
-    for name, share in (("seed loop", seed_load.share), ("cai generate stage (hf)", hf_load.share)):
+    for name, share in (("seed loop", seed_load.share), ("cai generate stage (hf)", hf_load.share),
+                        ("cai generate stage (vllm)", machine.get("other_cpu_share_during_vllm"))):
         if share is not None and share > 0.1:
             log(f"warning: other processes used {share:.0%} of the CPUs while the {name} ran; "
                 f"its figures are slowed by them: rerun on a quiet machine")
@@ -324,13 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: the CPUs were {machine['cpu_busy_after_run']:.0%} busy right after the run (other processes)")
     seed_tps = rate(seed_res["tokens"], seed_res["seconds"])
     hf_tps = rate(hf_res["tokens"], hf_res["seconds"])
-    print_table(machine, args, len(prompts), seed_res, hf_res, extrap)
+    print_table(machine, args, len(prompts), seed_res, hf_res, extrap, vllm_res)
+    vllm_tps = rate(vllm_res["tokens"], vllm_res["seconds"]) if vllm_res else None
 
     result = {
         "machine": machine,
         "command": shlex.join([_rel(sys.executable), _rel(sys.argv[0]) if sys.argv and sys.argv[0] else "bench/generate.py", *argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
-        "model": MODEL_REF,
+        "model": args.model,
         "device": DEVICE,
         "prompts": len(prompts),
         "baseline_prompts": len(baseline_prompts),
@@ -357,8 +442,16 @@ def main(argv: list[str] | None = None) -> int:
         "seed_loop_extrapolated": (
             {"prompts": len(prompts), "tokens": round(extrap["tokens"]), "seconds": round(extrap["seconds"], 3)} if extrap else None
         ),
-        "vllm_tok_s": None,
-        "ratio_vllm_vs_seed": None,
+        "vllm_tok_s": round(vllm_tps, 2) if vllm_tps else None,
+        "ratio_vllm_vs_seed": round(vllm_tps / seed_tps, 3) if vllm_tps and seed_tps else None,
+        "ratio_vllm_vs_hf": round(vllm_tps / hf_tps, 3) if vllm_tps and hf_tps else None,
+        "vllm_tokens": vllm_res["tokens"] if vllm_res else None,
+        "vllm_s": round(vllm_res["seconds"], 3) if vllm_res else None,
+        "vllm_start_s": vllm_res["start_s"] if vllm_res else None,
+        "vllm_version": vllm_res["vllm"] if vllm_res else None,
+        "vllm_compiled": vllm_res["compiled"] if vllm_res else None,
+        "vllm_steps": vllm_res["steps"] if vllm_res else None,
+        "vllm_python": vllm_where,
     }
     write_json_atomic(args.out, result)
     log(f"wrote {args.out}")

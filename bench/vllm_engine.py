@@ -22,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ SIDES = ["hf:float32", "vllm:float32:eager", "vllm:bfloat16:eager", "vllm:float3
 
 
 def child(side: str, prompts: int, max_new_tokens: int, runs: int) -> dict:
-    """One side, in this process: start, warm-up, timed calls. Prints nothing but its JSON."""
+    """One side, in this process: start, warm-up, timed calls."""
     backend, dtype, *mode = side.split(":")
     if backend == "vllm":
         os.environ["VLLM_CPU_CI_ENV"] = "1" if mode == ["eager"] else "0"
@@ -79,13 +80,15 @@ def child(side: str, prompts: int, max_new_tokens: int, runs: int) -> dict:
 
 def run_side(side: str, args) -> tuple[dict, float | None]:
     log(f"{side}: start, warm-up, {args.runs} timed calls of {args.prompts} prompts x {args.max_new_tokens} tokens")
-    cmd = [sys.executable, __file__, "--child", side, "--prompts", str(args.prompts),
-           "--max-new-tokens", str(args.max_new_tokens), "--runs", str(args.runs)]
-    with OtherLoad() as load:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), load.share
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "side.json"  # a file, not stdout: vLLM's worker processes may print there
+        cmd = [sys.executable, __file__, "--child", side, "--child-out", str(out), "--prompts", str(args.prompts),
+               "--max-new-tokens", str(args.max_new_tokens), "--runs", str(args.runs)]
+        with OtherLoad() as load:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text()), load.share
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="token cap per prompt (default 64)")
     ap.add_argument("--runs", type=int, default=2, help="timed calls per side; the best counts (default 2)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS / "vllm_engine.json")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.prompts, args.max_new_tokens, args.runs)))
+        args.child_out.write_text(json.dumps(child(args.child, args.prompts, args.max_new_tokens, args.runs)))
         return 0
     for side in args.sides:
         backend, dtype, *mode = side.split(":")

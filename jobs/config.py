@@ -47,7 +47,7 @@ class EngineConfig(StrictModel):
         "auto", description="Text engine: `hf` (transformers), `vllm`, or `auto`: vLLM when installed and it supports the model and device, else transformers."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="`auto`: bfloat16 on GPU and for vLLM on CPU; float32 for transformers on CPU (faster there, and exact)."
+        "auto", description="`auto`: bfloat16 on GPU, float32 on CPU (faster there with both engines, and exact)."
     )
     device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1` ...")
     batch_size: int = Field(32, gt=0, description="Sequences per forward pass; 32 keeps 2 CPU cores busy without swapping.")

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ is scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, judge, overhead, train  # noqa: E402
+from bench import common, generate, judge, overhead, train  # noqa: E402
 from jobs.constitution import load_constitution  # noqa: E402
 from jobs.data import PromptRecord  # noqa: E402
 from jobs.judging import verdict  # noqa: E402
@@ -151,6 +151,43 @@ def test_judge_bench_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
         assert key in res["machine"]
     printed = capsys.readouterr().out
     assert "logprob both orders (judge stage)" in printed and "machine:" in printed and "load:" in printed
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_generate_args_reject_bad_sizes():
+    for bad in (["--prompts", "0"], ["--prompts", "97"], ["--rounds", "0"], ["--baseline-prompts", "40"],
+                ["--prompts", "8", "--extrapolate"]):
+        with pytest.raises(SystemExit):
+            generate.parse_args(bad)
+    args = generate.parse_args(["--prompts", "8"])
+    assert (args.prompts, args.rounds, args.max_new_tokens, args.baseline_prompts) == (8, 1, 64, 8)
+
+
+def test_vllm_side_is_skipped_with_a_reason_when_no_vllm_interpreter(monkeypatch, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable here: this interpreter is the vLLM side")
+    monkeypatch.setenv("CAI_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    python, why = generate.vllm_python()
+    assert python is None and "make install-vllm" in why
+    assert generate.run_vllm_stage(generate.parse_args([]), []) == (None, why)
+
+
+def test_generate_bench_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "generate.json"
+    assert generate.main(["--model", str(tiny_model_dir), "--prompts", "4", "--max-new-tokens", "3", "--batch-size", "4",
+                          "--no-vllm", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["prompts"] == res["baseline_prompts"] == 4 and res["steps_per_prompt"] == 3
+    assert res["seed_loop_calls"] == 12 and res["hf_calls"] == 3  # batch 1 per step vs one batched call per step
+    assert set(res["seed_loop_steps"]) == set(res["hf_steps"]) == {"respond", "critique", "revise"}
+    assert 0 < res["seed_loop_tokens"] <= 36 and 0 < res["hf_tokens"] <= 36
+    assert res["ratio_hf_vs_seed"] == pytest.approx(res["hf_tok_s"] / res["seed_loop_tok_s"], rel=1e-2)
+    assert res["vllm_tok_s"] is None and res["vllm_python"] == "skipped (--no-vllm)"
+    assert "cai generate stage (hf)" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- train

@@ -76,6 +76,7 @@ def test_request_seeds_depend_on_seed_prompt_and_repeat_only():
     assert 0 <= a < 2**63
 
 
-def test_dtype_auto_means_bfloat16_for_vllm():
-    assert resolve_dtype("auto") == "bfloat16"
-    assert resolve_dtype("float32") == "float32"
+def test_vllm_dtype_auto_is_float32_on_cpu_and_bfloat16_on_gpu():
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cuda") == "bfloat16"
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -37,6 +38,13 @@ class EngineStats:
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
+    def add_time(self, desc: str, start: float) -> float:
+        """Book the seconds since `start` (a perf_counter reading) under `desc`; returns them."""
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.per_step[desc] = self.per_step.get(desc, 0.0) + elapsed
+        return elapsed
+
 
 class Engine(Protocol):
     stats: EngineStats
@@ -61,3 +69,29 @@ def apply_stop(text: str, stop: Sequence[str]) -> str:
         if 0 <= i < cut:
             cut = i
     return text[:cut]
+
+
+# Both engines render and stop the same way, so they feed the model identical token ids and cut
+# replies at the same place (tests/test_engine_vllm.py checks that they agree).
+
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def render_conversation(tokenizer, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+    """The chat template's text; a plain `Role: text` transcript for models without one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation)
+    return text + ("Assistant:" if add_generation_prompt else "")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End of turn: the eos token plus the chat template's turn terminator where it differs."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for tok in TURN_END_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(ids)

