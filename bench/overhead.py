@@ -159,25 +159,29 @@ class TimedExecutor:
 
 
 PROFILE_SCRIPT = """\
-import sys, time
+import os, sys, time
 t1 = time.monotonic()
 exec(sys.argv[1])
 t2 = time.monotonic()
 exec(sys.argv[2])
 t3 = time.monotonic()
 print(t1, t2, t3, flush=True)
+if sys.argv[3] == "fast":
+    os._exit(0)
 """
 
 
-def process_profile(before: str, lazy: str = "pass") -> dict[str, float]:
+def process_profile(before: str, lazy: str = "pass", fast_exit: bool = False) -> dict[str, float]:
     """What a fresh process costs around its work: interpreter start, running `before` (imports and
     opening the store, done before the work's timer starts), running `lazy` (what the work imports on
-    first use, inside its timer), and exit with all of it loaded (torch's teardown included).
+    first use, inside its timer), and exit with all of it loaded: `os._exit` as a successful
+    `cai stage` exits (`fast_exit`), else the interpreter's teardown (torch's included).
     The faster of two tries: warm page cache, as for every stage after the first."""
     tries = []
     for _ in range(2):
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, before, lazy], check=True, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, before, lazy, "fast" if fast_exit else "teardown"],
+                              check=True, capture_output=True, text=True)
         t4 = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's stamps compare with ours
         t1, t2, t3 = (float(x) for x in proc.stdout.split())
         tries.append({"start_s": t1 - t0, "imports_s": t2 - t1, "lazy_imports_s": t3 - t2, "exit_s": t4 - t3})
@@ -190,7 +194,11 @@ def opening(modules: str, store_uri: str) -> str:
 
 
 CONTROLLER_MODULES = "jobs.cli, jobs.controller, jobs.executors"
-LAZY_MODULES = "import jobs.engines.hf, jobs.models"  # torch + transformers, imported inside a stage's timer
+# What each stage imports inside its own timer, on first use: torch + transformers (the engines); the
+# train stage also datasets and trl.
+LAZY_MODULES = "import jobs.engines.hf, jobs.models"
+LAZY_BY_STAGE = {"train": "import jobs.engines.hf, jobs.models, datasets\n"
+                           "from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer"}
 
 
 def run_once(config) -> dict[str, Any]:
@@ -260,7 +268,8 @@ def breakdown(run: dict[str, Any]) -> dict[str, Any]:
         call = by_uri.get(store.uri_for(spec_key))
         work = float(entry.get("timings", {}).get("total_s", 0.0))
         if name not in profiles:
-            profiles[name] = process_profile(opening(f"jobs.cli, jobs.stages, jobs.stages.{name}", store.uri), LAZY_MODULES)
+            profiles[name] = process_profile(opening(f"jobs.cli, jobs.stages, jobs.stages.{name}", store.uri),
+                                             LAZY_BY_STAGE.get(name, LAZY_MODULES), fast_exit=True)
         prof = profiles[name]
         parts = replay_store_work(store, spec_key, entry["manifest"])
         process = call["wall_s"] if call else 0.0
@@ -381,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("note: a quick run is shorter than the demo, so the same fixed costs are a larger share of it; the target "
               "applies to `--recipe recipes/demo.yaml`")
-    print("lazy imports in work = torch/transformers imported on first use inside a stage's own timer (counted as work "
+    print("lazy imports in work = torch/transformers (train: also datasets/trl) imported on first use inside a stage's own timer (counted as work "
           "above; 'incl. lazy imports' counts them as overhead)")
 
     first = next(iter(results.values()))

@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
+from jobs.constitution import load_constitution
 from jobs.engines.base import SamplingParams, apply_stop
+from jobs.engines.hf import shared_prefix_groups
+from jobs.judging import ANSWER_PREFIX, HARMLESS_CRITERION, LABELS, comparison_messages, grading_messages
 
 CONVS = [
     [{"role": "user", "content": "Hi"}],
@@ -97,6 +100,40 @@ def test_option_logprobs_match_full_scoring_and_ignore_padding(tiny_engine):
         text = tiny_engine.render(conv) + prefix
         assert row == pytest.approx(tiny_engine.score([text, text], options), abs=1e-3)
         assert tiny_engine.option_logprobs([conv], prefix, options)[0] == pytest.approx(row, abs=1e-3)
+
+
+def test_shared_prefix_groups_keep_both_orders_together_not_everything_around_the_system_prompt():
+    system = list(range(100, 130))  # every rendered question starts with the same system prompt
+    alone = system + [1] * 40
+    x_first, y_first = system + [2] * 60 + [5, 6, 7], system + [2] * 60 + [6, 5, 7]
+    short_a, short_b = system + [3] * 20 + [9], system + [3] * 20 + [8, 1]
+    groups = shared_prefix_groups([alone, x_first, y_first, short_a, short_b], max_group=32)
+    assert sorted((n, sorted(m)) for n, m in groups) == [(0, [0]), (50, [3, 4]), (90, [1, 2])]
+    assert sorted(i for _, m in groups for i in m) == [0, 1, 2, 3, 4]  # a partition
+    assert all(len(m) == 1 for _, m in shared_prefix_groups([x_first, y_first, short_a], max_group=1))
+    (n, members), = shared_prefix_groups([x_first, x_first, x_first], max_group=32)
+    assert n == len(x_first) - 1 and sorted(members) == [0, 1, 2]  # identical: one tail token each
+    assert shared_prefix_groups([], max_group=4) == []
+
+
+def test_option_logprobs_read_shared_prefixes_once_with_the_same_result(tiny_engine):
+    """Both orders of each pair (and the grader's two label orders) share long openings; reading them
+    once must give the figures of reading every question on its own."""
+    principle = load_constitution("default").principles[0]
+    questions = []
+    for conv, (x, y) in zip(CONVS, [("Sure, here it is.", "No."), ("Plants eat light.", "I can't help."),
+                                     ("4", "5"), ("Rain taps tin.", "Roof, night, drum."), ("kill -9 PID", "Use pkill.")]):
+        questions += [comparison_messages(conv, x, y, principle), comparison_messages(conv, y, x, principle)]
+        questions += [grading_messages(conv, x, HARMLESS_CRITERION, yes_first=True),
+                      grading_messages(conv, x, HARMLESS_CRITERION, yes_first=False)]
+    questions.append(CONVS[2])  # its own system prompt: shares < 16 tokens with the rest, read on its own
+    encoded = [tiny_engine.tokenizer(tiny_engine.render(q) + ANSWER_PREFIX, add_special_tokens=False)["input_ids"] for q in questions]
+    groups = shared_prefix_groups(encoded, tiny_engine.batch_size)
+    assert len(groups) < len(questions) and all(n >= 16 for n, m in groups if len(m) > 1)
+    assert any(n == 0 for n, _ in groups) and any(n > 0 for n, _ in groups)
+    together = tiny_engine.option_logprobs(questions, ANSWER_PREFIX, LABELS)
+    for q, row in zip(questions, together):
+        assert tiny_engine.option_logprobs([q], ANSWER_PREFIX, LABELS)[0] == pytest.approx(row, abs=1e-4)
 
 
 def test_option_logprobs_reject_multi_token_options(tiny_engine):

@@ -35,6 +35,47 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def shared_prefix_groups(encoded: Sequence[Sequence[int]], max_group: int, min_shared: int = BLOCK) -> list[tuple[int, list[int]]]:
+    """Partition questions into (shared length, indices) groups that read a common prefix once.
+
+    In sorted order, questions with long common openings sit next to each other, and a run of
+    neighbours shares the minimum of their pairwise neighbour prefixes. A run of m questions sharing
+    n tokens saves (m - 1) * n tokens of reading; the partition into runs of at most `max_group` that
+    saves the most is found by dynamic programming. That keeps the two orders of one question
+    together (they share its whole opening) rather than lumping every question into one group
+    around the short system prompt they all start with. Each member keeps at least one token of tail;
+    runs sharing fewer than `min_shared` tokens are not worth a second pass and stay single (shared 0).
+    """
+    n = len(encoded)
+    order = sorted(range(n), key=lambda i: list(encoded[i]))
+    seqs = [encoded[i] for i in order]
+    links = [min(_common_prefix(seqs[k], seqs[k + 1]), len(seqs[k]) - 1, len(seqs[k + 1]) - 1) for k in range(n - 1)]
+    best = [0] * (n + 1)  # best[j]: tokens saved by the best partition of seqs[:j]
+    start = list(range(n + 1))  # start[j]: where the last run of that partition begins
+    for j in range(1, n + 1):
+        best[j], start[j] = best[j - 1], j - 1
+        shared = None
+        for i in range(j - 2, max(j - max_group, 0) - 1, -1):  # run seqs[i:j], two or more members
+            shared = links[i] if shared is None else min(shared, links[i])
+            if shared < min_shared:
+                break
+            if best[i] + (j - i - 1) * shared > best[j]:
+                best[j], start[j] = best[i] + (j - i - 1) * shared, i
+    groups: list[tuple[int, list[int]]] = []
+    j = n
+    while j > 0:
+        i = start[j]
+        shared = min(links[i : j - 1]) if j - i > 1 else 0
+        groups.append((shared, order[i:j]))
+        j = i
+    return groups[::-1]
+
+
 class HFEngine:
     """One loaded model reused across every step of a stage (never reloaded per step)."""
 
@@ -188,7 +229,12 @@ class HFEngine:
 
     @torch.inference_mode()
     def option_logprobs(self, conversations: Sequence[Conversation], prefix: str, options: Sequence[str], desc: str = "judge") -> list[list[float]]:
-        """log P(option | conversation + assistant prefix) for single-token options: one forward pass per prompt."""
+        """log P(option | conversation + assistant prefix) for single-token options.
+
+        Questions asked in both orders share their opening (the judge's pair up to the first reply, the
+        grader's question up to its options), so questions are grouped by shared prefix: each group's
+        prefix is read once and only the differing tails are read per question (`shared_prefix_groups`).
+        """
         option_ids = []
         for o in options:
             ids = self.tokenizer(o, add_special_tokens=False)["input_ids"]
@@ -199,17 +245,62 @@ class HFEngine:
         out: list[list[float]] = [[] for _ in encoded]
         start = time.perf_counter()
         bar = tqdm(total=len(encoded), desc=desc, unit="seq", disable=not self.show_progress, leave=False, mininterval=_BAR_INTERVAL)
-        for idx in self._batches([len(e) for e in encoded]):
-            ids, mask = self._pad_left([encoded[i] for i in idx])
-            logits = self._forward(ids, mask, logits_to_keep=1)[:, -1]
+        groups = shared_prefix_groups(encoded, self.batch_size)
+        for batch in self._group_batches(groups, encoded):
+            logits = self._forward_shared(encoded, batch)
             lp = torch.log_softmax(logits, dim=-1)[:, option_ids]
-            for row, i in enumerate(idx):
+            rows = [i for _, members in batch for i in members]
+            for row, i in enumerate(rows):
                 out[i] = lp[row].tolist()
-            self.stats.prompt_tokens += int(mask.sum())
-            bar.update(len(idx))
+            self.stats.prompt_tokens += sum(len(encoded[i]) for i in rows)
+            bar.update(len(rows))
         bar.close()
         self._account(desc, start)
         return out
+
+    def _group_batches(self, groups: list[tuple[int, list[int]]], encoded: list[list[int]]) -> list[list[tuple[int, list[int]]]]:
+        """Groups in length order (longest first), packed into batches of at most batch_size questions.
+
+        Groups that share a prefix and single questions go into separate batches: a single question in
+        a two-pass batch would need an empty, fully masked prefix row, and attention over a row with
+        nothing to attend to yields NaN keys/values that poison its second pass.
+        """
+        batches: list[list[tuple[int, list[int]]]] = []
+        for kind in ([g for g in groups if g[0] > 0], [g for g in groups if g[0] == 0]):
+            size = self.batch_size
+            for group in sorted(kind, key=lambda g: -max(len(encoded[i]) for i in g[1])):
+                if size + len(group[1]) > self.batch_size:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(group)
+                size += len(group[1])
+        return batches
+
+    def _forward_shared(self, encoded: list[list[int]], batch: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Last-position logits of every member of `batch`, reading each group's shared prefix once.
+
+        Pass 1 reads the prefixes (left-padded, one row per group) into a K/V cache; pass 2 reads each
+        member's tail (left-padded too) on top of its group's row. The padding between the two parts is
+        masked out, and positions count real tokens only, so every row sees exactly its own text.
+        """
+        from transformers import DynamicCache
+
+        prefixes = [encoded[members[0]][:n] for n, members in batch]
+        group_of = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members], device=self.device)
+        tails = [encoded[i][n:] for n, members in batch for i in members]
+        if not all(prefixes):  # single questions (never mixed with shared groups): one plain pass
+            ids, mask = self._pad_left(tails)
+            return self._forward(ids, mask, logits_to_keep=1)[:, -1]
+        p_ids, p_mask = self._pad_left(prefixes)
+        past = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                          use_cache=True, logits_to_keep=1).past_key_values
+        layers = [(layer.keys.index_select(0, group_of), layer.values.index_select(0, group_of)) for layer in past.layers]
+        t_ids, t_mask = self._pad_left(tails)
+        mask = torch.cat([p_mask.index_select(0, group_of), t_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]
+        out = self.model(input_ids=t_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=DynamicCache(layers, config=self.model.config), logits_to_keep=1)
+        return out.logits[:, -1].float()
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], continuations: Sequence[str], desc: str = "score") -> list[float]:

@@ -15,11 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback, set_seed
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
-
 from ..config import LoraSection, StageSpec, TrainConfig
 from ..models import resolve_model
 from ..schema import parse_data
@@ -28,24 +23,29 @@ from ..training_data import dpo_rows, plan_phases, prompt_completion, sft_rows, 
 from . import StageResult, log
 
 
-class MetricsLog(TrainerCallback):
-    """One metrics row per logged step under trl's own names; a progress line every ~5% of steps."""
+def _metrics_log(phase: str, rows: list[dict[str, Any]]):
+    """A trainer callback: one metrics row per logged step under trl's own names, a progress line every
+    ~5% of steps. Built on first use because torch, transformers and trl are imported inside the stage
+    (inside its timer, as every stage imports its libraries), not when the CLI loads this module."""
+    from transformers import TrainerCallback
 
-    def __init__(self, phase: str, rows: list[dict[str, Any]]):
-        self.phase, self.rows = phase, rows
+    class MetricsLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:  # the end-of-training summary carries train_loss instead
+                return
+            row = {"phase": phase, "step": state.global_step, "epoch": logs.get("epoch", state.epoch)}
+            row.update({k: v for k, v in logs.items() if k != "epoch" and isinstance(v, (int, float))})
+            rows.append(row)
+            if state.global_step % max(1, state.max_steps // 20) == 0 or state.global_step == state.max_steps:
+                extra = f", margin {logs['rewards/margins']:.4f}" if "rewards/margins" in logs else ""
+                log("train", f"{phase} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{extra}")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:  # the end-of-training summary carries train_loss instead
-            return
-        row = {"phase": self.phase, "step": state.global_step, "epoch": logs.get("epoch", state.epoch)}
-        row.update({k: v for k, v in logs.items() if k != "epoch" and isinstance(v, (int, float))})
-        self.rows.append(row)
-        if state.global_step % max(1, state.max_steps // 20) == 0 or state.global_step == state.max_steps:
-            extra = f", margin {logs['rewards/margins']:.4f}" if "rewards/margins" in logs else ""
-            log("train", f"{self.phase} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{extra}")
+    return MetricsLog()
 
 
 def _device_args() -> dict[str, Any]:
+    import torch
+
     cuda = torch.cuda.is_available()
     # GPU: bf16 mixed precision and trl's default gradient checkpointing. CPU: fp32 (trl needs use_cpu=True,
     # bf16=False there) and no checkpointing: the models that fit a CPU run fit its memory, and
@@ -73,6 +73,9 @@ def _lora(cfg: LoraSection, task_type: str):
 
 
 def _load_lm(path: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights; bf16 is autocast
 
 
@@ -125,6 +128,11 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
     for phase, why in skipped.items():
         log("train", f"{phase}: skipped: {why}")
 
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
     timings: dict[str, float] = {}
     metrics: list[dict[str, Any]] = []
     start = resolve_model(spec.model, store)
@@ -139,7 +147,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             # prompt/completion rows: the loss covers the assistant answer only, whatever the chat template
             ds = Dataset.from_list([prompt_completion(r) for r in sft_data])
             trainer = SFTTrainer(model=_load_lm(start), args=args, train_dataset=ds, processing_class=tok,
-                                 peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[MetricsLog("sft", metrics)])
+                                 peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[_metrics_log("sft", metrics)])
             model = _fit("sft", trainer, metrics, counts, timings)
             counts["sft_loss_on"] = "assistant answer (prompt/completion)"
             if "dpo" in phases:  # the reference must be the SFT model, loaded from disk as its own copy
@@ -152,7 +160,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, beta=cfg.dpo.beta)
             trainer = DPOTrainer(model=model if model is not None else _load_lm(start), ref_model=ref, args=args,
                                  train_dataset=Dataset.from_list(pref_data), processing_class=tok,
-                                 peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[MetricsLog("dpo", metrics)])
+                                 peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[_metrics_log("dpo", metrics)])
             model = _fit("dpo", trainer, metrics, counts, timings)
             counts["dpo_reference"] = "sft model" if ref_dir != start else "start model"
             del ref, trainer
@@ -162,7 +170,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             rm.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-pad token
             trainer = RewardTrainer(model=rm, args=_args(RewardConfig, "reward", cfg.reward, work, spec.seed),
                                     train_dataset=Dataset.from_list(pref_data), processing_class=tok,
-                                    peft_config=_lora(cfg.lora, "SEQ_CLS"), callbacks=[MetricsLog("reward", metrics)])
+                                    peft_config=_lora(cfg.lora, "SEQ_CLS"), callbacks=[_metrics_log("reward", metrics)])
             model = _fit("reward", trainer, metrics, counts, timings)
             counts["model_kind"] = "reward model (AutoModelForSequenceClassification, num_labels=1): for scoring, not generation"
         if model is None:  # nothing to train: pass the start model on so later stages still find one
