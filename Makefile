@@ -43,6 +43,7 @@ test-all: test
 # Quick sizes, about 20 minutes on 2 quiet cores in all; results in bench/results/*.json (bench/README.md).
 bench: $(STAMP)
 	$(VENV)/bin/python bench/generate.py --quick
+	$(VENV)/bin/python bench/prefix_reuse.py
 	$(VENV)/bin/python bench/judge.py --quick
 	$(VENV)/bin/python bench/train.py --quick
 	$(VENV)/bin/python bench/overhead.py --quick

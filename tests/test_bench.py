@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ is scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, generate, judge, overhead, train  # noqa: E402
+from bench import common, generate, judge, overhead, prefix_reuse, train  # noqa: E402
 from jobs.constitution import load_constitution  # noqa: E402
 from jobs.data import PromptRecord  # noqa: E402
 from jobs.judging import verdict  # noqa: E402
@@ -188,6 +188,21 @@ def test_generate_bench_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsy
     assert res["ratio_hf_vs_seed"] == pytest.approx(res["hf_tok_s"] / res["seed_loop_tok_s"], rel=1e-2)
     assert res["vllm_tok_s"] is None and res["vllm_python"] == "skipped (--no-vllm)"
     assert "cai generate stage (hf)" in capsys.readouterr().out
+
+
+def test_prefix_reuse_bench_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "prefix_reuse.json"
+    assert prefix_reuse.main(["--model", str(tiny_model_dir), "--prompts", "8", "--max-new-tokens", "4", "--batch-size", "8",
+                              "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["sides"]) == {"few_shot_0", "few_shot_1"} and res["outputs_identical"] is True
+    one = res["sides"]["few_shot_1"]
+    assert one["reuse_on"]["shared_tokens"] > 0 and "shared_tokens" not in one["reuse_off"]  # the same worked example, read once
+    assert res["sides"]["few_shot_0"]["reuse_on"]["reused_tokens"] > 0  # revisions extend the critique step
+    assert res["ratio_few_shot_1"] == pytest.approx(one["reuse_on"]["tok_s"] / one["reuse_off"]["tok_s"], rel=1e-2)
+    assert "prefix reuse" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        prefix_reuse.parse_args(["--prompts", "1"])
 
 
 # --------------------------------------------------------------------------- train

@@ -109,3 +109,18 @@ def test_generate_stage_with_reuse_matches_without(tiny_model_dir):
     cached = HFEngine(str(tiny_model_dir), dtype="float32", device="cpu", batch_size=4, show_progress=False, prefix_cache_gb=0.5)
     assert revise_chunk(chunk, constitution, cached, cfg, seed=1) == revise_chunk(chunk, constitution, plain, cfg, seed=1)
     assert cached.prefix_cache.stats.reuse_rate > 0.2
+
+
+def test_rows_sharing_a_worked_example_read_it_once_with_the_same_outputs(tiny_model_dir):
+    """With few-shot examples in front of the critique requests, rows of a batch that drew the same
+    example share ~200 opening tokens: read once for all of them, the outputs must not change."""
+    constitution = load_constitution("default")
+    texts = PROMPTS + [p + " Keep it short." for p in PROMPTS[:3]]
+    chunk = [PromptRecord(id=f"p{i}", messages=(("user", p),), kind="red-team" if i % 2 else "ordinary") for i, p in enumerate(texts)]
+    cfg = GenerateConfig(revision_rounds=1, few_shot=1, max_new_tokens=8, critique_max_new_tokens=8)
+    plain = HFEngine(str(tiny_model_dir), dtype="float32", device="cpu", batch_size=8, show_progress=False)
+    cached = HFEngine(str(tiny_model_dir), dtype="float32", device="cpu", batch_size=8, show_progress=False, prefix_cache_gb=0.5)
+    assert revise_chunk(chunk, constitution, cached, cfg, seed=1) == revise_chunk(chunk, constitution, plain, cfg, seed=1)
+    stats = cached.prefix_cache.stats
+    assert stats.shared_tokens > 0.1 * stats.prompt_tokens  # 8 rows over 4 examples: repeated openings read once
+    assert stats.reused_tokens > 0  # the revision step still extends the critique step's K/V

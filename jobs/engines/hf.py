@@ -35,6 +35,12 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+# Rows of a generate batch that share at least this many opening tokens (a worked example, say) have
+# them read once for all; shorter common openings (the system prompt every request starts with) are
+# not worth the extra forward pass.
+SHARE_MIN_TOKENS = 64
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     return next((k for k in range(n) if a[k] != b[k]), n)
@@ -145,7 +151,13 @@ class HFEngine:
             self.prefix_cache.begin_call()
         for b, idx in enumerate(self._batches([len(e) for e in encoded])):
             seqs = [encoded[i] for i in idx]
-            ids, mask = self._pad_left(seqs)
+            past, cols = None, None
+            if self.prefix_cache is not None:
+                past, lens = self._batch_prefix(seqs)
+            if past is None:
+                ids, mask = self._pad_left(seqs)
+            else:
+                ids, mask, cols = self._split_layout(seqs, lens)
             kwargs = dict(
                 max_new_tokens=params.max_new_tokens,
                 eos_token_id=self.stop_ids,
@@ -157,7 +169,7 @@ class HFEngine:
                 torch.manual_seed(params.seed * 100_003 + b)
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
             if self.prefix_cache is not None:
-                kwargs.update(past_key_values=self._cached_prefix(seqs), return_dict_in_generate=True)
+                kwargs.update(past_key_values=past, return_dict_in_generate=True)
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             sequences = out.sequences if self.prefix_cache is not None else out
             gen = sequences[:, ids.shape[1] :]
@@ -169,7 +181,9 @@ class HFEngine:
                 new_tokens += n
                 outputs[i] = apply_stop(self.tokenizer.decode(toks[:n], skip_special_tokens=True), params.stop).strip()
             if self.prefix_cache is not None:
-                self._remember(seqs, gen, lengths, out.past_key_values)
+                if cols is None:  # plain left padding: each row's prompt is its last len(s) columns
+                    cols = [list(range(ids.shape[1] - len(s), ids.shape[1])) for s in seqs]
+                self._remember(seqs, cols, gen, lengths, out.past_key_values)
             self.stats.prompt_tokens += int(mask.sum())
             bar.update(len(idx))
             elapsed = time.perf_counter() - start
@@ -181,51 +195,79 @@ class HFEngine:
         self.stats.generated_tokens += new_tokens
         return outputs
 
-    def _cached_prefix(self, seqs: list[list[int]]):
-        """K/V for the leading columns every row of this left-padded batch already has cached, or None.
+    def _batch_prefix(self, seqs: list[list[int]]):
+        """(K/V cache, per-row lengths) of what this batch need not prefill row by row, or (None, _).
 
-        Rows are right-aligned, so the cached region is the columns before `cut`, the first column some
-        row has no cached K/V for; rows with more cached tokens recompute the rest (batches are length
-        sorted, so that is little). Left-padding columns hold zeros and stay masked out.
+        A row's prefix comes from the prefix cache (the previous step's keys/values for the text this
+        request extends) or from its group in this batch: rows that open the same way (the same
+        worked example in front of their critique requests) have that opening read once, in one
+        extra forward pass over the group prefixes. Each row takes the longer of the two. The result
+        holds each row's prefix right-aligned in the first columns, zeros (masked) before it.
         """
         from transformers import DynamicCache
 
         cache = self.prefix_cache
-        width = max(len(s) for s in seqs)
         hits = [cache.lookup(s) for s in seqs]
-        offsets = [width - len(s) for s in seqs]
-        cut = min(o + n for o, (_, n) in zip(offsets, hits))
         cache.stats.prompt_tokens += sum(len(s) for s in seqs)
-        if cut < BLOCK:
-            return None
-        template = cache.get(next(e for e, _ in hits if e is not None)).kv  # cut >= BLOCK implies a hit
+        lens = [n for _, n in hits]
+        sources: list = [cache.get(eid).kv if eid is not None else None for eid, _ in hits]
+        groups = []
+        for n, members in shared_prefix_groups(seqs, len(seqs), min_shared=SHARE_MIN_TOKENS):
+            gaining = [r for r in members if n > lens[r]]
+            if len(gaining) > 1:  # read once for two or more rows, else no saving
+                groups.append((n, gaining))
+        if groups:
+            p_ids, p_mask = self._pad_left([seqs[m[0]][:n] for n, m in groups])
+            pre = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=1).past_key_values
+            width = p_ids.shape[1]
+            for g, (n, members) in enumerate(groups):
+                kv = [(layer.keys[g, :, width - n :], layer.values[g, :, width - n :]) for layer in pre.layers]
+                for r in members:
+                    lens[r], sources[r] = n, kv
+                cache.stats.shared_tokens += (len(members) - 1) * n
+        taken = {eid for (eid, n), kv in zip(hits, sources) if eid is not None and kv is cache.get(eid).kv}
+        cache.stats.reused_tokens += sum(n for (eid, n), L in zip(hits, lens) if eid in taken and n == L)
+        for eid in taken:
+            cache.release(eid)  # taken: this batch's continuation will be cached in its place
+        wp = max(lens)
+        if wp == 0:
+            return None, lens
+        template = next(kv for kv in sources if kv is not None)
         layers = []
         for layer, (k0, v0) in enumerate(template):
-            keys = k0.new_zeros((len(seqs), k0.shape[0], cut, k0.shape[2]))
-            values = v0.new_zeros((len(seqs), v0.shape[0], cut, v0.shape[2]))
-            for row, ((eid, _), off) in enumerate(zip(hits, offsets)):
-                take = cut - off
-                if take > 0:
-                    k, v = cache.get(eid).kv[layer]
-                    keys[row, :, off:cut] = k[:, :take]
-                    values[row, :, off:cut] = v[:, :take]
+            keys = k0.new_zeros((len(seqs), k0.shape[0], wp, k0.shape[-1]))
+            values = v0.new_zeros((len(seqs), v0.shape[0], wp, v0.shape[-1]))
+            for row, (kv, n) in enumerate(zip(sources, lens)):
+                if n:
+                    keys[row, :, wp - n :] = kv[layer][0][:, :n]
+                    values[row, :, wp - n :] = kv[layer][1][:, :n]
             layers.append((keys, values))
-        cache.stats.reused_tokens += sum(max(cut - off, 0) for off in offsets)
-        for eid in {e for e, _ in hits if e is not None}:
-            cache.release(eid)  # taken: this batch's continuation will be cached in its place
-        return DynamicCache(layers, config=self.model.config)
+        return DynamicCache(layers, config=self.model.config), lens
 
-    def _remember(self, seqs: list[list[int]], gen: torch.Tensor, lengths: list[int], past) -> None:
-        """Keep each row's prompt + reply (through its stop token) K/V for the next call to extend."""
-        width = max(len(s) for s in seqs)
-        cached_len = past.get_seq_length()
+    def _split_layout(self, seqs: list[list[int]], lens: list[int]):
+        """Input ids and mask for rows whose first lens[r] tokens are cached: the cached prefixes
+        right-aligned in the first max(lens) columns, then the tails left-padded. The padding between
+        the two parts is masked, and positions follow the mask, so each row sees only its own text.
+        Also returns each row's prompt columns, for `_remember`."""
+        p_ids, p_mask = self._pad_left([s[:n] for s, n in zip(seqs, lens)])
+        t_ids, t_mask = self._pad_left([s[n:] for s, n in zip(seqs, lens)])
+        wp, width = p_ids.shape[1], p_ids.shape[1] + t_ids.shape[1]
+        cols = [list(range(wp - n, wp)) + list(range(width - (len(s) - n), width)) for s, n in zip(seqs, lens)]
+        return torch.cat([p_ids, t_ids], dim=1), torch.cat([p_mask, t_mask], dim=1), cols
+
+    def _remember(self, seqs: list[list[int]], cols: list[list[int]], gen: torch.Tensor, lengths: list[int], past) -> None:
+        """Keep each row's prompt + reply (through its stop token) K/V for the next call to extend.
+        `cols` are each row's prompt columns; generated tokens follow every prompt's last column."""
+        cached_len = past.get_seq_length()  # the last generated token has no K/V yet
         layers = [(layer.keys, layer.values) for layer in past.layers]
-        for row, (s, n) in enumerate(zip(seqs, lengths)):
-            off = width - len(s)
-            ids = s + gen[row, :n].tolist()
-            keep = min(len(ids), cached_len - off)
-            kv = [(k[row, :, off : off + keep].clone(), v[row, :, off : off + keep].clone()) for k, v in layers]
-            self.prefix_cache.insert(ids[:keep], kv)
+        for row, (s, c, n) in enumerate(zip(seqs, cols, lengths)):
+            where = [i for i in c + list(range(c[-1] + 1, c[-1] + 1 + n)) if i < cached_len]
+            if len(where) < BLOCK:
+                continue
+            index = torch.tensor(where, device=layers[0][0].device)
+            kv = [(k[row].index_select(1, index), v[row].index_select(1, index)) for k, v in layers]
+            self.prefix_cache.insert((s + gen[row, :n].tolist())[: len(where)], kv)
 
     @torch.inference_mode()
     def option_logprobs(self, conversations: Sequence[Conversation], prefix: str, options: Sequence[str], desc: str = "judge") -> list[list[float]]:

@@ -41,6 +41,7 @@ class CacheStats:
     lookups: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens whose K/V came from the cache (never prefilled)
+    shared_tokens: int = 0  # prompt tokens read once for several rows of a batch (the repeats saved)
     skipped_inserts: int = 0
 
     @property
