@@ -226,8 +226,9 @@ class HFEngine:
                 for r in members:
                     lens[r], sources[r] = n, kv
                 cache.stats.shared_tokens += (len(members) - 1) * n
-        taken = {eid for (eid, n), kv in zip(hits, sources) if eid is not None and kv is cache.get(eid).kv}
-        cache.stats.reused_tokens += sum(n for (eid, n), L in zip(hits, lens) if eid in taken and n == L)
+        from_cache = [eid is not None and kv is cache.get(eid).kv for (eid, _), kv in zip(hits, sources)]
+        taken = {eid for (eid, _), used in zip(hits, from_cache) if used}
+        cache.stats.reused_tokens += sum(n for (_, n), used in zip(hits, from_cache) if used)
         for eid in taken:
             cache.release(eid)  # taken: this batch's continuation will be cached in its place
         wp = max(lens)
