@@ -98,14 +98,18 @@ def format_status(state: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_run_state(store, run_id: str) -> dict:
+    """A run's run.json, or one line saying there is no such run in this store."""
+    key = f"runs/{run_id}/run.json"
+    if not store.exists(key):
+        raise CaiError(f"{store.uri_for(key)}: no such run; list runs with `ls {store.uri_for('runs')}`")
+    return store.read_json(key)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .store import open_store
 
-    store = open_store(args.store)
-    key = f"runs/{args.run_id}/run.json"
-    if not store.exists(key):
-        raise CaiError(f"{store.uri_for(key)}: no such run; list runs with `ls {store.uri_for('runs')}`")
-    state = store.read_json(key)
+    state = _read_run_state(open_store(args.store), args.run_id)
     print(json.dumps(state, indent=2) if args.json else format_status(state))
     return 0
 
@@ -190,15 +194,12 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     from .store import open_store
 
     store = open_store(args.store)
-    key = f"runs/{args.run_id}/run.json"
-    if not store.exists(key):
-        raise CaiError(f"{store.uri_for(key)}: no such run; list runs with `ls {store.uri_for('runs')}`")
-    state = store.read_json(key)
+    state = _read_run_state(store, args.run_id)
     slots = {0: state.get("base", {})} | {r["round"]: r["stages"] for r in state.get("rounds", [])}
     rounds = [k for k, stages in slots.items() if isinstance(stages.get(args.stage), dict) and (args.round is None or k == args.round)]
     if not rounds:
         where = f"round {args.round}" if args.round is not None else "any round"
-        raise CaiError(f"{store.uri_for(key)}: stage {args.stage} has not run in {where}; see `cai status {args.run_id} --store {args.store}`")
+        raise CaiError(f"{store.uri_for(f'runs/{args.run_id}/run.json')}: stage {args.stage} has not run in {where}; see `cai status {args.run_id} --store {args.store}`")
     output = slots[rounds[-1]][args.stage]["output"]
     logs = [k for k in store.list(f"{output}/logs") if k.endswith(".log")]
     if not logs:
