@@ -20,11 +20,9 @@ Results: a table on stdout and bench/results/generate.json (written atomically).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import random
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,9 +34,11 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the check
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
-from bench.common import OtherLoad, bench_prompts, cpu_busy_fraction, log, machine_info, rate, write_json_atomic  # noqa: E402
+from bench.common import (  # noqa: E402
+    OtherLoad, bench_prompts, command_line, finish_machine, log, machine_info, machine_line, now_iso, rate, ratio,
+    write_json_atomic,
+)
 from bench.common import rel_path as _rel  # noqa: E402
 from jobs.config import EngineConfig, GenerateConfig  # noqa: E402
 from jobs.constitution import Constitution, load_constitution  # noqa: E402
@@ -195,24 +195,25 @@ def run_seed_loop(model_path: str, prompts, constitution, args) -> dict:
     return res
 
 
-def stage_config(prompts, args) -> GenerateConfig:
+def stage_config(prompts, args, few_shot: int = 0) -> GenerateConfig:
     return GenerateConfig(
         revision_rounds=args.rounds,
         max_new_tokens=args.max_new_tokens,
         critique_max_new_tokens=args.max_new_tokens,
-        few_shot=0,
+        few_shot=few_shot,
         temperature=0.0,
         chunk_size=max(len(prompts), 1),
     )
 
 
-def run_stage(engine, prompts, constitution, args) -> dict:
-    """The generate stage's own batch loop (revise_chunk) on an already-loaded, warmed-up engine."""
+def run_stage(engine, prompts, constitution, args, few_shot: int = 0) -> tuple[dict, list[dict]]:
+    """The generate stage's own batch loop (revise_chunk) on a loaded engine, after one untimed
+    warm-up call: (step totals, the stage's output rows)."""
     engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4), desc="warmup")  # not timed
     recorder = StepRecorder(engine)
     t0 = time.perf_counter()
-    revise_chunk(prompts, constitution, recorder, stage_config(prompts, args), args.seed)
-    return totals(recorder.steps, time.perf_counter() - t0)
+    rows = revise_chunk(prompts, constitution, recorder, stage_config(prompts, args, few_shot), args.seed)
+    return totals(recorder.steps, time.perf_counter() - t0), rows
 
 
 def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
@@ -221,7 +222,7 @@ def run_hf_stage(model_path: str, prompts, constitution, args) -> dict:
         model_path, dtype=DTYPE, device=DEVICE, batch_size=args.batch_size, show_progress=False,
         prefix_cache_gb=EngineConfig().prefix_cache_gb,  # the stage's default
     )
-    res = run_stage(engine, prompts, constitution, args)
+    res, _ = run_stage(engine, prompts, constitution, args)
     if engine.prefix_cache is not None:
         res["prefix_reuse_rate"] = round(engine.prefix_cache.stats.reuse_rate, 3)
         log(f"prefix cache: {res['prefix_reuse_rate']:.0%} of prompt tokens reused from the previous step")
@@ -248,7 +249,7 @@ def run_vllm_child(args) -> None:
     model_path = resolve_model(args.model)
     prompts = bench_prompts(args.prompts)
     engine = VLLMEngine(model_path, dtype=DTYPE, device=DEVICE, show_progress=False)
-    res = run_stage(engine, prompts, load_constitution("default"), args)
+    res, _ = run_stage(engine, prompts, load_constitution("default"), args)
     import vllm
 
     res.update(start_s=round(engine.start_seconds, 1), vllm=vllm.__version__,
@@ -276,8 +277,7 @@ def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dic
                 vllm_res: dict | None = None) -> None:
     seed_tps, hf_tps = rate(seed_res["tokens"], seed_res["seconds"]), rate(hf_res["tokens"], hf_res["seconds"])
     print()
-    print(f"machine: {machine['cpu']}, cores={machine['cores']} (usable {machine['usable_cores']}), "
-          f"torch threads={machine['torch_threads']}, torch {machine['torch']}, transformers {machine['transformers']}")
+    print(machine_line(machine))
     print(f"model: {args.model}, dtype {DTYPE} on {DEVICE} (every side), greedy")
     print(f"work: {n_prompts} prompts x (1 + 2x{args.rounds}) steps, max_new_tokens={args.max_new_tokens} per step, "
           f"few_shot=0, seed={args.seed}")
@@ -360,10 +360,6 @@ def main(argv: list[str] | None = None) -> int:
         run_vllm_child(args)
         return 0
     machine = machine_info()
-    busy = machine["cpu_busy_before_run"]
-    if busy is not None and busy > 0.2:
-        log(f"warning: the CPUs were {busy:.0%} busy before the run; other processes share the "
-            f"{machine['cores']} cores and will slow both sides (figures are not comparable to a quiet machine)")
     model_path = resolve_model(args.model)
     constitution = load_constitution("default")
     prompts = bench_prompts(args.prompts)
@@ -383,29 +379,22 @@ def main(argv: list[str] | None = None) -> int:
     with OtherLoad() as hf_load:
         hf_res = run_hf_stage(model_path, prompts, constitution, args)
     log(f"cai generate stage (hf): {hf_res['tokens']} tokens in {hf_res['seconds']:.1f}s")
+    shares = {"seed_loop": seed_load.share, "hf": hf_load.share}
     vllm_res, vllm_where = None, "skipped (--no-vllm)"
     if not args.no_vllm:
         with OtherLoad() as vllm_load:
             vllm_res, vllm_where = run_vllm_stage(args, argv)
         if vllm_res:
             log(f"cai generate stage (vllm): {vllm_res['tokens']} tokens in {vllm_res['seconds']:.1f}s")
-            machine["other_cpu_share_during_vllm"] = vllm_load.share
-    machine["other_cpu_share_during_seed_loop"] = seed_load.share
-    machine["other_cpu_share_during_hf"] = hf_load.share
-    for name, share in (("seed loop", seed_load.share), ("cai generate stage (hf)", hf_load.share),
-                        ("cai generate stage (vllm)", machine.get("other_cpu_share_during_vllm"))):
-        if share is not None and share > 0.1:
-            log(f"warning: other processes used {share:.0%} of the CPUs while the {name} ran; "
-                f"its figures are slowed by them: rerun on a quiet machine")
+            shares["vllm"] = vllm_load.share
+    for warning in finish_machine(machine, shares):
+        log(f"warning: {warning}: figures are disturbed; rerun on a quiet machine before quoting them")
 
     extrap = None
     if args.extrapolate:
         scale = len(prompts) / len(baseline_prompts)
         extrap = {"tokens": seed_res["tokens"] * scale, "seconds": seed_res["seconds"] * scale}
 
-    machine["cpu_busy_after_run"] = cpu_busy_fraction()
-    if machine["cpu_busy_after_run"] is not None and machine["cpu_busy_after_run"] > 0.2:
-        log(f"warning: the CPUs were {machine['cpu_busy_after_run']:.0%} busy right after the run (other processes)")
     seed_tps = rate(seed_res["tokens"], seed_res["seconds"])
     hf_tps = rate(hf_res["tokens"], hf_res["seconds"])
     print_table(machine, args, len(prompts), seed_res, hf_res, extrap, vllm_res)
@@ -413,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "machine": machine,
-        "command": shlex.join([_rel(sys.executable), _rel(sys.argv[0]) if sys.argv and sys.argv[0] else "bench/generate.py", *argv]),
-        "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "command": command_line(argv, "bench/generate.py"),
+        "date": now_iso(),
         "model": args.model,
         "device": DEVICE,
         "prompts": len(prompts),
@@ -428,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "seed_loop_tok_s": round(seed_tps, 2),
         "hf_tok_s": round(hf_tps, 2),
-        "ratio_hf_vs_seed": round(hf_tps / seed_tps, 3) if seed_tps else None,
+        "ratio_hf_vs_seed": ratio(hf_tps, seed_tps),
         "seed_loop_tokens": seed_res["tokens"],
         "hf_tokens": hf_res["tokens"],
         "seed_loop_s": round(seed_res["seconds"], 3),
@@ -443,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             {"prompts": len(prompts), "tokens": round(extrap["tokens"]), "seconds": round(extrap["seconds"], 3)} if extrap else None
         ),
         "vllm_tok_s": round(vllm_tps, 2) if vllm_tps else None,
-        "ratio_vllm_vs_seed": round(vllm_tps / seed_tps, 3) if vllm_tps and seed_tps else None,
-        "ratio_vllm_vs_hf": round(vllm_tps / hf_tps, 3) if vllm_tps and hf_tps else None,
+        "ratio_vllm_vs_seed": ratio(vllm_tps, seed_tps) if vllm_tps else None,
+        "ratio_vllm_vs_hf": ratio(vllm_tps, hf_tps) if vllm_tps else None,
         "vllm_tokens": vllm_res["tokens"] if vllm_res else None,
         "vllm_s": round(vllm_res["seconds"], 3) if vllm_res else None,
         "vllm_start_s": vllm_res["start_s"] if vllm_res else None,

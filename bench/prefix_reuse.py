@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +34,12 @@ DEFAULT_OUT = RESULTS / "prefix_reuse.json"
 
 def run_side(model_path: str, prompts, constitution, args, few_shot: int, cache_gb: float) -> dict[str, Any]:
     """One stage run on a fresh engine (nothing cached from an earlier side); model loading not timed."""
-    from bench.generate import StepRecorder, totals
-    from jobs.config import GenerateConfig
-    from jobs.engines.base import SamplingParams
+    from bench.generate import run_stage
     from jobs.engines.hf import HFEngine
-    from jobs.stages.generate import revise_chunk
 
     engine = HFEngine(model_path, dtype="float32", device="cpu", batch_size=args.batch_size, show_progress=False,
                       prefix_cache_gb=cache_gb)
-    engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4), desc="warmup")  # not timed
-    cfg = GenerateConfig(revision_rounds=args.rounds, max_new_tokens=args.max_new_tokens,
-                         critique_max_new_tokens=args.max_new_tokens, few_shot=few_shot, temperature=0.0,
-                         chunk_size=max(len(prompts), 1))
-    recorder = StepRecorder(engine)
-    t0 = time.perf_counter()
-    rows = revise_chunk(prompts, constitution, recorder, cfg, args.seed)
-    res = totals(recorder.steps, time.perf_counter() - t0)
+    res, rows = run_stage(engine, prompts, constitution, args, few_shot)
     res["outputs"] = rows
     if engine.prefix_cache is not None:
         st = engine.prefix_cache.stats
