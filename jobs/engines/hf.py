@@ -204,8 +204,6 @@ class HFEngine:
         extra forward pass over the group prefixes. Each row takes the longer of the two. The result
         holds each row's prefix right-aligned in the first columns, zeros (masked) before it.
         """
-        from transformers import DynamicCache
-
         cache = self.prefix_cache
         hits = [cache.lookup(s) for s in seqs]
         cache.stats.prompt_tokens += sum(len(s) for s in seqs)
@@ -217,12 +215,7 @@ class HFEngine:
             if len(gaining) > 1:  # read once for two or more rows, else no saving
                 groups.append((n, gaining))
         if groups:
-            p_ids, p_mask = self._pad_left([seqs[m[0]][:n] for n, m in groups])
-            pre = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                             use_cache=True, logits_to_keep=1).past_key_values
-            width = p_ids.shape[1]
-            for g, (n, members) in enumerate(groups):
-                kv = [(layer.keys[g, :, width - n :], layer.values[g, :, width - n :]) for layer in pre.layers]
+            for (n, members), kv in zip(groups, self._prefill([seqs[m[0]][:n] for n, m in groups])):
                 for r in members:
                     lens[r], sources[r] = n, kv
                 cache.stats.shared_tokens += (len(members) - 1) * n
@@ -231,20 +224,9 @@ class HFEngine:
         cache.stats.reused_tokens += sum(n for (_, n), used in zip(hits, from_cache) if used)
         for eid in taken:
             cache.release(eid)  # taken: this batch's continuation will be cached in its place
-        wp = max(lens)
-        if wp == 0:
+        if max(lens) == 0:
             return None, lens
-        template = next(kv for kv in sources if kv is not None)
-        layers = []
-        for layer, (k0, v0) in enumerate(template):
-            keys = k0.new_zeros((len(seqs), k0.shape[0], wp, k0.shape[-1]))
-            values = v0.new_zeros((len(seqs), v0.shape[0], wp, v0.shape[-1]))
-            for row, (kv, n) in enumerate(zip(sources, lens)):
-                if n:
-                    keys[row, :, wp - n :] = kv[layer][0][:, :n]
-                    values[row, :, wp - n :] = kv[layer][1][:, :n]
-            layers.append((keys, values))
-        return DynamicCache(layers, config=self.model.config), lens
+        return self._aligned_past(sources, lens), lens
 
     def _split_layout(self, seqs: list[list[int]], lens: list[int]):
         """Input ids and mask for rows whose first lens[r] tokens are cached: the cached prefixes
@@ -302,48 +284,61 @@ class HFEngine:
         return out
 
     def _group_batches(self, groups: list[tuple[int, list[int]]], encoded: list[list[int]]) -> list[list[tuple[int, list[int]]]]:
-        """Groups in length order (longest first), packed into batches of at most batch_size questions.
-
-        Groups that share a prefix and single questions go into separate batches: a single question in
-        a two-pass batch would need an empty, fully masked prefix row, and attention over a row with
-        nothing to attend to yields NaN keys/values that poison its second pass.
-        """
+        """Groups in length order (longest first), packed into batches of at most batch_size questions."""
         batches: list[list[tuple[int, list[int]]]] = []
-        for kind in ([g for g in groups if g[0] > 0], [g for g in groups if g[0] == 0]):
-            size = self.batch_size
-            for group in sorted(kind, key=lambda g: -max(len(encoded[i]) for i in g[1])):
-                if size + len(group[1]) > self.batch_size:
-                    batches.append([])
-                    size = 0
-                batches[-1].append(group)
-                size += len(group[1])
+        size = self.batch_size
+        for group in sorted(groups, key=lambda g: -max(len(encoded[i]) for i in g[1])):
+            if size + len(group[1]) > self.batch_size:
+                batches.append([])
+                size = 0
+            batches[-1].append(group)
+            size += len(group[1])
         return batches
 
     def _forward_shared(self, encoded: list[list[int]], batch: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """Last-position logits of every member of `batch`, reading each group's shared prefix once.
+        """Last-position logits of every member of `batch`, reading each group's shared prefix once:
+        the prefixes in one pass (`_prefill`), then every member's tail on top of its group's K/V."""
+        seqs = [encoded[i] for _, members in batch for i in members]
+        lens = [n for n, members in batch for _ in members]
+        if not any(lens):  # nothing shared in this batch: one plain pass
+            ids, mask = self._pad_left(seqs)
+            return self._forward(ids, mask, logits_to_keep=1)[:, -1]
+        kvs = iter(self._prefill([encoded[members[0]][:n] for n, members in batch if n]))
+        sources = []
+        for n, members in batch:
+            sources += [next(kvs) if n else None] * len(members)
+        ids, mask, _ = self._split_layout(seqs, lens)
+        wp = max(lens)
+        out = self.model(input_ids=ids[:, wp:], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, wp:],
+                         past_key_values=self._aligned_past(sources, lens), logits_to_keep=1)
+        return out.logits[:, -1].float()
 
-        Pass 1 reads the prefixes (left-padded, one row per group) into a K/V cache; pass 2 reads each
-        member's tail (left-padded too) on top of its group's row. The padding between the two parts is
-        masked out, and positions count real tokens only, so every row sees exactly its own text.
-        """
+    def _prefill(self, prefixes: list[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per prefix, per layer (keys, values) shaped [kv_heads, len, head_dim], from one left-padded pass."""
+        ids, mask = self._pad_left(prefixes)
+        past = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                          use_cache=True, logits_to_keep=1).past_key_values
+        width = ids.shape[1]
+        return [[(layer.keys[g, :, width - len(p) :], layer.values[g, :, width - len(p) :]) for layer in past.layers]
+                for g, p in enumerate(prefixes)]
+
+    def _aligned_past(self, sources: list, lens: list[int]):
+        """A K/V cache of max(lens) columns holding row r's first lens[r] keys/values from sources[r],
+        right-aligned; zeros before them (masked by `_split_layout`'s mask)."""
         from transformers import DynamicCache
 
-        prefixes = [encoded[members[0]][:n] for n, members in batch]
-        group_of = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members], device=self.device)
-        tails = [encoded[i][n:] for n, members in batch for i in members]
-        if not all(prefixes):  # single questions (never mixed with shared groups): one plain pass
-            ids, mask = self._pad_left(tails)
-            return self._forward(ids, mask, logits_to_keep=1)[:, -1]
-        p_ids, p_mask = self._pad_left(prefixes)
-        past = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                          use_cache=True, logits_to_keep=1).past_key_values
-        layers = [(layer.keys.index_select(0, group_of), layer.values.index_select(0, group_of)) for layer in past.layers]
-        t_ids, t_mask = self._pad_left(tails)
-        mask = torch.cat([p_mask.index_select(0, group_of), t_mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]
-        out = self.model(input_ids=t_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=DynamicCache(layers, config=self.model.config), logits_to_keep=1)
-        return out.logits[:, -1].float()
+        wp = max(lens)
+        template = next(kv for kv in sources if kv is not None)
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            keys = k0.new_zeros((len(lens), k0.shape[0], wp, k0.shape[-1]))
+            values = v0.new_zeros((len(lens), v0.shape[0], wp, v0.shape[-1]))
+            for row, (kv, n) in enumerate(zip(sources, lens)):
+                if n:
+                    keys[row, :, wp - n :] = kv[layer][0][:, :n]
+                    values[row, :, wp - n :] = kv[layer][1][:, :n]
+            layers.append((keys, values))
+        return DynamicCache(layers, config=self.model.config)
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], continuations: Sequence[str], desc: str = "score") -> list[float]:
