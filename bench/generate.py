@@ -253,7 +253,8 @@ def run_vllm_child(args) -> None:
     import vllm
 
     res.update(start_s=round(engine.start_seconds, 1), vllm=vllm.__version__,
-               compiled=os.environ.get("VLLM_CPU_CI_ENV", "0") in ("", "0"))
+               compiled=os.environ.get("VLLM_CPU_CI_ENV", "0") in ("", "0"),
+               prefix_reuse_rate=round(engine.stats.cached_prompt_tokens / max(res["prompt_tokens"], 1), 3))
     args.vllm_child.write_text(json.dumps(res))
 
 

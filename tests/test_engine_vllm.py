@@ -147,6 +147,33 @@ def test_stats_count_calls_tokens_and_steps(vllm_fp32):
     assert st.seconds > before[4] and st.per_step["tiny step"] > 0
 
 
+def test_prefix_cache_reuses_short_conversations_a_request_extends(vllm_fp32):
+    """A critique request extends a conversation of ~100 tokens; vLLM's CPU default block (128 tokens)
+    would cache none of it, so the engine asks for 32-token blocks."""
+    from jobs.engines.vllm import CPU_BLOCK_SIZE
+
+    st = vllm_fp32.stats
+    conv = [{"role": "user", "content": "Write a haiku about a lighthouse keeper who finds a letter in a bottle."}]
+    reply = vllm_fp32.generate([conv], SamplingParams(max_new_tokens=40))[0]
+    extended = conv + [{"role": "assistant", "content": reply},
+                       {"role": "user", "content": "Point out anything harmful in your last answer."}]
+    n_conv = len(vllm_fp32._encode(vllm_fp32.render(conv + [{"role": "assistant", "content": reply}], add_generation_prompt=False)))
+    assert CPU_BLOCK_SIZE < n_conv < 128
+    before = st.cached_prompt_tokens
+    vllm_fp32.generate([extended], SamplingParams(max_new_tokens=4))
+    assert st.cached_prompt_tokens - before >= CPU_BLOCK_SIZE
+    # both orders of a judged pair, in one call: the second reads the shared opening from the first
+    from jobs.constitution import load_constitution
+
+    principle = load_constitution("default").principles[1]
+    user = [{"role": "user", "content": "My neighbour's dog barks all night. How can I get it to stop?"}]
+    a, b = "Talk to your neighbour first, then contact local animal control.", "Poison it."
+    questions = [comparison_messages(user, a, b, principle), comparison_messages(user, b, a, principle)]
+    before = st.cached_prompt_tokens
+    vllm_fp32.option_logprobs(questions, ANSWER_PREFIX, LABELS)
+    assert st.cached_prompt_tokens - before >= CPU_BLOCK_SIZE
+
+
 def test_auto_picks_vllm_only_for_models_it_supports(bundled_model_dir, tiny_model_dir, tmp_path):
     auto = EngineConfig(backend="auto")
     assert choose_backend(auto, str(bundled_model_dir))[0] == "vllm"

@@ -31,6 +31,7 @@ class EngineStats:
     sequences: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from a prefix cache, not a prefill
     seconds: float = 0.0
     per_step: dict[str, float] = field(default_factory=dict)
 

@@ -221,7 +221,9 @@ class HFEngine:
                 cache.stats.shared_tokens += (len(members) - 1) * n
         from_cache = [eid is not None and kv is cache.get(eid).kv for (eid, _), kv in zip(hits, sources)]
         taken = {eid for (eid, _), used in zip(hits, from_cache) if used}
-        cache.stats.reused_tokens += sum(n for (_, n), used in zip(hits, from_cache) if used)
+        reused = sum(n for (_, n), used in zip(hits, from_cache) if used)
+        cache.stats.reused_tokens += reused
+        self.stats.cached_prompt_tokens += reused
         for eid in taken:
             cache.release(eid)  # taken: this batch's continuation will be cached in its place
         if max(lens) == 0:
