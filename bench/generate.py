@@ -300,7 +300,8 @@ def print_table(machine: dict, args, n_prompts: int, seed_res: dict, hf_res: dic
         print(f"| {'cai generate stage (vllm)':<34} | {'all':>5} | {n_prompts:>7} | {vllm_res['tokens']:>10} | "
               f"{vllm_res['seconds']:>8.1f} | {v_tps:>7.1f} | {v_ratio:>6.2f}x |")
         print(f"vllm {vllm_res['vllm']}: ready in {vllm_res['start_s']:.0f}s "
-              f"({'compiled' if vllm_res['compiled'] else 'eager'}; not timed, like model loading on the other sides)")
+              f"({'compiled' if vllm_res['compiled'] else 'eager'}; not timed, like model loading on the other sides); "
+              f"{vllm_res.get('prefix_reuse_rate', 0):.0%} of prompt tokens from its prefix cache")
     print()
     print("per step (engine-call time, summed over rounds; prompt tokens exclude padding):")
     for kind in STEP_KINDS:
@@ -429,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "hf_prompt_tokens": hf_res["prompt_tokens"],
         "seed_loop_steps": seed_res["steps"],
         "hf_steps": hf_res["steps"],
+        "hf_prefix_reuse_rate": hf_res.get("prefix_reuse_rate"),
         "seed_loop_extrapolated": (
             {"prompts": len(prompts), "tokens": round(extrap["tokens"]), "seconds": round(extrap["seconds"], 3)} if extrap else None
         ),
@@ -441,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_version": vllm_res["vllm"] if vllm_res else None,
         "vllm_compiled": vllm_res["compiled"] if vllm_res else None,
         "vllm_steps": vllm_res["steps"] if vllm_res else None,
+        "vllm_prefix_reuse_rate": vllm_res.get("prefix_reuse_rate") if vllm_res else None,
         "vllm_python": vllm_where,
     }
     write_json_atomic(args.out, result)

@@ -56,6 +56,11 @@ class EngineConfig(StrictModel):
         2.0, ge=0, description="transformers engine: memory for K/V kept between steps so a revision request "
         "does not re-prefill the critique request it extends (32 x 700 tokens of the 135M model in fp32 ~ 1 GB); 0 = off.",
     )
+    decode: Literal["auto", "generate", "static", "compiled"] = Field(
+        "auto", description="transformers engine: how replies are decoded. `generate`: transformers' own loop; `static`: "
+        "a fixed-size K/V cache; `compiled`: that loop with its step through torch.compile (CUDA graphs on GPU). "
+        "`auto`: compiled on CUDA, generate on CPU (there compiling costs about a minute per process and gained 5%).",
+    )
 
 
 class GenerateConfig(StrictModel):

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ is scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, generate, judge, overhead, prefix_reuse, train  # noqa: E402
+from bench import common, generate, gpu, judge, overhead, prefix_reuse, train  # noqa: E402
 from jobs.constitution import load_constitution  # noqa: E402
 from jobs.data import PromptRecord  # noqa: E402
 from jobs.judging import verdict  # noqa: E402
@@ -203,6 +203,37 @@ def test_prefix_reuse_bench_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, c
     assert "prefix reuse" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         prefix_reuse.parse_args(["--prompts", "1"])
+
+
+# --------------------------------------------------------------------------- gpu (smoke-run on CPU)
+
+
+def test_gpu_bench_runs_every_side_and_compares_with_generate(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--model", "tiny", "--device", "cpu", "--batches", "1,3", "--new-tokens", "5", "--repeats", "1",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["side"], r["batch"]) for r in res["runs"]] == [(s, b) for b in (1, 3) for s in gpu.SIDES]
+    for r in res["runs"]:
+        assert r["tokens"] == r["batch"] * 5  # every side decodes the full budget
+        assert r["same_tokens_as_generate"] == 1.0  # fp32 on CPU: the same greedy tokens
+        assert r["ratio_vs_generate"] == pytest.approx(r["tok_s"] / next(
+            g["tok_s"] for g in res["runs"] if g["side"] == "generate" and g["batch"] == r["batch"]), rel=1e-2)
+    assert res["ratio"] is None  # the target is about batch >= 128
+    assert res["copy_bandwidth_gb_s"] is None and all(r["share_of_bound"] is None for r in res["runs"])
+    assert "engine" in capsys.readouterr().out
+
+
+def test_gpu_bandwidth_bound_counts_weights_and_kv_cache():
+    import torch
+
+    model = gpu.build_model("tiny", "cpu", torch.float32)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    kv = 2 * 2 * 2 * 16 * 4 * (64 + 8 / 2)  # layers x (k, v) x kv heads x head dim x bytes x mean context
+    assert gpu.bandwidth_bound(model, 2, 64, 8, 1e9) == pytest.approx(2 / ((weights + 2 * kv) / 1e9))
+    assert gpu.bandwidth_bound(model, 2, 64, 8, None) is None
+    with pytest.raises(SystemExit):
+        gpu.main(["--model", "tiny", "--device", "cpu", "--sides", "nope", "--out", "/dev/null"])
 
 
 # --------------------------------------------------------------------------- train

@@ -39,6 +39,7 @@ def load_engine(config: EngineConfig, model_path: str) -> Engine:
         batch_size=config.batch_size,
         trust_remote_code=config.trust_remote_code,
         prefix_cache_gb=config.prefix_cache_gb,
+        decode=config.decode,
     )
 
 
