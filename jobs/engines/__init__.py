@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from typing import TYPE_CHECKING
 
-from ..config import EngineConfig
 from .base import Conversation, Engine, EngineStats, SamplingParams
+
+if TYPE_CHECKING:  # not at run time: the engines import on a machine without pydantic (bench/gpu.py on a GPU box)
+    from ..config import EngineConfig
 
 
 def choose_backend(config: EngineConfig, model_path: str) -> tuple[str, str]:
