@@ -32,14 +32,29 @@ from bench.common import (  # noqa: E402
 DEFAULT_OUT = RESULTS / "prefix_reuse.json"
 
 
-def run_side(model_path: str, prompts, constitution, args, few_shot: int, cache_gb: float) -> dict[str, Any]:
-    """One stage run on a fresh engine (nothing cached from an earlier side); model loading not timed."""
+def run_side(model_path: str, prompts, constitution, args, few_shot: int, cache_gb: float, decode: str = "auto",
+             untimed_first_pass: bool = False) -> dict[str, Any]:
+    """One stage run on a fresh engine (nothing cached from an earlier side); model loading not timed.
+    `untimed_first_pass`: run the stage once before timing (to compile), then empty the prefix cache."""
+    import time
+
     from bench.generate import run_stage
     from jobs.engines.hf import HFEngine
 
     engine = HFEngine(model_path, dtype="float32", device="cpu", batch_size=args.batch_size, show_progress=False,
-                      prefix_cache_gb=cache_gb)
+                      prefix_cache_gb=cache_gb, decode=decode)
+    first_pass_s = None
+    if untimed_first_pass:
+        t0 = time.perf_counter()
+        run_stage(engine, prompts, constitution, args, few_shot)
+        first_pass_s = round(time.perf_counter() - t0, 1)
+        if engine.prefix_cache is not None:
+            engine.prefix_cache.clear()
+            engine.prefix_cache.stats = type(engine.prefix_cache.stats)()
     res, rows = run_stage(engine, prompts, constitution, args, few_shot)
+    res["decode"] = engine.decode
+    if first_pass_s is not None:
+        res["untimed_first_pass_s"] = first_pass_s
     res["outputs"] = rows
     if engine.prefix_cache is not None:
         st = engine.prefix_cache.stats

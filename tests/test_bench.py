@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ is scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, generate, gpu, judge, overhead, prefix_reuse, train  # noqa: E402
+from bench import common, decode, generate, gpu, judge, overhead, prefix_reuse, train  # noqa: E402
 from jobs.constitution import load_constitution  # noqa: E402
 from jobs.data import PromptRecord  # noqa: E402
 from jobs.judging import verdict  # noqa: E402
@@ -203,6 +203,20 @@ def test_prefix_reuse_bench_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, c
     assert "prefix reuse" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         prefix_reuse.parse_args(["--prompts", "1"])
+
+
+def test_decode_bench_compares_the_engine_loops_on_the_same_text(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    assert decode.main(["--model", str(tiny_model_dir), "--prompts", "4", "--max-new-tokens", "4", "--batch-size", "4",
+                        "--sides", "static", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["sides"]) == ["generate", "static"]  # the baseline always runs, first
+    assert res["outputs_identical"] is True and res["sides"]["static"]["decode"] == "static"
+    gen, static = res["sides"]["generate"], res["sides"]["static"]
+    assert res["ratio"] == res["ratio_static_vs_generate"] == pytest.approx(static["tok_s"] / gen["tok_s"], rel=1e-2)
+    assert "same text" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--sides", "fast"])
 
 
 # --------------------------------------------------------------------------- gpu (smoke-run on CPU)

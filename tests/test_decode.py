@@ -27,13 +27,24 @@ def _engine(model_dir, decode: str, batch_size: int = 2, cache_gb: float = 0.0) 
                     prefix_cache_gb=cache_gb, decode=decode)
 
 
-def test_auto_compiles_on_cuda_only_and_never_for_sliding_windows():
-    assert pick_decode("auto", "cuda", sliding=False) == "compiled"
-    assert pick_decode("auto", "cuda:1", sliding=False) == "compiled"
-    assert pick_decode("auto", "cpu", sliding=False) == "generate"
-    assert pick_decode("static", "cpu", sliding=False) == "static"
-    assert pick_decode("compiled", "cuda", sliding=True) == "generate"
+def test_auto_compiles_on_cuda_only_and_never_without_a_fixed_cache():
+    assert pick_decode("auto", "cuda", fixed_cache_ok=True) == "compiled"
+    assert pick_decode("auto", "cuda:1", fixed_cache_ok=True) == "compiled"
+    assert pick_decode("auto", "cpu", fixed_cache_ok=True) == "static"
+    assert pick_decode("generate", "cuda", fixed_cache_ok=True) == "generate"
+    assert pick_decode("static", "cpu", fixed_cache_ok=True) == "static"
+    assert pick_decode("compiled", "cuda", fixed_cache_ok=False) == "generate"  # sliding windows, recurrent models
     assert EngineConfig().decode == "auto"
+
+
+def test_engine_falls_back_to_generate_for_models_without_a_static_cache(tiny_model_dir, monkeypatch, capsys):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_can_compile_fullgraph", False)
+    engine = _engine(tiny_model_dir, "static")
+    assert engine.decode == "generate" and engine.decoder is None
+    assert "using transformers' generate" in capsys.readouterr().err
+    assert _engine(tiny_model_dir, "auto").decode == "generate"
 
 
 def test_cache_lengths_round_up_to_shared_buckets():
