@@ -38,9 +38,10 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 def pick_decode(decode: str, device: str, fixed_cache_ok: bool) -> str:
     """`auto`: the compiled fixed-cache loop on CUDA, where kernel-launch overhead dominates; the same loop
-    uncompiled elsewhere. On 2 CPU cores (bench prompts, 32 x 3 steps x 64 tokens, prefix reuse on, fp32)
-    transformers' `generate` ran the stage at 165.9 tok/s, the static loop at 191.9 and the compiled one
-    at 206.8, all with the same text; compiling cost ~80 s per process, so it is not the CPU default.
+    uncompiled elsewhere. On 2 CPU cores (`bench/decode.py`: 32 prompts x 3 steps x 64 tokens, prefix
+    reuse on, fp32) transformers' `generate` ran the stage at 174.3 tok/s, the static loop at 191.2 and
+    the compiled one at 209.6, all with the same text; compiling took 44-114 s per process (warm or cold
+    compile cache), more than it saves in most CPU stages, so it is not the CPU default.
     Models that cannot use a fixed-size cache always use `generate`: those with sliding-window attention
     (the loop keeps full-length K/V) and those transformers does not mark compilable with a static cache
     (`_can_compile_fullgraph`: recurrent and hybrid-cache architectures)."""
