@@ -13,13 +13,7 @@ from jobs.engines.decode import bucket, sample_next
 from jobs.engines.hf import HFEngine, pick_decode
 from jobs.stages.generate import revise_chunk
 
-PROMPTS = [
-    "How do I bake bread at home?",
-    "Explain photosynthesis to a ten year old, with one example from everyday life please.",
-    "Name three prime numbers.",
-    "What should I pack for a two week hiking trip in the mountains in early autumn?",
-    "Translate 'good morning' into French.",
-]
+from test_prefix_cache import PROMPTS  # uneven lengths, some long
 
 
 def _engine(model_dir, decode: str, batch_size: int = 2, cache_gb: float = 0.0) -> HFEngine:

@@ -46,7 +46,8 @@ def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: f
 class Decoded:
     tokens: torch.Tensor  # [B, steps]: generated ids; rows that stopped early are padded after their stop token
     lengths: list[int]  # per row: tokens through its stop token (or all steps)
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [B, kv_heads, cache_len, head_dim]
+    # per layer (keys, values) [B, kv_heads, cache_len, head_dim]: the decoder's own cache, valid until its next run
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
     cached_len: int  # columns of `layers` that hold K/V: the prompt and every generated token but the last
 
 
@@ -106,8 +107,9 @@ class StaticDecoder:
         done_cols = 0
         if past is not None:
             done_cols = past[0][0].shape[2]
+            written = {"cache_position": torch.arange(done_cols, device=device)}  # older 5.x caches index by it
             for layer, (k, v) in enumerate(past):
-                cache.update(k, v, layer)
+                cache.update(k, v, layer, written)
         full_mask = torch.zeros((batch, length), dtype=mask.dtype, device=device)
         full_mask[:, :width] = mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

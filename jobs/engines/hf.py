@@ -238,7 +238,7 @@ class HFEngine:
         return d.tokens, d.lengths, d.layers, d.cached_len
 
     def _batch_prefix(self, seqs: list[list[int]]):
-        """(K/V cache, per-row lengths) of what this batch need not prefill row by row, or (None, _).
+        """(per-layer keys/values, per-row lengths) of what this batch need not prefill row by row, or (None, _).
 
         A row's prefix comes from the prefix cache (the previous step's keys/values for the text this
         request extends) or from its group in this batch: rows that open the same way (the same
