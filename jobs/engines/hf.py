@@ -144,6 +144,9 @@ class HFEngine:
             print(f"[engine] engine.decode: {decode} is not possible for {type(self.model).__name__} "
                   "(sliding-window or non-static cache); using transformers' generate", file=sys.stderr, flush=True)
         self.decoder = StaticDecoder(self.model, compile=self.decode == "compiled") if self.decode != "generate" else None
+        if show_progress:  # one line a stage log can be read by, like the vLLM engine's
+            print(f"[engine] transformers: {type(self.model).__name__}, {str(self.dtype).replace('torch.', '')} on {self.device}, "
+                  f"decode {self.decode}, prefix cache {'on' if self.prefix_cache is not None else 'off'}", file=sys.stderr, flush=True)
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
         return render_conversation(self.tokenizer, conversation, add_generation_prompt)
