@@ -103,12 +103,12 @@ def bandwidth_bound(model, batch: int, prompt: int, new: int, bytes_per_s: float
     return batch / ((weight_bytes + kv_bytes) / bytes_per_s)
 
 
-def make_side(name: str, model):
+def make_side(name: str, model, engine_decode: str = "compiled"):
     """A function (ids, mask, new_tokens) -> generated ids [B, new_tokens]."""
     from jobs.engines.decode import StaticDecoder
 
     if name == "engine":
-        decoder = StaticDecoder(model, compile=True)
+        decoder = StaticDecoder(model, compile=engine_decode == "compiled")
 
         def run(ids, mask, new):
             return decoder.run(ids, mask, new, stop_ids=[], pad_id=0).tokens
@@ -148,6 +148,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--batches", default="1,128,256", help="comma-separated batch sizes (default 1,128,256)")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    ap.add_argument("--engine-decode", choices=("compiled", "static"), default="compiled",
+                    help="the engine side's loop: compiled step (CUDA graphs on GPU; engine.decode auto) or static (no compile)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side and batch after the warm-up; the best counts")
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "gpu", "command": command_line(argv, "bench/gpu.py"), "date": now_iso(), "machine": machine,
         "model": args.model, "parameters": params, "device": device, "dtype": str(dtype).replace("torch.", ""),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "engine_decode": args.engine_decode,
         "copy_bandwidth_gb_s": round(bw / 1e9, 1) if bw else None, "runs": [], "skipped": [],
     }
     log(f"model {args.model}: {params / 1e6:.0f}M parameters, {result['dtype']} on {device}; "
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{side} batch {batch}: skipped (time budget)")
                 continue
             log(f"{side} batch {batch}: warming up")
-            row = {"side": side, "batch": batch, **measure(make_side(side, model), ids, mask, args.new_tokens, args.repeats, device)}
+            row = {"side": side, "batch": batch, **measure(make_side(side, model, args.engine_decode), ids, mask, args.new_tokens, args.repeats, device)}
             out = row.pop("output")
             if side == "generate":
                 reference = out

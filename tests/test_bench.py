@@ -236,6 +236,12 @@ def test_gpu_bench_runs_every_side_and_compares_with_generate(tmp_path, capsys):
     assert res["ratio"] is None  # the target is about batch >= 128
     assert res["copy_bandwidth_gb_s"] is None and all(r["share_of_bound"] is None for r in res["runs"])
     assert "engine" in capsys.readouterr().out
+    assert res["engine_decode"] == "compiled"
+    assert gpu.main(["--model", "tiny", "--device", "cpu", "--batches", "2", "--new-tokens", "3", "--repeats", "1",
+                     "--sides", "engine,generate", "--engine-decode", "static", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["side"] for r in res["runs"]] == ["generate", "engine"] and res["engine_decode"] == "static"
+    assert res["runs"][1]["same_tokens_as_generate"] == 1.0
 
 
 def test_gpu_bandwidth_bound_counts_weights_and_kv_cache():
