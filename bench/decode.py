@@ -29,42 +29,32 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the check
     sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    BUNDLED_MODEL, RESULTS, OtherLoad, bench_prompts, command_line, finish_machine, format_table, log, machine_info,
+    RESULTS, OtherLoad, bench_prompts, command_line, finish_machine, format_table, log, machine_info,
     now_iso, print_report_header, rate, ratio, write_json_atomic,
 )
+from bench.prefix_reuse import check_stage_args, run_side, stage_arg_parser  # noqa: E402
 
 DEFAULT_OUT = RESULTS / "decode.json"
 SIDES = ("generate", "static", "compiled")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = stage_arg_parser(__doc__.split("\n\n")[0], DEFAULT_OUT)
     ap.add_argument("--sides", default="generate,static", help=f"comma-separated, from {', '.join(SIDES)}; "
                     "generate (the baseline) always runs first (default generate,static)")
-    ap.add_argument("--prompts", type=int, default=32, help="half red-team, half helpful (default 32, at most 96)")
-    ap.add_argument("--rounds", type=int, default=1, help="critique/revision rounds (default 1)")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="token cap for every step (default 64)")
-    ap.add_argument("--batch-size", type=int, default=32, help="engine batch size (default 32)")
     ap.add_argument("--few-shot", type=int, default=0, help="worked examples per critique request (default 0)")
-    ap.add_argument("--model", default=BUNDLED_MODEL, help=f"model reference (default {BUNDLED_MODEL})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     sides = [s for s in args.sides.split(",") if s]
     if any(s not in SIDES for s in sides):
         ap.error(f"--sides: use {', '.join(SIDES)}")
     args.sides = ["generate"] + [s for s in SIDES[1:] if s in sides]
-    if not 2 <= args.prompts <= 96:
-        ap.error("--prompts must be between 2 and 96")
-    if args.rounds < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.few_shot < 0:
-        ap.error("--rounds, --max-new-tokens and --batch-size must be >= 1, --few-shot >= 0")
+    check_stage_args(ap, args, [args.few_shot])
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    from bench.prefix_reuse import run_side
     from jobs.config import EngineConfig
     from jobs.constitution import load_constitution
     from jobs.models import resolve_model

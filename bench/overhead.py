@@ -197,7 +197,7 @@ CONTROLLER_MODULES = "jobs.cli, jobs.controller, jobs.executors"
 # What each stage imports inside its own timer, on first use: torch + transformers (the engines); the
 # train stage also datasets and trl.
 LAZY_MODULES = "import jobs.engines.hf, jobs.models"
-LAZY_BY_STAGE = {"train": "import jobs.engines.hf, jobs.models, datasets\n"
+LAZY_BY_STAGE = {"train": LAZY_MODULES + ", datasets\n"
                            "from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer"}
 
 

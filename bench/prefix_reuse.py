@@ -62,21 +62,31 @@ def run_side(model_path: str, prompts, constitution, args, few_shot: int, cache_
     return res
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def stage_arg_parser(description: str, out: Path) -> argparse.ArgumentParser:
+    """The stage-run flags this benchmark and bench/decode.py share: sizes, model, seed, output."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--prompts", type=int, default=32, help="half red-team, half helpful (default 32, at most 96)")
     ap.add_argument("--rounds", type=int, default=1, help="critique/revision rounds (default 1)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="token cap for every step (default 64)")
     ap.add_argument("--batch-size", type=int, default=32, help="engine batch size (default 32)")
-    ap.add_argument("--few-shot", type=int, nargs="+", default=[0, 1], help="few-shot settings to compare (default 0 1)")
     ap.add_argument("--model", default=BUNDLED_MODEL, help=f"model reference (default {BUNDLED_MODEL})")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=out)
+    return ap
+
+
+def check_stage_args(ap: argparse.ArgumentParser, args: argparse.Namespace, few_shot: list[int]) -> None:
     if not 2 <= args.prompts <= 96:
         ap.error("--prompts must be between 2 and 96")
-    if args.rounds < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or min(args.few_shot) < 0:
+    if args.rounds < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or min(few_shot) < 0:
         ap.error("--rounds, --max-new-tokens and --batch-size must be >= 1, --few-shot >= 0")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = stage_arg_parser(__doc__.split("\n\n")[0], DEFAULT_OUT)
+    ap.add_argument("--few-shot", type=int, nargs="+", default=[0, 1], help="few-shot settings to compare (default 0 1)")
+    args = ap.parse_args(argv)
+    check_stage_args(ap, args, args.few_shot)
     return args
 
 

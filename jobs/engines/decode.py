@@ -27,6 +27,17 @@ def bucket(n: int, step: int = LENGTH_BUCKET) -> int:
     return -(-n // step) * step
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: count real tokens only, so padding never shifts positions."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def stop_lengths(tokens: torch.Tensor, stop_ids: Sequence[int]) -> list[int]:
+    """Per row of generated ids [B, n]: tokens through the first stop token (counted), or all n."""
+    stops = set(stop_ids)
+    return [next((k + 1 for k, t in enumerate(row) if t in stops), len(row)) for row in tokens.tolist()]
+
+
 def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row from float logits [B, V]: argmax, or temperature then nucleus sampling."""
     if greedy:
@@ -112,7 +123,7 @@ class StaticDecoder:
                 cache.update(k, v, layer, written)
         full_mask = torch.zeros((batch, length), dtype=mask.dtype, device=device)
         full_mask[:, :width] = mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(mask)
         out = self.model(input_ids=ids[:, done_cols:], attention_mask=full_mask, position_ids=positions[:, done_cols:],
                          cache_position=torch.arange(done_cols, width, device=device), past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
@@ -137,8 +148,5 @@ class StaticDecoder:
             logits = self._step(nxt[:, None], last_pos, cache_position, full_mask, cache)
             cache_position = cache_position + 1
         gen = torch.stack(tokens, dim=1)
-        lengths = []
-        for row in gen.tolist():
-            lengths.append(next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row)))
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        return Decoded(tokens=gen, lengths=lengths, layers=layers, cached_len=width + len(tokens) - 1)
+        return Decoded(tokens=gen, lengths=stop_lengths(gen, stop_ids), layers=layers, cached_len=width + len(tokens) - 1)

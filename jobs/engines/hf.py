@@ -13,7 +13,7 @@ from ..errors import ModelError
 from .attention import register as register_gqa_attention
 from .attention import wants_gqa_kernel
 from .base import Conversation, EngineStats, SamplingParams, apply_stop, render_conversation, stop_token_ids
-from .decode import StaticDecoder
+from .decode import StaticDecoder, positions_from_mask, stop_lengths
 from .prefix_cache import BLOCK, PrefixCache
 
 # In a pod or a piped subprocess the bar goes to a log: update it rarely there.
@@ -225,7 +225,7 @@ class HFEngine:
             kwargs.update(past_key_values=DynamicCache(past, config=self.model.config))
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         gen = out.sequences[:, ids.shape[1] :]
-        lengths = [next((k + 1 for k, t in enumerate(row) if t in self.stop_ids), len(row)) for row in gen.tolist()]
+        lengths = stop_lengths(gen, self.stop_ids)
         cache = out.past_key_values
         layers = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
         return gen, lengths, layers, cache.get_seq_length() if cache is not None else 0
@@ -358,14 +358,14 @@ class HFEngine:
 
         ids, mask, _ = self._split_layout(seqs, lens)
         wp = max(lens)
-        out = self.model(input_ids=ids[:, wp:], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, wp:],
+        out = self.model(input_ids=ids[:, wp:], attention_mask=mask, position_ids=positions_from_mask(mask)[:, wp:],
                          past_key_values=DynamicCache(self._aligned_layers(sources, lens), config=self.model.config), logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def _prefill(self, prefixes: list[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per prefix, per layer (keys, values) shaped [kv_heads, len, head_dim], from one left-padded pass."""
         ids, mask = self._pad_left(prefixes)
-        past = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                           use_cache=True, logits_to_keep=1).past_key_values
         width = ids.shape[1]
         return [[(layer.keys[g, :, width - len(p) :], layer.values[g, :, width - len(p) :]) for layer in past.layers]
@@ -423,5 +423,4 @@ class HFEngine:
         return self.stats.add_time(desc, start)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits.float()
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), **kwargs).logits.float()
