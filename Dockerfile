@@ -36,8 +36,9 @@ RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
  && pip install -e ".[k8s,s3]"
 
 USER 10001:10001
+# No HF_HUB_OFFLINE here: the controller downloads Hub models and datasets and imports them into the
+# store (HF_TOKEN/HF_ENDPOINT come from the pod, see the chart's `hf` values); stage images stay offline.
 ENV HOME=/home/cai \
-    HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     CAI_CACHE_DIR=/home/cai/.cache/cai-jobs
 ENTRYPOINT ["cai"]

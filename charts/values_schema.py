@@ -141,6 +141,11 @@ def build() -> dict[str, Any]:
             "irsaRoleArn": _str("IAM role ARN for IRSA (annotation on both ServiceAccounts); empty = none.",
                                 pattern=r"^(arn:aws[a-z-]*:iam::[0-9]{12}:role/\S+)?$"),
         }, "The S3 artifact store.", required=["bucket"]),
+        "hf": _obj({
+            "tokenSecret": _str("Secret with key HF_TOKEN for the controller's Hub downloads (never stage pods); empty = anonymous.",
+                                pattern=r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)?$"),
+            "endpoint": _str("HF_ENDPOINT of a Hub mirror for the controller; empty = huggingface.co.", pattern=r"^(https?://\S+)?$"),
+        }, "Hugging Face Hub access of the controller pods."),
         "constitution": _obj({
             "name": {"enum": shipped_names(), "description": "A constitution shipped in the images."},
             "inline": _str("Constitution YAML text (--set-file constitution.inline=FILE); wins over name."),

@@ -20,12 +20,20 @@ PromptKind = Literal["red-team", "ordinary"]
 StageName = Literal["generate", "judge", "train", "evaluate"]
 
 
-class PromptSource(StrictModel):
+class DataSource(StrictModel):
+    """Where a set of rows comes from; the controller copies it into the run (`runs/<id>/inputs/`) and
+    hashes it, so stage pods read only the store and a changed file reruns what read it."""
+
     source: str = Field(
-        description="`bundled:<set>` (red-team, helpful), a JSONL file, a saved `datasets` directory, "
-        "or `hf:<dataset name>` (needs the dataset in the local HF cache)."
+        description="`bundled:<set>`, a local JSONL file or saved `datasets` directory, `s3://bucket/key.jsonl`, "
+        "`store:<key>` (a JSONL file in the run's store), or `hf:<org>/<dataset>` (a Hub dataset repo)."
     )
     split: str | None = Field("train", description="Rows whose `split` equals this (bundled/JSONL) or the datasets split; null = all rows.")
+    config: str | None = Field(None, description="`hf:` datasets: the configuration (subset) name.")
+    revision: str | None = Field(None, description="`hf:` datasets: branch, tag or commit; null = main. The commit it resolves to is recorded.")
+
+
+class PromptSource(DataSource):
     kind: PromptKind | None = Field(None, description="Prompt kind for every row; null = the row's own `kind`, else `ordinary`.")
     limit: int | None = Field(None, gt=0, description="Keep at most this many prompts (after cleaning), in file order.")
     column: str = Field("prompt", description="Column holding the prompt text (or use a `messages` column).")
@@ -147,13 +155,25 @@ class EvaluateConfig(StrictModel):
         default_factory=lambda: PromptSource(source="bundled:borderline", split="eval", kind="ordinary"),
         description="Benign prompts that look risky (over-refusal).",
     )
-    capability_mc: str = Field("bundled:capability_mc", description="Multiple-choice set: bundled name, JSONL or datasets dir.")
-    capability_exact: str = Field("bundled:capability_exact", description="Exact-match set: bundled name, JSONL or datasets dir.")
+    capability_mc: DataSource = Field(
+        default_factory=lambda: DataSource(source="bundled:capability_mc", split=None),
+        description="Multiple-choice set (`question`, `choices`, `answer` index); a string is taken as `source`. "
+        "split null = a datasets dir's first held-out split (eval, test, validation); `train` rows never count.",
+    )
+    capability_exact: DataSource = Field(
+        default_factory=lambda: DataSource(source="bundled:capability_exact", split=None),
+        description="Exact-match set (`question`, `answer`, optional `aliases`); a string is taken as `source`.",
+    )
     limit: int | None = Field(None, gt=0, description="Cap on items per set (quick runs).")
     max_new_tokens: int = Field(96, gt=0)
     judge_model: str | None = Field(None, description="Grader for harmlessness; null = the run's base model (the controller fills it in).")
     with_system_prompt: bool = Field(True, description="Also measure with the constitution as a system prompt.")
     shards: int = Field(1, ge=1, le=1024, description="Split every evaluation set into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
+
+    @field_validator("capability_mc", "capability_exact", mode="before")
+    @classmethod
+    def _source_string(cls, value: Any) -> Any:
+        return {"source": value, "split": None} if isinstance(value, str) else value
 
 
 class StopConfig(StrictModel):
@@ -194,6 +214,10 @@ class KubernetesConfig(StrictModel):
     service_account: str | None = Field(None, description="ServiceAccount of stage pods (e.g. one with an IRSA role for S3).")
     s3_secret: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, passed as env; null = IRSA/instance role.")
     s3_endpoint: str | None = Field(None, description="AWS_ENDPOINT_URL_S3 for S3-compatible stores (MinIO, SeaweedFS).")
+    hf_token_secret: str | None = Field(
+        None, description="Secret holding the Hugging Face token (key `HF_TOKEN`) for the controller's Hub downloads; null = anonymous."
+    )
+    hf_endpoint: str | None = Field(None, description="HF_ENDPOINT for a Hub mirror; null = huggingface.co.")
     priority_class: str | None = Field(None, description="priorityClassName of stage pods.")
     queue: str | None = Field(None, description="Kueue LocalQueue; sets the `kueue.x-k8s.io/queue-name` label.")
     backoff_limit: int = Field(2, ge=0, description="Pod retries per Job for failures that are not config errors.")
@@ -202,6 +226,12 @@ class KubernetesConfig(StrictModel):
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every Job and pod.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on every pod.")
     stages: dict[StageName, StageResources] = Field(default_factory=_default_stage_resources)
+
+    @field_validator("stages")
+    @classmethod
+    def _every_stage(cls, value: dict[str, StageResources]) -> dict[str, StageResources]:
+        """Tuning one stage keeps the defaults of the others, so a Job can be built for every stage a run has."""
+        return {**_default_stage_resources(), **value}
 
 
 class PromotionGates(StrictModel):
@@ -221,11 +251,28 @@ class RealignConfig(StrictModel):
 
 # Settings that decide where and how a run executes, not what it computes.
 EXECUTION_ONLY = {"store", "rounds", "executor", "kubernetes", "realign"}
+# Settings that change how fast results come, never what they are (the tests compare the text they
+# give): they stay out of the run's fingerprint and out of every stage's identity.
+OUTPUT_INVARIANT_ENGINE = ("batch_size", "prefix_cache_gb", "decode")
+OUTPUT_INVARIANT_PARAMS = ("shards", "chunk_size")
+DEFAULT_STAGES: list[str] = ["generate", "judge", "train", "evaluate"]
+
+
+def _drop_invariant(engine: dict[str, Any], params: list[dict[str, Any]]) -> None:
+    for key in OUTPUT_INVARIANT_ENGINE:
+        engine.pop(key, None)
+    for section in params:
+        for key in OUTPUT_INVARIANT_PARAMS:
+            section.pop(key, None)
 
 
 class RunConfig(StrictModel):
     name: str = Field("cai", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Prefix for generated run ids.")
-    model: str = Field(BUNDLED_MODEL, description="`bundled:smollm2-135m-instruct`, a local HF directory or a hub id in the local cache.")
+    model: str = Field(
+        BUNDLED_MODEL, description="`bundled:smollm2-135m-instruct`, a local HF directory, `store:<key>`, `s3://bucket/prefix/` "
+        "(an HF model directory in S3) or a Hub id `hf:org/name@revision` (plain `org/name` works too). The controller "
+        "resolves it to a commit sha or content digest, records it in run.json and imports it into the run's store.",
+    )
     constitution: str = Field("default", description="Shipped name (default, telehealth, customer-service) or a YAML path.")
     data: DataConfig = Field(default_factory=DataConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -234,7 +281,9 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
-    stages: list[StageName] = Field(["generate"], min_length=1, description="Stages each round runs, in order.")
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(DEFAULT_STAGES), min_length=1, description="Stages each round runs, in order (default: the whole method)."
+    )
     rounds: int = Field(1, ge=1, description="Rounds of the whole pipeline.")
     seed: int = Field(0, description="Seeds principle sampling, few-shot rotation and sampling.")
     store: str = Field("./cai-store", description="Artifact store: a local directory or `s3://bucket/prefix`.")
@@ -253,8 +302,7 @@ class RunConfig(StrictModel):
         """Hash of everything that changes results; the store and the round budget do not
         (so `--rounds 3` extends a finished 2-round run instead of starting over)."""
         data = self.model_dump(mode="json", exclude=EXECUTION_ONLY)
-        for section in ("generate", "judge", "evaluate"):
-            data[section].pop("shards", None)  # how the work is split, not what it computes
+        _drop_invariant(data["engine"], [data["generate"], data["judge"], data["evaluate"]])
         return canonical_hash(data)
 
 
@@ -267,15 +315,20 @@ class StageSpec(StrictModel):
     store: str = Field(description="Store URI the stage reads and writes.")
     output: str = Field(description="Key prefix of the stage's outputs, e.g. runs/<id>/round-1/generate.")
     model: str = Field(description="Model reference: bundled:..., store:<key>, a directory or hub id.")
-    inputs: dict[str, str] = Field(default_factory=dict, description="Input name -> store key.")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="Input name -> store key of a file or a directory (a model); their content digests are part of the stage's identity."
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="The stage's config section.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     seed: int = 0
+    identities: dict[str, str] = Field(
+        default_factory=dict, description="Content identities of what the stage reads from outside the store (a bundled model's file digest)."
+    )
 
     def spec_hash(self) -> str:
-        """Excludes the store and the shard count: merged outputs are the same for any number of shards."""
+        """Excludes the store and settings that cannot change outputs (shards, batch size, decode loop...)."""
         data = self.model_dump(mode="json", exclude={"store"})
-        data["params"].pop("shards", None)
+        _drop_invariant(data["engine"], [data["params"]])
         return canonical_hash(data)
 
     @property

@@ -12,8 +12,10 @@ from typing import Any
 
 from .config import RunConfig, StageSpec
 from .constitution import load_constitution, resolve_path
+from . import eval_sets
 from .data import load_prompts
-from .errors import CaiError, ConfigError
+from .errors import CaiError, ConfigError, StageFailed
+from .model_sources import ResolvedModel, planned_ref, precheck, resolve_source
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
 from .run_lock import RunLock
@@ -43,8 +45,12 @@ class RunPaths:
     def run_json(self) -> str:
         return f"{self.root}/run.json"
 
+    @property
+    def inputs_dir(self) -> str:
+        return f"{self.root}/inputs"
+
     def inputs(self, name: str) -> str:
-        return f"{self.root}/inputs/{name}"
+        return f"{self.inputs_dir}/{name}"
 
     def stage(self, round_: int, stage: str) -> str:
         return f"{self.root}/round-{round_}/{stage}"
@@ -62,6 +68,7 @@ class Controller:
         self.executor = executor
         self.paths = RunPaths(run_id or default_run_id(config))
         self.state: dict[str, Any] = {}
+        self.models: dict[str, ResolvedModel] = {}  # configured reference -> what it resolved to
         self._lock: RunLock | None = None
 
     # --- run.json -----------------------------------------------------------------------------
@@ -101,33 +108,94 @@ class Controller:
         return rounds[round_ - 1]
 
     # --- inputs -------------------------------------------------------------------------------
+    def model_roles(self) -> list[tuple[str, str, str]]:
+        """(role, config field, reference) of every model the run's stages load; one import per reference."""
+        roles = [("policy", "model", self.config.model)]
+        if "judge" in self.config.stages and self.config.judge.model:
+            roles.append(("judge", "judge.model", self.config.judge.model))
+        if "evaluate" in self.config.stages and self.config.evaluate.judge_model:
+            roles.append(("grader", "evaluate.judge_model", self.config.evaluate.judge_model))
+        return roles
+
+    def _import_key(self, ref: str) -> str:
+        role = next((r for r, _, x in self.model_roles() if x == ref), "policy")
+        return self.paths.inputs(f"models/{role}")
+
+    def resolve_models(self) -> None:
+        """Each model to its content identity (a Hub commit, a tree digest), imported into the run where
+        a pod could not reach it; recorded in run.json before anything is planned."""
+        records: dict[str, Any] = {}
+        for role, where, ref in self.model_roles():
+            if ref not in self.models:
+                self.models[ref] = resolve_source(ref, self.store, self._import_key(ref), where)
+                found = self.models[ref]
+                log(f"{where}: {ref} -> {found.stage_ref} ({found.commit or found.digest[:19]})")
+            records[role] = self.models[ref].record()
+        previous = self.state.get("models") or {}
+        for role, rec in records.items():
+            if role in previous and previous[role].get("digest") != rec["digest"]:
+                log(f"{role} model {rec['ref']} changed since the last attempt ({previous[role].get('digest', '')[:19]} -> "
+                    f"{rec['digest'][:19]}): every stage that read it runs again")
+        self.state["models"] = records
+
+    def stage_ref(self, ref: str) -> str:
+        """The reference stages load: resolved (bundled: or store:), else where it will be imported."""
+        return self.models[ref].stage_ref if ref in self.models else planned_ref(ref, self._import_key(ref))
+
     def stage_inputs(self) -> dict[str, str]:
-        """Copy the constitution and the cleaned prompts into the run, once, deterministically."""
+        """Copy the constitution, the cleaned prompts and the evaluation sets into the run, with the
+        identity of every source they came from, so stages read only the store."""
         cpath = resolve_path(self.config.constitution)
         constitution = load_constitution(cpath)
         keys = self.input_keys()
         ckey, pkey, rkey = keys["constitution"], keys["prompts"], self.paths.inputs("data_report.json")
         self.store.write_bytes(ckey, cpath.read_bytes())
-        records, reports = load_prompts(self.config.data.train, self.config.data.max_prompt_chars)
+        records, reports = load_prompts(self.config.data.train, self.config.data.max_prompt_chars, self.store)
         for r in reports:
             log(r.summary())
         if not records:
             raise ConfigError("config: data.train: no usable prompts in any source; check the sources and their split")
         self.store.write_jsonl(pkey, (r.to_row() for r in records))
-        self.store.write_json(rkey, {"sources": [r.as_dict() for r in reports], "prompts": len(records)})
-        self.state.update(constitution=constitution.name, constitution_sha256=self.store.sha256(ckey), prompts=len(records))
+        report: dict[str, Any] = {"sources": [r.as_dict() for r in reports], "prompts": len(records)}
+        if "evaluate" in self.config.stages:
+            report["evaluation_sets"] = eval_sets.stage_sets(self.config.evaluate, self.store, self.paths.inputs_dir)
+        self.store.write_json(rkey, report)
+        self.state.update(constitution=constitution.name, constitution_sha256=self.store.sha256(ckey), prompts=len(records),
+                          data={"train": report["sources"], "evaluate": report.get("evaluation_sets", {})})
         return keys
 
     def input_keys(self) -> dict[str, str]:
         """Where stage_inputs() puts the run's inputs: known before they exist, so a dry run can plan."""
-        return {"constitution": self.paths.inputs("constitution.yaml"), "prompts": self.paths.inputs("prompts.jsonl")}
+        keys = {"constitution": self.paths.inputs("constitution.yaml"), "prompts": self.paths.inputs("prompts.jsonl")}
+        if "evaluate" in self.config.stages:
+            keys.update(eval_sets.keys(self.paths.inputs_dir))
+        return keys
 
     # --- planning -----------------------------------------------------------------------------
+    def _model_input(self, name: str, ref: str, inputs: dict[str, str], identities: dict[str, str]) -> None:
+        """A model the stage loads is part of its identity by content: a store directory as an input
+        (digested when checked), a bundled model by its file's digest."""
+        if ref.startswith("store:"):
+            inputs[name] = ref.split(":", 1)[1].strip("/")
+        else:
+            found = next((m for m in self.models.values() if m.stage_ref == ref), None)
+            if found is not None:
+                identities[name] = found.digest
+
     def plan(self, stage: str, round_: int, model: str, inputs: dict[str, str], output: str | None = None) -> StageSpec:
         params = getattr(self.config, stage).model_dump(mode="json")
+        inputs, identities = dict(inputs), {}
+        model = self.stage_ref(model)
+        self._model_input("model", model, inputs, identities)
+        other = None
+        if stage == "judge" and params.get("model"):
+            other = params["model"] = self.stage_ref(params["model"])
         if stage == "evaluate":
-            params["judge_model"] = self.config.evaluate.judge_model or self.config.model
+            other = params["judge_model"] = self.stage_ref(self.config.evaluate.judge_model or self.config.model)
+        if other is not None and other != model:
+            self._model_input("judge_model", other, inputs, identities)
         return StageSpec(
+            identities=identities,
             stage=stage,
             run_id=self.paths.run_id,
             round=round_,
@@ -161,6 +229,11 @@ class Controller:
                 self._save()
                 raise
             self._write_log(spec, output)
+            if not is_complete(self.store, spec):
+                entry.update(status="failed", error="finished without a manifest matching its spec and inputs")
+                self._save()
+                raise StageFailed(f"{self._label(spec)}: the stage exited but {self.store.uri_for(manifest_key(spec))} does not match "
+                                  "its spec and inputs (an input changed while it ran, or another writer finished it); re-run")
             entry["status"] = "completed"
         manifest = read_manifest(self.store, spec)
         if manifest is not None:
@@ -184,7 +257,11 @@ class Controller:
 
     def plan_base(self, inputs: dict[str, str]) -> StageSpec:
         """Round 0: the starting model's evaluation, the baseline every round is compared with."""
-        return self.plan("evaluate", 0, self.config.model, {"constitution": inputs["constitution"]}, output=f"{self.paths.root}/base/evaluate")
+        return self.plan("evaluate", 0, self.config.model, self._eval_inputs(inputs), output=f"{self.paths.root}/base/evaluate")
+
+    @staticmethod
+    def _eval_inputs(inputs: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in inputs.items() if k == "constitution" or k in eval_sets.SETS or k == "eval_sets"}
 
     def evaluate_base(self, inputs: dict[str, str]) -> str:
         spec = self.plan_base(inputs)
@@ -204,7 +281,7 @@ class Controller:
         out = {name: self.paths.stage(round_, name) for name in stages}
         specs: list[StageSpec] = []
         if "generate" in stages:
-            specs.append(self.plan("generate", round_, model, inputs))
+            specs.append(self.plan("generate", round_, model, {"constitution": inputs["constitution"], "prompts": inputs["prompts"]}))
         if "judge" in stages:
             specs.append(self.plan("judge", round_, model, {"constitution": inputs["constitution"], "traces": f"{out['generate']}/traces.jsonl"}))
         trained = model
@@ -216,7 +293,7 @@ class Controller:
             if self.config.train.method != "reward":  # a reward model scores, it cannot generate
                 trained = f"store:{out['train']}/model"
         if "evaluate" in stages:
-            eval_inputs = {"constitution": inputs["constitution"], **({"baseline": baseline} if baseline else {})}
+            eval_inputs = {**self._eval_inputs(inputs), **({"baseline": baseline} if baseline else {})}
             specs.append(self.plan("evaluate", round_, trained, eval_inputs))
         return specs, trained
 
@@ -242,12 +319,15 @@ class Controller:
     def run(self) -> dict[str, Any]:
         """Holds the run's lock (runs/<id>/lock.json) throughout: a second controller fails fast."""
         self._check_dependencies()
+        for _, where, ref in self.model_roles():
+            precheck(ref, where)
         with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:
             return self._run_locked()
 
     def _run_locked(self) -> dict[str, Any]:
         self._load_or_init_state()
         try:
+            self.resolve_models()
             inputs = self.stage_inputs()
             self._save()
             evaluating = "evaluate" in self.config.stages

@@ -5,14 +5,16 @@ Bad rows never crash a run: each is dropped and counted by reason, and the count
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .config import PromptSource
-from .errors import DataError
+from .config import DataSource, PromptSource
+from .errors import CaiError, DataError
+from .store import local_tree_digest
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_SETS = {
@@ -50,9 +52,10 @@ class SourceReport:
     rows: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    identity: str = ""  # the content it was read from: a file's sha256 or a Hub commit
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "rows": self.rows, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
+        return {"source": self.source, "identity": self.identity, "rows": self.rows, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
 
     def summary(self) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none dropped"
@@ -85,75 +88,129 @@ def _messages_from(row: dict[str, Any], column: str) -> tuple[tuple[str, str], .
     return (("user", value.strip()),)
 
 
-def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any] | str]:
+def jsonl_rows(lines: Iterable[bytes]) -> Iterator[dict[str, Any] | str]:
     """Rows as dicts, or a drop reason string for lines that cannot become one."""
+    for n, raw in enumerate(lines):
+        if n == 0 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM from some Windows editors
+            raw = raw[3:]
+        if not raw.strip():
+            yield "empty"
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield "non_utf8"
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            yield "invalid_json"
+            continue
+        yield row if isinstance(row, dict) else "invalid_json"
+
+
+def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any] | str]:
     with open(path, "rb") as fh:
-        for n, raw in enumerate(fh):
-            if n == 0 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM from some Windows editors
-                raw = raw[3:]
-            if not raw.strip():
-                yield "empty"
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield "non_utf8"
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                yield "invalid_json"
-                continue
-            yield row if isinstance(row, dict) else "invalid_json"
+        yield from jsonl_rows(fh)
 
 
-def iter_dataset_rows(ref: str, split: str | None) -> Iterator[dict[str, Any]]:
+def _datasets():
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{ref}: reading a datasets dataset needs `pip install datasets` (extra `train`)") from None
+        raise DataError("reading a `datasets` dataset needs `pip install datasets` (extra `train`)") from None
+    return datasets
+
+
+def _one_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def iter_dataset_rows(ref: str, split: str | None) -> Iterator[dict[str, Any]]:
+    """A dataset saved with `save_to_disk` (a Dataset or a DatasetDict)."""
+    datasets = _datasets()
     try:
-        if ref.startswith("hf:"):
-            ds = datasets.load_dataset(ref[3:], split=split or "train")
-        else:
-            ds = datasets.load_from_disk(ref)
-            if isinstance(ds, datasets.DatasetDict):
-                if (split or "train") not in ds:
-                    raise DataError(f"{ref}: split {(split or 'train')!r} not found; use one of {sorted(ds)}")
-                ds = ds[split or "train"]
+        ds = datasets.load_from_disk(ref)
+        if isinstance(ds, datasets.DatasetDict):
+            if (split or "train") not in ds:
+                raise DataError(f"{ref}: split {(split or 'train')!r} not found; use one of {sorted(ds)}")
+            ds = ds[split or "train"]
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{ref}: cannot load dataset ({first}); give a saved dataset directory or a cached hub name") from None
+        raise DataError(f"{ref}: cannot load dataset ({_one_line(e)}); give a saved dataset directory, a JSONL file or hf:<org>/<name>") from None
     yield from ds
 
 
-def _rows(src: PromptSource) -> Iterator[dict[str, Any] | str]:
+def hub_dataset(src: DataSource) -> tuple[Any, str]:
+    """(the `datasets` Dataset of an `hf:` source's split, the commit it resolved to). The repo comes
+    through huggingface_hub at a pinned commit, then `datasets` reads the snapshot's files."""
+    from .hub import parse_hub_ref, snapshot
+
+    repo, at = parse_hub_ref(src.source, error=DataError, where="data")
+    snap = snapshot(repo, src.revision or at, repo_type="dataset", error=DataError, where="data")
+    datasets = _datasets()
+    split = src.split or "train"
+    try:
+        ds = datasets.load_dataset(str(snap.path), name=src.config, split=split)
+    except Exception as e:
+        raise DataError(f"{src.source}@{snap.commit[:12]}: cannot load config {src.config!r} split {split!r} ({_one_line(e)}); "
+                        "check config and split against the dataset card") from None
+    return ds, snap.commit
+
+
+def _source_bytes(src: DataSource, store) -> bytes | None:
+    """The bytes of a source that is one JSONL file (bundled, local, s3:// or store:); None for a directory."""
     ref = src.source
     if ref.startswith("bundled:"):
         name = ref.split(":", 1)[1]
-        if name not in BUNDLED_SETS:
-            raise DataError(f"{ref}: unknown bundled prompt set; use one of {', '.join('bundled:' + k for k in BUNDLED_SETS)}")
-        rows, file_like = iter_jsonl_rows(DATA_DIR / BUNDLED_SETS[name]), True
-    elif ref.startswith("hf:"):
-        rows, file_like = iter_dataset_rows(ref, src.split), False
-    else:
-        path = Path(ref).expanduser()
-        if path.is_dir():
-            rows, file_like = iter_dataset_rows(str(path), src.split), False
-        elif path.is_file():
-            rows, file_like = iter_jsonl_rows(path), True
+        path = DATA_DIR / (BUNDLED_SETS.get(name) or f"{name}.jsonl")
+        if not path.is_file():
+            names = sorted({*BUNDLED_SETS, *(p.stem for p in DATA_DIR.glob("capability_*.jsonl"))})
+            raise DataError(f"{ref}: unknown bundled set; use one of {', '.join('bundled:' + k for k in names)}")
+        return path.read_bytes()
+    if ref.startswith(("s3://", "store:")):
+        from .store import open_store
+
+        if ref.startswith("store:"):
+            if store is None:
+                raise DataError(f"{ref}: a store: source needs the run's store")
+            owner, key = store, ref.split(":", 1)[1]
         else:
-            raise DataError(f"{ref}: prompt source not found; give a JSONL file, a saved dataset dir, hf:<name> or bundled:<set>")
-    for row in rows:
-        # bundled/JSONL rows may carry their own split; datasets splits were selected on load
-        if file_like and isinstance(row, dict) and src.split and "split" in row and row["split"] != src.split:
-            continue
-        yield row
+            parent, _, key = ref.rstrip("/").rpartition("/")
+            if not key or parent in ("s3:", "s3:/"):
+                raise DataError(f"{ref}: expected s3://BUCKET/PATH/FILE.jsonl")
+            owner = open_store(parent)
+        try:
+            return owner.read_bytes(key)
+        except CaiError as e:
+            raise DataError(f"{ref}: cannot read it ({_one_line(e)}); give a JSONL object that exists") from None
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return None
+    if not path.is_file():
+        raise DataError(f"{ref}: source not found; give a JSONL file, a saved dataset dir, s3://..., store:<key>, hf:<org>/<name> or bundled:<set>")
+    return path.read_bytes()
 
 
-def load_prompts(sources: Iterable[PromptSource], max_chars: int) -> tuple[list[PromptRecord], list[SourceReport]]:
+def source_rows(src: DataSource, store=None) -> tuple[Iterator[dict[str, Any] | str], str]:
+    """Rows of any source (drop reasons as strings) and its identity: a file's sha256, a directory's
+    tree digest or a Hub commit. JSONL rows may carry their own `split`; datasets select it on load."""
+    ref = src.source
+    if ref.startswith("hf:"):
+        ds, commit = hub_dataset(src)
+        return iter(ds), f"hf:{ref[3:].split('@')[0]}@{commit}"
+    data = _source_bytes(src, store)
+    if data is None:  # a saved datasets directory
+        path = Path(ref).expanduser()
+        return iter_dataset_rows(str(path), src.split), local_tree_digest(path)
+    rows = jsonl_rows(data.splitlines(keepends=True))
+    if src.split:
+        rows = (r for r in rows if not (isinstance(r, dict) and "split" in r and r["split"] != src.split))
+    return rows, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def load_prompts(sources: Iterable[PromptSource], max_chars: int, store=None) -> tuple[list[PromptRecord], list[SourceReport]]:
     """All sources, in order, deduplicated across sources by conversation text."""
     records: list[PromptRecord] = []
     reports: list[SourceReport] = []
@@ -162,7 +219,8 @@ def load_prompts(sources: Iterable[PromptSource], max_chars: int) -> tuple[list[
     for src in sources:
         report = SourceReport(src.source)
         tag = Path(src.source.split(":", 1)[-1]).stem or "prompts"
-        for n, row in enumerate(_rows(src), 1):
+        rows, report.identity = source_rows(src, store)
+        for n, row in enumerate(rows, 1):
             report.rows += 1
             if src.limit is not None and report.kept >= src.limit:
                 report.dropped["over_limit"] += 1

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import Field
 
-from .config import StageSpec
-from .errors import StageFailed
+from .config import StageSpec, canonical_hash
+from .errors import StageFailed, StoreError
 from .schema import StrictModel
 from .store import MANIFEST, ArtifactStore
 
@@ -63,7 +63,20 @@ def read_manifest(store: ArtifactStore, spec: StageSpec) -> StageManifest | None
 
 
 def input_hashes(store: ArtifactStore, spec: StageSpec) -> dict[str, str]:
-    return {name: store.sha256(key) for name, key in sorted(spec.inputs.items())}
+    """The content digest of every input, files and directories (models) alike: a stage is done only
+    for the exact bytes it read, whatever path they sit at."""
+    hashes = {}
+    for name, key in sorted(spec.inputs.items()):
+        digest = store.digest(key)
+        if digest is None:
+            raise StoreError(f"{store.uri_for(key)}: input {name!r} of stage {spec.stage} not found; re-run the stage that writes it")
+        hashes[name] = digest
+    return hashes
+
+
+def inputs_digest(store: ArtifactStore, spec: StageSpec) -> str:
+    """One hash of the spec and its inputs' content: what a Kubernetes Job of this stage is, beyond its name."""
+    return canonical_hash({"spec": spec.spec_hash(), "inputs": input_hashes(store, spec)})
 
 
 def is_complete(store: ArtifactStore, spec: StageSpec) -> bool:

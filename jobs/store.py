@@ -42,6 +42,43 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def tree_digest(files: Iterable[tuple[str, str]]) -> str:
+    """A directory's content identity: sha256 over each file's relative path and sha256, in path
+    order. The same tree gives the same digest in a local directory, the local store or S3."""
+    lines = "".join(f"{rel}\t{sha}\n" for rel, sha in sorted(files))
+    return "tree:" + hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+_SHA_MEMO: dict[tuple, str] = {}  # (path, inode, size, mtime, ctime) -> sha256: a file is hashed once per process
+
+
+def file_sha256(path: Path) -> str:
+    """Streamed in blocks (a model's shard never sits in memory); remembered while the file is unchanged."""
+    st = os.stat(path)
+    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo not in _SHA_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        _SHA_MEMO[memo] = digest.hexdigest()
+    return _SHA_MEMO[memo]
+
+
+def local_files(root: Path) -> list[tuple[str, Path]]:
+    """(relative POSIX path, path) of every file under `root`, symlinks followed (a Hub snapshot links
+    into its blobs), in-flight temp files left out."""
+    root = Path(root)
+    return sorted(
+        (p.relative_to(root).as_posix(), p) for p in root.rglob("*")
+        if p.is_file() and not any(_is_temp(part) for part in p.relative_to(root).parts)
+    )
+
+
+def local_tree_digest(root: Path) -> str:
+    return tree_digest((rel, file_sha256(p)) for rel, p in local_files(root))
+
+
 class ArtifactStore(ABC):
     """What stages and the controller need from storage, nothing more."""
 
@@ -124,6 +161,17 @@ class ArtifactStore(ABC):
     def sha256(self, key: str) -> str:
         return hashlib.sha256(self.read_bytes(key)).hexdigest()
 
+    def digest(self, key: str) -> str | None:
+        """Content identity of what is at `key`: a file's sha256, a directory's tree digest (a model),
+        or None when nothing is there. Stage identities are made of these."""
+        keys = self.list(key)
+        key = key.strip("/")
+        if not keys:
+            return None
+        if keys == [key]:
+            return self.sha256(key)
+        return tree_digest((k[len(key) + 1:], self.sha256(k)) for k in keys)
+
 
 class LocalStore(ArtifactStore):
     """A directory on disk; atomicity by temp file + os.replace in the same directory."""
@@ -146,14 +194,10 @@ class LocalStore(ArtifactStore):
             raise StoreError(f"{self.uri_for(key)}: not found") from None
 
     def sha256(self, key: str) -> str:
-        digest = hashlib.sha256()
         try:
-            with open(self._path(key), "rb") as fh:
-                while block := fh.read(1 << 20):  # in blocks: a 100k-row output never sits in memory
-                    digest.update(block)
+            return file_sha256(self._path(key))
         except FileNotFoundError:
             raise StoreError(f"{self.uri_for(key)}: not found") from None
-        return digest.hexdigest()
 
     def iter_lines(self, key: str) -> Iterator[str]:
         try:
@@ -239,13 +283,22 @@ class LocalStore(ArtifactStore):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
         try:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the file system allows it (a 15 GB model imported in no time), else a copy.
+    Safe because artifacts are only ever replaced whole (rename), never edited in place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def open_store(uri: str | Path) -> ArtifactStore:

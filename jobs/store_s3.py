@@ -22,9 +22,10 @@ from typing import Iterator
 
 from .errors import StoreError
 from .models import _file_lock, cache_dir
-from .store import ArtifactStore
+from .store import ArtifactStore, file_sha256, local_files
 
 MIB = 1 << 20
+SHA_META = "cai-sha256"  # x-amz-meta-cai-sha256: the object's sha256, written with it
 DEFAULT_ATTEMPTS = 6  # tries in all; standard mode backs off exponentially (up to 20 s): rides out ~30 s of 5xx/throttling
 _CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"}
 
@@ -166,11 +167,12 @@ class S3Store(ArtifactStore):
             return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
+        meta = _sha_metadata(hashlib.sha256(data).hexdigest())
         with self._errors(key):
             if len(data) >= self.transfer.multipart_threshold:
-                self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._k(key), Config=self.transfer)
+                self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._k(key), Config=self.transfer, ExtraArgs=meta)
             else:
-                self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+                self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **meta)
 
     def create_only(self, key: str, data: bytes) -> bool:
         """A conditional PUT (If-None-Match: *): of two racing writers exactly one gets True."""
@@ -180,7 +182,7 @@ class S3Store(ArtifactStore):
         for attempt in range(6):
             with self._errors(key):
                 try:
-                    client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                    client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*", **_sha_metadata(hashlib.sha256(data).hexdigest()))
                     return True
                 except ClientError as e:
                     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -230,8 +232,12 @@ class S3Store(ArtifactStore):
             finally:
                 text.detach()  # flushed into `raw`, which closes (and vanishes) with the `with`
             raw.seek(0)  # reached only when the block finished: a failed write uploads nothing
+            digest = hashlib.sha256()
+            while block := raw.read(1 << 20):
+                digest.update(block)
+            raw.seek(0)
             with self._errors(key):
-                self.client.upload_fileobj(raw, self.bucket, full, Config=self.transfer)
+                self.client.upload_fileobj(raw, self.bucket, full, Config=self.transfer, ExtraArgs=_sha_metadata(digest.hexdigest()))
 
     def iter_lines(self, key: str) -> Iterator[str]:
         """Streamed: a 100k-row file never sits in memory. Only b"\\n" ends a line (never inside UTF-8)."""
@@ -248,12 +254,17 @@ class S3Store(ArtifactStore):
                 yield pending.decode("utf-8")
 
     def sha256(self, key: str) -> str:
-        """Streamed; for a file this process just uploaded (a model for its manifest), one HEAD instead
-        of downloading gigabytes again, trusted only while the object's ETag is the one uploaded."""
+        """One HEAD for objects cai-jobs wrote (their sha256 rides along as object metadata, which any
+        overwrite replaces, so it always describes the bytes there), else streamed: never gigabytes
+        downloaded again to check a model that is already known."""
         full, digest = self._k(key), hashlib.sha256()
         with self._errors(key):
-            if full in self._hashes and self._etag(full) == self._hashes[full][0]:
+            head = self.client.head_object(Bucket=self.bucket, Key=full)
+            if full in self._hashes and head["ETag"] == self._hashes[full][0]:
                 return self._hashes[full][1]
+            recorded = (head.get("Metadata") or {}).get(SHA_META, "")
+            if len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded):
+                return recorded
             body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
             with contextlib.closing(body):
                 for chunk in body.iter_chunks(1 << 20):
@@ -311,23 +322,18 @@ class S3Store(ArtifactStore):
         src, full = Path(src), self._k(key)
         if not src.is_dir():
             raise StoreError(f"{src}: not a directory; cannot upload it to {self.uri_for(key)}")
-        files = sorted(p for p in src.rglob("*") if p.is_file())
         uploaded = set()
-        for path in files:
-            rel = path.relative_to(src).as_posix()
+        for rel, path in local_files(src):
+            sha = file_sha256(path)
             with self._errors(f"{key}/{rel}"):
-                self.client.upload_file(str(path), self.bucket, f"{full}/{rel}", Config=self.transfer)
-                self._hashes[f"{full}/{rel}"] = (self._etag(f"{full}/{rel}"), _file_sha256(path))
+                self.client.upload_file(str(path), self.bucket, f"{full}/{rel}", Config=self.transfer, ExtraArgs=_sha_metadata(sha))
+                self._hashes[f"{full}/{rel}"] = (self._etag(f"{full}/{rel}"), sha)
             uploaded.add(f"{full}/{rel}")
         self._delete_keys([o["Key"] for o in self._objects(full) if o["Key"] not in uploaded])
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def _sha_metadata(sha: str) -> dict:
+    return {"Metadata": {SHA_META: sha}}
 
 
 def _synced(dest: Path, marker: Path, index: dict) -> bool:

@@ -80,6 +80,7 @@ generate:
   few_shot: 1
   max_new_tokens: 12
   critique_max_new_tokens: 8
+stages: [generate]
 """
     )
     return path

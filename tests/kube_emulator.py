@@ -9,6 +9,10 @@ reference, retries up to `backoffLimit`, `podFailurePolicy` rules, `activeDeadli
 `ttlSecondsAfterFinished`, and pod garbage collection. What a pod does comes from the test: a
 scripted `PodRun`, or `EXECUTE`: run the container's command with the container's env as a real
 process (emptyDir mount paths mapped to temp dirs), as a kubelet would.
+
+The server also records every HTTP request it receives (method, path, query) exactly as the client
+sent it, so tests/test_rbac.py can check each one against the RBAC Roles. The fixtures and helpers
+shared by the executor and RBAC tests (`cluster_factory`, `planted_spec`, `executor`...) live here too.
 """
 
 from __future__ import annotations
@@ -24,12 +28,28 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import kmock
+import pytest
+
+from jobs.config import KubernetesConfig, StageSpec
+from jobs.executors.kubernetes import KubernetesExecutor
+from jobs.store import LocalStore
 
 JOBS = kmock.resource("batch", "v1", "jobs")
 PODS = kmock.resource("", "v1", "pods")
+SERVICE_ACCOUNTS = kmock.resource("", "v1", "serviceaccounts")
+NS = "team-a"
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One request as it reached the API server: what RBAC authorizes."""
+
+    method: str
+    path: str
+    query: str  # the raw query string, e.g. "labelSelector=cai-jobs%2Fjob%3Dx"
 
 
 class PollingEmulator(kmock.KubernetesEmulator):
@@ -39,10 +59,12 @@ class PollingEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.tally: dict[tuple[Any, Any], int] = {}
+        self.http: list[HttpRequest] = []
 
     async def _handle(self, request: Any) -> Any:
         key = (request.action, request.resource)
         self.tally[key] = self.tally.get(key, 0) + 1
+        self.http.append(HttpRequest(str(request.method.value), request.url.path, request.url.query_string))
         del self._requests[:-1]
         return await super()._handle(request)
 
@@ -161,6 +183,10 @@ class FakeCluster:
 
     def requests(self, action: Any, resource: Any) -> int:
         return self.do(lambda: self.k.tally.get((action, resource), 0))
+
+    def http_requests(self) -> list[HttpRequest]:
+        """Every HTTP request the API server has received so far, in order."""
+        return self.do(lambda: list(self.k.http))
 
     # --- job controller + kubelet ---------------------------------------------------------------
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
@@ -331,3 +357,40 @@ class FakeCluster:
             assert cmd[0] == "cai"  # the image's console script
             proc = subprocess.run([sys.executable, "-m", "jobs.cli", *cmd[1:]], env=env, capture_output=True, text=True, timeout=600)
             return proc.returncode, proc.stdout + proc.stderr
+
+
+# --- shared by the executor and RBAC tests -------------------------------------------------------
+@pytest.fixture
+def cluster_factory() -> Iterator[Callable[..., FakeCluster]]:
+    """`cluster_factory(kubelet)`: a fresh emulated cluster, closed (and checked) after the test."""
+    made: list[FakeCluster] = []
+
+    def make(kubelet: Kubelet | None = None) -> FakeCluster:
+        made.append(FakeCluster(kubelet))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def k8s_config(**kw: Any) -> KubernetesConfig:
+    return KubernetesConfig(poll_seconds=0.02, **kw)
+
+
+def planted_spec(store: LocalStore, stage: str = "generate", shards: int = 1) -> tuple[StageSpec, str]:
+    """A spec in the store, as the controller writes it before calling the executor."""
+    spec = StageSpec(stage=stage, run_id="r1", round=1, store=store.uri, output=f"runs/r1/round-1/{stage}", model="bundled:x",
+                     params={"shards": shards})
+    store.write_json(spec.spec_key, spec.model_dump(mode="json"))
+    return spec, store.uri_for(spec.spec_key)
+
+
+def executor(cluster: FakeCluster, store: LocalStore, **kw: Any) -> KubernetesExecutor:
+    batch, core = cluster.clients()
+    return KubernetesExecutor(batch, core, store, k8s_config(**kw), namespace=NS)
+
+
+def put_service_account(cluster: FakeCluster, name: str = "cai-controller") -> None:
+    """What the chart (or `cai render --controller | kubectl apply`) installs before `cai submit`."""
+    cluster.put(SERVICE_ACCOUNTS, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": NS}})

@@ -60,9 +60,12 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_failed_stage_is_recorded(tmp_path, tiny_run_config):
-    config = tiny_run_config.read_text().replace(f"model: ", "model: /nonexistent/model/dir-")
+    broken = tmp_path / "broken-model"  # looks like a model directory, cannot be loaded: fails in the stage
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     bad = tmp_path / "bad-model.yaml"
-    bad.write_text(config)
+    bad.write_text(tiny_run_config.read_text().replace("model: ", f"model: {broken}\n# was: "))
     result = cai("run", "-c", str(bad), "--store", str(tmp_path / "store"), cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: stage generate failed")
@@ -71,6 +74,24 @@ def test_failed_stage_is_recorded(tmp_path, tiny_run_config):
     assert run["status"] == "failed"
     assert run["rounds"][0]["stages"]["generate"]["status"] == "failed"
     assert not list((tmp_path / "store").rglob("stage.json"))
+
+
+@pytest.mark.parametrize("model, says", [
+    ("/nonexistent/model/dir", "no such directory"),
+    ("{empty}", "no config.json"),
+    ("{no_weights}", "no weights"),
+    ("bundled:nope", "unknown bundled model"),
+])
+def test_bad_model_reference_is_one_line_before_anything_is_written(tmp_path, capsys, model, says):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model.format(empty=tmp_path / 'empty', no_weights=tmp_path / 'no_weights')}\n")
+    assert main(["run", "-c", str(config), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: model: ") and says in err
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.json"))
 
 
 def test_stage_command_is_the_pod_command():

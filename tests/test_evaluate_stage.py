@@ -305,7 +305,12 @@ def test_capability_sets_from_a_saved_datasets_dir_use_the_held_out_split(store,
 def test_bundled_capability_names_resolve_and_unknown_ones_fail_clearly(store, fake_sets):
     from jobs.errors import DataError
 
-    items, info = evaluate_stage.load_capability("bundled:capability_mc", evaluate_stage.mc_item, None)
+    from jobs.config import EvaluateConfig
+    from jobs.eval_sets import read_sets
+
+    staged = read_sets(EvaluateConfig(capability_mc="bundled:capability_mc"))["capability_mc"]
+    items, info = evaluate_stage.shape_capability(staged["rows"], staged["info"], evaluate_stage.mc_item, None, "mc")
     assert len(items) == info["size"] == 40 and info["dropped"] == {}
-    with pytest.raises(DataError, match="unknown bundled capability set"):
-        evaluate_stage.load_capability("bundled:nope", evaluate_stage.mc_item, None)
+    assert info["identity"].startswith("sha256:")
+    with pytest.raises(DataError, match="unknown bundled set"):
+        read_sets(EvaluateConfig(capability_mc="bundled:nope"))

@@ -23,41 +23,11 @@ from jobs.executors.kubernetes import KubernetesExecutor
 from jobs.executors.local import EXIT_CONFIG, pod_env, stage_command, stage_env
 from jobs.manifest import build_manifest, now_iso, write_manifest
 from jobs.store import LocalStore
-from kube_emulator import EXECUTE, JOBS, PODS, FakeCluster, PodRun
+from kube_emulator import (  # noqa: F401 - cluster_factory is a fixture
+    EXECUTE, JOBS, NS, PODS, PodRun, cluster_factory, executor, k8s_config, planted_spec, put_service_account,
+)
 
 import kmock
-
-NS = "team-a"
-
-
-@pytest.fixture
-def cluster_factory():
-    made = []
-
-    def make(kubelet=None) -> FakeCluster:
-        made.append(FakeCluster(kubelet))
-        return made[-1]
-
-    yield make
-    for c in made:
-        c.close()
-
-
-def k8s_config(**kw) -> KubernetesConfig:
-    return KubernetesConfig(poll_seconds=0.02, **kw)
-
-
-def planted_spec(store: LocalStore, stage: str = "generate", shards: int = 1) -> tuple[StageSpec, str]:
-    """A spec in the store, as the controller writes it before calling the executor."""
-    spec = StageSpec(stage=stage, run_id="r1", round=1, store=store.uri, output=f"runs/r1/round-1/{stage}", model="bundled:x",
-                     params={"shards": shards})
-    store.write_json(spec.spec_key, spec.model_dump(mode="json"))
-    return spec, store.uri_for(spec.spec_key)
-
-
-def executor(cluster: FakeCluster, store: LocalStore, **kw) -> KubernetesExecutor:
-    batch, core = cluster.clients()
-    return KubernetesExecutor(batch, core, store, k8s_config(**kw), namespace=NS)
 
 
 def stored_logs(store: LocalStore, spec: StageSpec) -> dict[str, str]:
@@ -327,11 +297,6 @@ def test_cai_logs_reads_the_local_executors_layout_and_picks_the_round(tmp_path,
     assert capsys.readouterr().out == "[evaluate] base/evaluate\n"
 
 
-def _service_account(cluster: FakeCluster) -> None:
-    cluster.put(kmock.resource("", "v1", "serviceaccounts"),
-                {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "cai-controller", "namespace": NS}})
-
-
 def test_cai_submit_creates_the_config_map_and_the_controller_job(tmp_path, cluster_factory, monkeypatch, capsys):
     cluster = cluster_factory(lambda job, i, attempt: PodRun(seconds=60))  # the controller keeps running
     monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig(str(tmp_path / "kubeconfig"), namespace=NS))
@@ -343,7 +308,7 @@ def test_cai_submit_creates_the_config_map_and_the_controller_job(tmp_path, clus
     assert main(["submit", "-c", str(config), "--store", "s3://bucket/runs"]) == 1
     assert "serviceaccount team-a/cai-controller: not found" in capsys.readouterr().err
 
-    _service_account(cluster)
+    put_service_account(cluster)
     assert main(["submit", "-c", str(config), "--store", "s3://bucket/runs"]) == 0
     out = capsys.readouterr().out
     run_id = out.split()[1].rstrip(":")

@@ -189,12 +189,10 @@ def test_rbac_is_namespaced_and_minimal(default_render: str) -> None:
     assert not [d for d in objs if d["kind"].startswith("Cluster")]
     (role,) = by_kind(objs, "Role")
     rules = {(g, r): sorted(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert rules == {
-        ("batch", "jobs"): ["create", "delete", "get", "list", "watch"],
-        ("", "pods"): ["get", "list", "watch"],
+    assert rules == {  # what the controller sends; tests/test_rbac.py records the requests
+        ("batch", "jobs"): ["create", "delete", "get"],
+        ("", "pods"): ["list"],
         ("", "pods/log"): ["get"],
-        ("", "configmaps"): ["get", "list", "watch"],
-        ("coordination.k8s.io", "leases"): ["create", "get", "update"],
     }
     (binding,) = by_kind(objs, "RoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cai-controller"}
@@ -257,6 +255,48 @@ def test_s3_secret_and_endpoint_reach_controller_and_stages(helm: Path, tmp_path
         assert "annotations" not in sa["metadata"]
 
 
+def container_env(pod: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+
+def test_hf_token_and_endpoint_reach_the_controller_only(helm: Path, tmp_path: Path) -> None:
+    """The controller pods download from the Hub (token from the Secret, the mirror's endpoint, HF_HOME in
+    their cache); the stage Jobs they submit stay offline and never get the token."""
+    import kubernetes_validate
+    from jobs.config import StageSpec
+    from jobs.executors.k8s_manifests import build_controller_job, build_job, to_dict
+
+    objs = docs(template(helm, "--set", "hf.tokenSecret=hf-token", "--set", "hf.endpoint=https://hf-mirror.example.com",
+                         "--set", "s3.existingSecret=minio-creds", "--set", "s3.endpoint=http://minio.storage:9000",
+                         "--set", "runOnInstall=true"))
+    for obj in objs:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    k8s = load_run_config(run_yaml(objs), tmp_path).kubernetes
+    assert (k8s.hf_token_secret, k8s.hf_endpoint) == ("hf-token", "https://hf-mirror.example.com")
+    submitted = to_dict(build_controller_job("r", "s3://cai-jobs/cai", k8s, namespace=NS))["spec"]["template"]["spec"]
+    for pod in pod_specs(objs):
+        env = container_env(pod)
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+        assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.example.com"
+        assert env["HF_HOME"]["value"] == "/var/cache/cai/hf"
+        assert "HF_HUB_OFFLINE" not in env
+        assert pod["containers"][0]["env"] == submitted["containers"][0]["env"]  # the same env as `cai submit`'s controller
+    for stage in ("generate", "judge", "train", "evaluate"):
+        spec = StageSpec(stage=stage, run_id="r", round=1, store="s3://cai-jobs/cai", output=f"runs/r/round-1/{stage}", model="m")
+        job = to_dict(build_job(spec, f"s3://cai-jobs/cai/runs/r/round-1/{stage}/spec.json", k8s, namespace=NS))
+        env = container_env(job["spec"]["template"]["spec"])
+        assert env["HF_HUB_OFFLINE"]["value"] == "1"
+        assert not {"HF_TOKEN", "HF_ENDPOINT", "HF_HOME"} & set(env) and "hf-token" not in json.dumps(job)
+
+
+def test_controller_pods_are_online_and_anonymous_by_default(default_render: str) -> None:
+    for pod in pod_specs(docs(default_render)):
+        env = container_env(pod)
+        assert env["HF_HOME"]["value"] == "/var/cache/cai/hf"
+        assert not {"HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"} & set(env)
+
+
 # --- the rendered run config ---------------------------------------------------------------------
 def test_default_run_yaml_loads_as_run_config(default_render: str, tmp_path: Path) -> None:
     config = load_run_config(run_yaml(docs(default_render)), tmp_path)
@@ -268,6 +308,7 @@ def test_default_run_yaml_loads_as_run_config(default_render: str, tmp_path: Pat
     assert {s: r.gpus for s, r in k8s.stages.items()} == {"generate": 1, "judge": 1, "train": 1, "evaluate": 1}
     assert k8s.stages["train"].memory == "64Gi" and k8s.stages["train"].active_deadline_seconds == 43200
     assert (k8s.s3_secret, k8s.s3_endpoint, k8s.queue, k8s.priority_class) == (None, None, None, None)
+    assert (k8s.hf_token_secret, k8s.hf_endpoint) == (None, None)
 
 
 def test_gpu_run_yaml_carries_stage_resources(gpu_render: str, tmp_path: Path) -> None:
@@ -336,6 +377,9 @@ def test_inline_constitution_that_is_not_yaml_fails(helm: Path, tmp_path: Path) 
         (["--set", "s3.bucket=null"], "s3: bucket is required"),
         (["--set", "s3.bucket="], "s3.bucket: Does not match pattern"),
         (["--set", "s3.irsaRoleArn=my-role"], "s3.irsaRoleArn: Does not match pattern"),
+        (["--set", "hf.tokenSecret=HF_Token"], "hf.tokenSecret: Does not match pattern"),
+        (["--set", "hf.endpoint=hf-mirror.example.com"], "hf.endpoint: Does not match pattern"),
+        (["--set", "hf.token=hf_abc"], "hf: Additional property token is not allowed"),
         (["--set", "constitution.name=nope"], "constitution.name must be one of the following"),
         (["--set", "run.generate.revison_rounds=3"], "run.generate: Additional property revison_rounds is not allowed"),
         (["--set", "run.rounds=0"], "run.rounds: Must be greater than or equal to 1"),

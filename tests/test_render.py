@@ -74,8 +74,11 @@ def test_every_rendered_document_validates_strictly(config, controller):
 
 
 def test_default_run_renders_its_first_round():
-    out = render(RunConfig(), STORE)
-    assert list(stage_jobs(out)) == ["generate"]
+    """The base evaluation (when the run evaluates), then one Job per stage of round 1, in order."""
+    config = RunConfig()
+    out = render(config, STORE)
+    jobs = [(d["metadata"]["labels"]["cai-jobs/round"], d["metadata"]["labels"]["cai-jobs/stage"]) for d in docs(out) if d["kind"] == "Job"]
+    assert jobs == [("0", "evaluate")] * ("evaluate" in config.stages) + [("1", s) for s in config.stages]
     assert out.startswith("# cai render: run cai-")
 
 
@@ -206,7 +209,7 @@ def test_render_controller_prints_rbac_config_map_and_controller_job(tmp_path, c
         by_kind.setdefault(d["kind"], []).append(d)
     role = by_kind["Role"][0]
     assert {(tuple(r["apiGroups"]), tuple(r["resources"])) for r in role["rules"]} == {
-        (("batch",), ("jobs",)), (("",), ("pods",)), (("",), ("pods/log",)), (("",), ("configmaps",)), (("coordination.k8s.io",), ("leases",))}
+        (("batch",), ("jobs",)), (("",), ("pods",)), (("",), ("pods/log",))}
     assert all("*" not in r["verbs"] for r in role["rules"])
     binding = by_kind["RoleBinding"][0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cai-controller", "namespace": "ml"}]
@@ -226,9 +229,38 @@ def test_render_controller_prints_rbac_config_map_and_controller_job(tmp_path, c
     assert all(d["metadata"]["namespace"] == "ml" for d in out)
 
 
+def test_hf_token_and_endpoint_reach_the_controller_job_only():
+    """The controller downloads from the Hub and imports into the store; stage Jobs stay offline, tokenless."""
+    config = RunConfig.model_validate({**FULL, "kubernetes": {**FULL["kubernetes"], "hf_token_secret": "hf-token",
+                                                              "hf_endpoint": "https://hf-mirror.example.com"}})
+    out = docs(render(config, STORE, controller=True))
+    for doc in out:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    jobs = [d for d in out if d["kind"] == "Job"]
+    controller = next(j for j in jobs if j["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
+    env = {e["name"]: e for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+    assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.example.com" and env["HF_HOME"]["value"] == "/var/cache/cai/hf"
+    assert "HF_HUB_OFFLINE" not in env
+    stages = [j for j in jobs if j is not controller]
+    assert len(stages) == 5
+    for job in stages:
+        stage_env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert stage_env["HF_HUB_OFFLINE"]["value"] == "1"
+        assert not {"HF_TOKEN", "HF_ENDPOINT", "HF_HOME"} & set(stage_env) and "hf-token" not in yaml.safe_dump(job)
+    (cm,) = [d for d in out if d["kind"] == "ConfigMap"]
+    pod_k8s = RunConfig.model_validate(yaml.safe_load(cm["data"]["run.yaml"])).kubernetes
+    assert (pod_k8s.hf_token_secret, pod_k8s.hf_endpoint) == ("hf-token", "https://hf-mirror.example.com")
+    # without them the controller is still online, and anonymous
+    plain = next(d for d in docs(render(RunConfig(), STORE, controller=True))
+                 if d["kind"] == "Job" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
+    names = {e["name"] for e in plain["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "HF_HOME" in names and not {"HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"} & names
+
+
 def test_golden_job():
     """One rendered Job, byte for byte. After an intended change: CAI_UPDATE_GOLDEN=1 pytest tests/test_render.py."""
-    config = RunConfig.model_validate({"name": "golden", "generate": {"shards": 2}, "kubernetes": {
+    config = RunConfig.model_validate({"name": "golden", "stages": ["generate"], "generate": {"shards": 2}, "kubernetes": {
         "namespace": "cai", "s3_secret": "s3-credentials", "s3_endpoint": "http://minio.storage:9000", "queue": "gpu-queue",
         "stages": {"generate": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}}})
     text = render(config, STORE, run_id="golden-run")

@@ -256,9 +256,19 @@ def test_sha256_of_uploaded_tree_needs_no_download(s3_store, tmp_path):
     s3_store.put_dir(src, "runs/x/model")
     gets = count_calls(s3_store, "GetObject")
     assert {k: s3_store.sha256(f"runs/x/model/{k}") for k in files(src)} == files(src) and gets == []
-    s3_store.write_bytes("runs/x/model/model.safetensors", b"replaced")  # changed since: read it again
+    s3_store.write_bytes("runs/x/model/model.safetensors", b"replaced")  # rewritten by cai: its sha256 rides along
     assert s3_store.sha256("runs/x/model/model.safetensors") == hashlib.sha256(b"replaced").hexdigest()
-    assert len(gets) == 1
+    assert gets == []
+    fresh = S3Store(s3_store.uri, cache_root=tmp_path / "cache")  # another process: nothing remembered, metadata only
+    fresh_gets = count_calls(fresh, "GetObject")
+    assert {k: fresh.sha256(f"runs/x/model/{k}") for k in files(src) if k != "model.safetensors"} == \
+        {k: v for k, v in files(src).items() if k != "model.safetensors"} and fresh_gets == []
+    # overwritten by another tool (no metadata, or stale metadata dropped by the new PUT): read it again
+    s3_store._client.put_object(Bucket=s3_store.bucket, Key=s3_store._k("runs/x/model/model.safetensors"), Body=b"foreign")
+    assert fresh.sha256("runs/x/model/model.safetensors") == hashlib.sha256(b"foreign").hexdigest()
+    assert len(fresh_gets) == 1
+    assert fresh.digest("runs/x/model") != s3_store.digest("runs/x/nothing") and s3_store.digest("runs/x/nothing") is None
+    fresh.close()
 
 
 def test_failed_download_never_looks_complete(s3_store, tmp_path):

@@ -4,6 +4,7 @@ Nothing here talks to a cluster. Each builder returns official `kubernetes` clie
 `to_yaml` renders them offline, so `cai render` prints exactly what `cai run --executor kubernetes`
 and `cai submit` create. A stage Job runs the same command and stage env as the local executor
 (`stage_command`, `pod_env` in local.py); only cluster plumbing (cache volume, S3 credentials) is added.
+Stage pods stay offline (HF_HUB_OFFLINE=1); only the controller Job gets the Hub's endpoint and token.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ CONTAINER = "stage"  # podFailurePolicy's exit-code rule and log reads name this
 RUN_AS_USER = 10001  # the `cai` user of the images (Dockerfile: useradd --uid 10001)
 CACHE_DIR = "/var/cache/cai"  # emptyDir: model and store downloads live and die with the pod
 CONFIG_DIR = "/etc/cai"  # the controller's ConfigMap (run.yaml, constitution.yaml)
+HF_HOME = f"{CACHE_DIR}/hf"  # the controller's Hub downloads, in its cache emptyDir
+HUB_OFFLINE = "HF_HUB_OFFLINE"  # in every stage pod's env (pod_env); never in the controller's
+HF_TOKEN_KEY = "HF_TOKEN"  # the key in kubernetes.hf_token_secret
 CONTROLLER_SA = "cai-controller"  # same name as the chart's ServiceAccount, Role and RoleBinding
 SPEC_HASH = "cai-jobs/spec-hash"
 SPEC_URI = "cai-jobs/spec-uri"
@@ -134,6 +138,24 @@ def _store_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
             ref = m.V1SecretKeySelector(name=k8s.s3_secret, key=key)
             env.append(m.V1EnvVar(name=key, value_from=m.V1EnvVarSource(secret_key_ref=ref)))
     return env
+
+
+def _hub_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
+    """The controller's way to the Hub: it downloads models and datasets and imports them into the
+    store, so stage pods stay offline and never see the token."""
+    env = [m.V1EnvVar(name="HF_HOME", value=HF_HOME)]
+    if k8s.hf_endpoint:
+        env.append(m.V1EnvVar(name="HF_ENDPOINT", value=k8s.hf_endpoint))
+    if k8s.hf_token_secret:
+        ref = m.V1SecretKeySelector(name=k8s.hf_token_secret, key=HF_TOKEN_KEY)
+        env.append(m.V1EnvVar(name="HF_TOKEN", value_from=m.V1EnvVarSource(secret_key_ref=ref)))
+    return env
+
+
+def controller_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
+    """The stage env minus HF_HUB_OFFLINE, the store's, then the Hub's (the controller is online)."""
+    base = [m.V1EnvVar(name=k, value=v) for k, v in pod_env().items() if k != HUB_OFFLINE]
+    return base + _store_env(k8s) + _hub_env(k8s)
 
 
 def _scratch_volumes() -> tuple[list[m.V1Volume], list[m.V1VolumeMount]]:
@@ -260,7 +282,7 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
         image=controller_image(k8s),
         image_pull_policy=k8s.image_pull_policy,
         command=controller_command(run_id, store),
-        env=[m.V1EnvVar(name=k, value=v) for k, v in pod_env().items()] + _store_env(k8s) + downward,
+        env=controller_env(k8s) + downward,
         resources=m.V1ResourceRequirements(
             requests={"cpu": CONTROLLER_CPU, "memory": CONTROLLER_MEMORY}, limits={"memory": CONTROLLER_MEMORY}
         ),
@@ -298,14 +320,13 @@ def build_service_account(k8s: KubernetesConfig, namespace: str | None = None) -
 
 
 def controller_rules() -> list[m.V1PolicyRule]:
-    """What the controller does, nothing more: run stage Jobs, read their pods and logs, read its
-    ConfigMaps, and hold a Lease so two controllers never drive one run."""
+    """What the controller sends, nothing more (tests/test_rbac.py records it): create, poll and
+    delete stage Jobs, list their pods, read pod logs. It polls, so no watch; the kubelet mounts its
+    ConfigMap and the run lock lives in the store, so no configmaps or leases."""
     return [
-        m.V1PolicyRule(api_groups=["batch"], resources=["jobs"], verbs=["create", "get", "list", "watch", "delete"]),
-        m.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get", "list", "watch"]),
+        m.V1PolicyRule(api_groups=["batch"], resources=["jobs"], verbs=["create", "get", "delete"]),
+        m.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["list"]),
         m.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
-        m.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["get", "list", "watch"]),
-        m.V1PolicyRule(api_groups=["coordination.k8s.io"], resources=["leases"], verbs=["get", "create", "update"]),
     ]
 
 

@@ -71,7 +71,8 @@ def local_paths(config: RunConfig) -> list[str]:
     """Inputs that name files on this machine: a pod cannot read them (put them in the store or the image)."""
     refs = [("model", config.model)] + [(f"data.train[{i}].source", s.source) for i, s in enumerate(config.data.train)]
     refs += [("evaluate.harmful.source", config.evaluate.harmful.source), ("evaluate.benign.source", config.evaluate.benign.source),
-             ("evaluate.capability_mc", config.evaluate.capability_mc), ("evaluate.capability_exact", config.evaluate.capability_exact)]
+             *((f"evaluate.{k}", getattr(v, "source", v)) for k, v in  # a DataSource, or a plain reference
+               (("capability_mc", config.evaluate.capability_mc), ("capability_exact", config.evaluate.capability_exact)))]
     return [f"{name}: {ref}" for name, ref in refs if ":" not in ref.split("/")[0] and Path(ref).exists()]
 
 

@@ -294,11 +294,12 @@ class KubernetesExecutor:
             raise api_error(what, e) from None
 
     def _read(self, name: str, strict: bool = False) -> Any:
-        """The Job, or None once it is gone; other errors raise SubmitError."""
+        """The Job, or None once it is gone; other errors raise SubmitError. A GET of the Job itself
+        (not its /status subresource) returns .status too and needs only `get` on jobs (tests/test_rbac.py)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.batch.read_namespaced_job_status(name, self.namespace)
+            return self.batch.read_namespaced_job(name, self.namespace)
         except ApiException as e:
             if e.status == 404:
                 return None

@@ -17,16 +17,14 @@ from __future__ import annotations
 import gc
 import json
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
-from ..config import EvaluateConfig, PromptSource, StageSpec
+from ..config import EvaluateConfig, StageSpec
 from ..constitution import Constitution
-from ..data import DATA_DIR, iter_dataset_rows, iter_jsonl_rows, load_prompts
 from ..engines import Engine, SamplingParams, load_engine
-from ..errors import DataError
+from ..eval_sets import SETS, load_staged, prompt_records, read_sets
 from ..judging import ANSWER_PREFIX, HARMLESS_CRITERION, LABELS, grading_messages, p_yes
 from ..metrics import exact_match, exact_match_strict, mc_pick, variant_metrics
 from ..models import resolve_model
@@ -38,46 +36,8 @@ from ..sharding import shard_bounds
 from ..store import ArtifactStore
 from . import StageResult, log
 
-MAX_PROMPT_CHARS = 8000  # held-out prompts are short; this only drops pasted garbage
 EXACT_MAX_NEW_TOKENS = 24  # a short answer plus a few words of framing ("The capital is Paris.")
 EXACT_INSTRUCTION = "Answer with just the answer, in as few words as possible."
-HELD_OUT_SPLITS = ("eval", "test", "validation")  # a datasets dir: the first of these it has
-SETS = ("harmful", "benign", "capability_mc", "capability_exact")
-
-
-def capability_rows(ref: str) -> Iterator[dict[str, Any] | str]:
-    """Rows of `bundled:<name>`, a JSONL file or a saved datasets dir; `train` rows never count."""
-    if ref.startswith("bundled:"):
-        path = DATA_DIR / f"{ref.split(':', 1)[1]}.jsonl"
-        if not path.is_file():
-            names = ", ".join(f"bundled:{p.stem}" for p in sorted(DATA_DIR.glob("capability_*.jsonl")))
-            raise DataError(f"{ref}: unknown bundled capability set; use one of {names}, a JSONL file or a datasets dir")
-        rows: Iterator = iter_jsonl_rows(path)
-    elif Path(ref).expanduser().is_file():
-        rows = iter_jsonl_rows(Path(ref).expanduser())
-    elif Path(ref).expanduser().is_dir():
-        split = _held_out_split(Path(ref).expanduser())
-        rows = iter_dataset_rows(str(Path(ref).expanduser()), split)
-    else:
-        raise DataError(f"{ref}: capability set not found; give bundled:<name>, a JSONL file or a saved datasets dir")
-    for row in rows:
-        if not (isinstance(row, dict) and row.get("split") == "train"):
-            yield row
-
-
-def _held_out_split(path: Path) -> str | None:
-    try:
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-    except Exception:  # iter_dataset_rows reports the real problem in one line
-        return None
-    if not isinstance(ds, datasets.DatasetDict):
-        return None
-    for name in HELD_OUT_SPLITS:
-        if name in ds:
-            return name
-    raise DataError(f"{path}: no held-out split ({', '.join(HELD_OUT_SPLITS)}); found {sorted(ds)}")
 
 
 def mc_item(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -102,27 +62,44 @@ def exact_item(row: dict[str, Any]) -> dict[str, Any] | None:
     return {"id": str(row.get("id", "")), "question": q.strip(), "answers": [str(answer)] + [str(a) for a in aliases]}
 
 
-def load_capability(ref: str, shape, limit: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def shape_capability(rows: list[dict[str, Any]], info: dict[str, Any], shape, limit: int | None, tag: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Items of the shape `shape` gives, at most `limit`; rows that have another shape are counted."""
     items: list[dict[str, Any]] = []
-    info = {"source": ref, "rows": 0, "dropped": {}}
-    for n, row in enumerate(capability_rows(ref), 1):
-        info["rows"] += 1
-        item = shape(row) if isinstance(row, dict) else None
-        reason = row if isinstance(row, str) else "bad_row" if item is None else "over_limit" if limit and len(items) >= limit else None
+    info = {**info, "dropped": dict(info.get("dropped", {}))}
+    for row in rows:
+        n = row.get("_n", len(items) + 1)
+        item = shape(row)
+        reason = "bad_row" if item is None else "over_limit" if limit and len(items) >= limit else None
         if reason:
             info["dropped"][reason] = info["dropped"].get(reason, 0) + 1
             continue
-        item["id"] = item["id"] or f"{ref.rsplit('/', 1)[-1]}-{n:05d}"
+        item["id"] = item["id"] or f"{tag}-{n:05d}"
         items.append(item)
     info["size"] = len(items)
     return items, info
 
 
-def load_prompt_set(src: PromptSource, limit: int | None):
-    caps = [x for x in (src.limit, limit) if x is not None]
-    src = src.model_copy(update={"limit": min(caps) if caps else None})
-    records, (report,) = load_prompts([src], MAX_PROMPT_CHARS)
-    return records, {"source": src.source, "split": src.split, "rows": report.rows, "size": len(records), "dropped": dict(report.dropped)}
+def shape_prompts(rows: list[dict[str, Any]], info: dict[str, Any], limit: int | None) -> tuple[list, dict[str, Any]]:
+    records = prompt_records(rows)
+    info = {**info, "dropped": dict(info.get("dropped", {}))}
+    if limit is not None and len(records) > limit:
+        info["dropped"]["over_limit"] = info["dropped"].get("over_limit", 0) + len(records) - limit
+        records = records[:limit]
+    info["size"] = len(records)
+    return records, info
+
+
+def load_sets(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig) -> tuple[dict[str, list], dict[str, dict]]:
+    """The staged sets (what the controller copied into the run), shaped and limited."""
+    staged = load_staged(store, spec.inputs) or read_sets(cfg, store)  # by hand (`cai stage`) without staged sets: read the sources
+    sets: dict[str, list] = {}
+    info: dict[str, dict] = {}
+    for name in ("harmful", "benign"):
+        sets[name], info[name] = shape_prompts(staged[name]["rows"], staged[name]["info"], cfg.limit)
+    for name, shape in (("capability_mc", mc_item), ("capability_exact", exact_item)):
+        tag = getattr(cfg, name).source.rsplit("/", 1)[-1]
+        sets[name], info[name] = shape_capability(staged[name]["rows"], staged[name]["info"], shape, cfg.limit, tag)
+    return sets, info
 
 
 def conversation(user: str, system: str | None) -> list[dict[str, str]]:
@@ -179,12 +156,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     judge_ref = cfg.judge_model or spec.model
     timings: dict[str, float] = {}
 
-    sets: dict[str, list] = {}
-    info: dict[str, dict] = {}
-    sets["harmful"], info["harmful"] = load_prompt_set(cfg.harmful, cfg.limit)
-    sets["benign"], info["benign"] = load_prompt_set(cfg.benign, cfg.limit)
-    sets["capability_mc"], info["capability_mc"] = load_capability(cfg.capability_mc, mc_item, cfg.limit)
-    sets["capability_exact"], info["capability_exact"] = load_capability(cfg.capability_exact, exact_item, cfg.limit)
+    sets, info = load_sets(spec, store, cfg)
     if shard[1] > 1:  # every set is sliced the same way; merged in shard order they are whole again
         sets = {k: v[slice(*shard_bounds(len(v), *shard))] for k, v in sets.items()}
     log("evaluate", "sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + f"; model {spec.model}, judge {judge_ref}")

@@ -90,6 +90,8 @@ values, in RunConfig's own keys, so the controller submits stage Jobs with these
     "service_account" $v.rbac.stageServiceAccount
     "s3_secret" ($v.s3.existingSecret | default nil)
     "s3_endpoint" ($v.s3.endpoint | default nil)
+    "hf_token_secret" ($v.hf.tokenSecret | default nil)
+    "hf_endpoint" ($v.hf.endpoint | default nil)
     "priority_class" ($v.priorityClassName | default nil)
     "queue" ($v.queue | default nil)
     "backoff_limit" $v.backoffLimit
@@ -134,7 +136,9 @@ seccompProfile:
 
 {{/*
 The controller pod (install Job and CronJob alike): `cai <verb> -c /etc/cai/run.yaml --executor
-kubernetes --store s3://...`, the same env as `cai submit`'s controller Job, the ConfigMap at /etc/cai.
+kubernetes --store s3://...`, the same env as `cai submit`'s controller Job (k8s_manifests.controller_env),
+the ConfigMap at /etc/cai. It is online (no HF_HUB_OFFLINE): it downloads Hub models and datasets into
+the store; the HF token reaches it only, never the stage pods.
 Call with (dict "ctx" $ "verb" "run").
 */}}
 {{- define "cai.controllerPod" -}}
@@ -179,7 +183,6 @@ spec:
       env:
         - {name: PYTHONUNBUFFERED, value: "1"}
         - {name: TOKENIZERS_PARALLELISM, value: "false"}
-        - {name: HF_HUB_OFFLINE, value: "1"}
         - {name: CAI_CACHE_DIR, value: /var/cache/cai}
         {{- with $v.s3.endpoint }}
         - {name: AWS_ENDPOINT_URL_S3, value: {{ . | quote }}}
@@ -189,6 +192,14 @@ spec:
           valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_ACCESS_KEY_ID}}
         - name: AWS_SECRET_ACCESS_KEY
           valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}}
+        {{- end }}
+        - {name: HF_HOME, value: /var/cache/cai/hf}
+        {{- with $v.hf.endpoint }}
+        - {name: HF_ENDPOINT, value: {{ . | quote }}}
+        {{- end }}
+        {{- with $v.hf.tokenSecret }}
+        - name: HF_TOKEN
+          valueFrom: {secretKeyRef: {name: {{ . }}, key: HF_TOKEN}}
         {{- end }}
         - name: POD_NAME
           valueFrom: {fieldRef: {fieldPath: metadata.name}}
