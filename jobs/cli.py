@@ -169,16 +169,19 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .config import load_run_config
     from .errors import SubmitError
-    from .executors.k8s_submit import local_paths, submit
+    from .executors.k8s_submit import submit
     from .executors.kubernetes import kube_clients
+    from .store import open_store
+    from .uploads import upload_local_inputs
 
     config = load_run_config(args.config)
     store = args.store or config.store
     if not store.startswith("s3://"):
         raise SubmitError(f"--store: {store} is a local directory, which the cluster cannot read; pass --store s3://bucket/prefix")
-    for p in local_paths(config):
-        print(f"warning: {p} is a local path, which the controller pod cannot read", file=sys.stderr)
     batch, core, namespace = kube_clients(args.namespace or config.kubernetes.namespace)
+    config, uploaded = upload_local_inputs(config, open_store(store))  # the pod reads the store, never this disk
+    for p in uploaded:
+        print(f"uploaded {p} to the store", file=sys.stderr)
     s = submit(config, store, batch, core, namespace, run_id=args.run_id)
     verb = {"created": "submitted", "running": "already running", "recreated": "resubmitted (resumes from the store)"}[s.state]
     print(f"run {s.run_id}: {verb} as job {s.namespace}/{s.job} (config in configmap {s.config_map})")

@@ -296,7 +296,7 @@ def _link_or_copy(src: str, dst: str) -> None:
     """A hard link where the file system allows it (a 15 GB model imported in no time), else a copy.
     Safe because artifacts are only ever replaced whole (rename), never edited in place."""
     try:
-        os.link(src, dst)
+        os.link(os.path.realpath(src), dst)  # a Hub snapshot is symlinks into its blobs: link the blob
     except OSError:
         shutil.copy2(src, dst)
 

@@ -32,6 +32,7 @@ HUB_OFFLINE = "HF_HUB_OFFLINE"  # in every stage pod's env (pod_env); never in t
 HF_TOKEN_KEY = "HF_TOKEN"  # the key in kubernetes.hf_token_secret
 CONTROLLER_SA = "cai-controller"  # same name as the chart's ServiceAccount, Role and RoleBinding
 SPEC_HASH = "cai-jobs/spec-hash"
+INPUTS_HASH = "cai-jobs/inputs-hash"  # the spec and its inputs' content digests: a Job is adopted only with both equal
 SPEC_URI = "cai-jobs/spec-uri"
 JOB_LABEL = "cai-jobs/job"  # on every pod of a Job: how the executor finds a Job's pods
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -190,8 +191,10 @@ def _pod_failure_policy(fatal_exit_codes: list[int]) -> m.V1PodFailurePolicy:
     )
 
 
-def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: str | None = None) -> m.V1Job:
-    """The batch/v1 Job that runs one StageSpec; sharded specs become Indexed Jobs (one pod per shard)."""
+def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: str | None = None, inputs_hash: str | None = None) -> m.V1Job:
+    """The batch/v1 Job that runs one StageSpec; sharded specs become Indexed Jobs (one pod per shard).
+    `inputs_hash` (the spec with its inputs' content digests) is what an existing Job of the same name
+    must also carry to be adopted: `cai render` has no store to digest, so it leaves it out."""
     res = k8s.stages[spec.stage]
     field = f"kubernetes.stages.{spec.stage}"
     labels = stage_labels(spec, k8s)
@@ -227,7 +230,7 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         api_version="batch/v1",
         kind="Job",
         metadata=m.V1ObjectMeta(
-            name=name, namespace=namespace, labels=labels, annotations={SPEC_HASH: spec.spec_hash(), SPEC_URI: spec_uri}
+            name=name, namespace=namespace, labels=labels, annotations={SPEC_HASH: spec.spec_hash(), SPEC_URI: spec_uri, **({INPUTS_HASH: inputs_hash} if inputs_hash else {})}
         ),
         spec=m.V1JobSpec(
             completion_mode="Indexed" if shards > 1 else "NonIndexed",

@@ -67,15 +67,6 @@ def controller_config(config: RunConfig, store_uri: str) -> tuple[RunConfig, str
     return config.model_copy(update=updates), path.read_text(encoding="utf-8")
 
 
-def local_paths(config: RunConfig) -> list[str]:
-    """Inputs that name files on this machine: a pod cannot read them (put them in the store or the image)."""
-    refs = [("model", config.model)] + [(f"data.train[{i}].source", s.source) for i, s in enumerate(config.data.train)]
-    refs += [("evaluate.harmful.source", config.evaluate.harmful.source), ("evaluate.benign.source", config.evaluate.benign.source),
-             *((f"evaluate.{k}", getattr(v, "source", v)) for k, v in  # a DataSource, or a plain reference
-               (("capability_mc", config.evaluate.capability_mc), ("capability_exact", config.evaluate.capability_exact)))]
-    return [f"{name}: {ref}" for name, ref in refs if ":" not in ref.split("/")[0] and Path(ref).exists()]
-
-
 def render(config: RunConfig, store_uri: str, run_id: str | None = None, namespace: str | None = None, controller: bool = False) -> str:
     """Every manifest of the run as multi-document YAML (no network, no store writes)."""
     ns = namespace or config.kubernetes.namespace
@@ -89,7 +80,6 @@ def render(config: RunConfig, store_uri: str, run_id: str | None = None, namespa
              "later rounds differ in round, model and inputs"]
     if not store_uri.startswith("s3://"):
         notes.append("warning: the store is a local directory, which pods cannot read; use --store s3://bucket/prefix")
-    notes += [f"warning: {p} is a local path, which pods cannot read" for p in local_paths(config)]
     if controller:
         notes.append(f"controller: image {controller_image(config.kubernetes)}, ServiceAccount {CONTROLLER_SA} (RBAC below)")
         k8s = config.kubernetes

@@ -20,7 +20,8 @@ from ..config import KubernetesConfig, StageSpec
 from ..errors import StageFailed, SubmitError
 from ..schema import parse_data
 from ..store import ArtifactStore
-from .k8s_manifests import CONTAINER, JOB_LABEL, SPEC_HASH, build_job
+from ..manifest import inputs_digest
+from .k8s_manifests import CONTAINER, INPUTS_HASH, JOB_LABEL, SPEC_HASH, build_job
 from .local import EXIT_CONFIG
 
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -182,7 +183,7 @@ class KubernetesExecutor:
 
     def run(self, stage: str, spec_uri: str) -> str:
         spec = self._load_spec(spec_uri)
-        job = build_job(spec, spec_uri, self.k8s, namespace=self.namespace)
+        job = build_job(spec, spec_uri, self.k8s, namespace=self.namespace, inputs_hash=inputs_digest(self.store, spec))
         self.submit(job, spec)
         try:
             outcome = self.wait(job.metadata.name, spec)
@@ -210,12 +211,17 @@ class KubernetesExecutor:
         except Exception as e:  # urllib3 connection errors
             raise api_error(f"create {what}", e) from None
         existing = self._read(name)
-        theirs = ((existing and existing.metadata.annotations) or {}).get(SPEC_HASH)
+        annotations = (existing and existing.metadata.annotations) or {}
+        theirs = annotations.get(SPEC_HASH)
         if existing is not None and theirs != spec.spec_hash():
             raise SubmitError(f"{what} exists with spec hash {theirs}, not {spec.spec_hash()}; delete it (kubectl delete job -n {self.namespace} {name}) or use another --run-id")
         state = job_state(existing)[0] if existing is not None else "gone"
-        if state in ("failed", "gone"):
-            log(f"{what}: a previous attempt {'failed' if state == 'failed' else 'vanished'}; submitting it again")
+        stale = existing is not None and annotations.get(INPUTS_HASH) != job.metadata.annotations[INPUTS_HASH]
+        if stale:  # same spec, other input bytes (a prompt file edited, a model replaced): its work does not count
+            log(f"{what}: an earlier Job ran this spec on other inputs ({state or 'running'}); replacing it")
+        if stale or state in ("failed", "gone"):
+            if not stale:
+                log(f"{what}: a previous attempt {'failed' if state == 'failed' else 'vanished'}; submitting it again")
             self._delete(name)
             self._call(f"create {what}", self.batch.create_namespaced_job, self.namespace, job)
         else:

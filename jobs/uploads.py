@@ -1,0 +1,77 @@
+"""`cai submit`: put the local files a run needs into its store, and point the config at them.
+
+A controller pod cannot read the submitting machine's disk. Every reference in the config that names
+a local path (a model directory, a prompt file, an evaluation set) is uploaded under a key named by
+its content (`uploads/<digest>/...`) and rewritten to `store:<key>`: re-submitting unchanged files
+uploads nothing and keeps the run id; an edited file is a new key, so a new run computes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import DataSource, RunConfig
+from .data import iter_dataset_rows
+from .errors import DataError
+from .model_sources import model_kind, precheck
+from .store import ArtifactStore, local_tree_digest
+
+UPLOADS = "uploads"
+
+
+def _is_local_data(ref: str) -> bool:
+    return ":" not in ref.split("/")[0] and Path(ref).expanduser().exists()
+
+
+def _upload_model(store: ArtifactStore, ref: str, where: str) -> str:
+    precheck(ref, where)
+    path = Path(ref).expanduser()
+    key = f"{UPLOADS}/models/{local_tree_digest(path).split(':', 1)[1][:16]}-{path.resolve().name}"
+    if store.digest(key) != local_tree_digest(path):
+        print(f"[cai] {where}: uploading {ref} to {store.uri_for(key)}", file=sys.stderr, flush=True)
+        store.put_dir(path, key)
+    return f"store:{key}"
+
+
+def _upload_data(store: ArtifactStore, src: DataSource, where: str) -> dict[str, Any]:
+    """A JSONL file goes up as it is; a saved datasets dir as the JSONL of its split (then split: null)."""
+    path = Path(src.source).expanduser()
+    update: dict[str, Any] = {}
+    if path.is_dir():
+        try:
+            data = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in iter_dataset_rows(str(path), src.split)).encode()
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        update["split"] = None
+        name = f"{path.resolve().name}.jsonl"
+    else:
+        data, name = path.read_bytes(), path.name
+    key = f"{UPLOADS}/data/{hashlib.sha256(data).hexdigest()[:16]}-{name}"
+    if not store.exists(key):
+        print(f"[cai] {where}: uploading {src.source} to {store.uri_for(key)}", file=sys.stderr, flush=True)
+        store.write_bytes(key, data)
+    return {**update, "source": f"store:{key}"}
+
+
+def upload_local_inputs(config: RunConfig, store: ArtifactStore) -> tuple[RunConfig, list[str]]:
+    """The config with every local path replaced by its uploaded `store:` copy, and what was replaced."""
+    data = config.model_dump(mode="json")
+    done: list[str] = []
+    models = [("model", data, "model"), ("judge.model", data["judge"], "model"), ("evaluate.judge_model", data["evaluate"], "judge_model")]
+    for where, holder, field in models:
+        ref = holder.get(field)
+        if ref and model_kind(ref) == "local":
+            holder[field] = _upload_model(store, ref, where)
+            done.append(f"{where}: {ref}")
+    sources = [(f"data.train[{i}]", s) for i, s in enumerate(data["data"]["train"])]
+    sources += [(f"evaluate.{k}", data["evaluate"][k]) for k in ("harmful", "benign", "capability_mc", "capability_exact")]
+    for where, src in sources:
+        if _is_local_data(src["source"]):
+            ref = src["source"]
+            src.update(_upload_data(store, DataSource.model_validate({k: src.get(k) for k in DataSource.model_fields}), where))
+            done.append(f"{where}: {ref}")
+    return RunConfig.model_validate(data), done
