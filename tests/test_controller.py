@@ -106,3 +106,22 @@ def test_format_status_lists_stages_and_decisions():
     }
     text = format_status(state)
     assert "generate" in text and "prompts=3" in text and "stop" in text
+
+
+def test_a_stage_that_exits_without_its_manifest_fails_loudly(tmp_path, tiny_model_dir):
+    """The controller checks completeness again after every stage instead of trusting the exit status."""
+    from jobs.config import RunConfig
+    from jobs.controller import Controller
+    from jobs.errors import StageFailed
+    from jobs.store import LocalStore
+
+    class ExitsCleanly:
+        def run(self, stage: str, spec_uri: str) -> str:
+            return "pretended to work\n"
+
+    config = RunConfig(model=str(tiny_model_dir), stages=["generate"], data={"train": [{"source": "bundled:helpful", "limit": 1}]})
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(StageFailed, match="does not match its spec and inputs"):
+        Controller(config, store, ExitsCleanly(), run_id="r1").run()
+    run = json.loads((tmp_path / "store" / "runs" / "r1" / "run.json").read_text())
+    assert run["status"] == "failed" and run["rounds"][0]["stages"]["generate"]["status"] == "failed"

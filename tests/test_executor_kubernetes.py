@@ -18,10 +18,10 @@ import yaml
 from jobs.cli import main
 from jobs.config import KubernetesConfig, RunConfig, StageSpec, load_run_config
 from jobs.errors import StageFailed, SubmitError
-from jobs.executors.k8s_manifests import SPEC_HASH, build_job, controller_names, to_dict
+from jobs.executors.k8s_manifests import INPUTS_HASH, SPEC_HASH, build_job, controller_names, to_dict
 from jobs.executors.kubernetes import KubernetesExecutor
 from jobs.executors.local import EXIT_CONFIG, pod_env, stage_command, stage_env
-from jobs.manifest import build_manifest, now_iso, write_manifest
+from jobs.manifest import build_manifest, inputs_digest, now_iso, write_manifest
 from jobs.store import LocalStore
 from kube_emulator import (  # noqa: F401 - cluster_factory is a fixture
     EXECUTE, JOBS, NS, PODS, PodRun, cluster_factory, executor, k8s_config, planted_spec, put_service_account,
@@ -82,7 +82,7 @@ def test_restarted_controller_adopts_the_running_job(tmp_path, cluster_factory):
     spec, uri = planted_spec(store)
     k8s = k8s_config()
     # the Job an earlier controller created before it died
-    cluster.put(JOBS, to_dict(build_job(spec, uri, k8s, namespace=NS)))
+    cluster.put(JOBS, to_dict(build_job(spec, uri, k8s, namespace=NS, inputs_hash=inputs_digest(store, spec))))
     time.sleep(0.1)
     executor(cluster, store).run("generate", uri)
     assert len(cluster.objects(JOBS)) == 1
@@ -102,6 +102,26 @@ def test_a_failed_job_of_the_same_spec_is_replaced(tmp_path, cluster_factory):
     job = cluster.objects(JOBS)[(NS, old["metadata"]["name"])]
     assert job["status"]["conditions"][0]["type"] == "Complete"
     assert list(stored_logs(store, spec).values()) == ["second try\n"]
+
+
+def test_a_finished_job_of_the_same_spec_on_other_inputs_is_replaced(tmp_path, cluster_factory):
+    """Same name and spec hash, but its inputs' bytes changed since (a prompt file edited in place): its
+    Complete status says nothing about these inputs, so it is replaced and the work runs again."""
+    cluster = cluster_factory(lambda job, i, attempt: PodRun(log="on the new inputs\n"))
+    store = LocalStore(tmp_path / "store")
+    store.write_text("runs/r1/inputs/prompts.jsonl", '{"prompt": "old"}\n')
+    spec = StageSpec(stage="generate", run_id="r1", round=1, store=store.uri, output="runs/r1/round-1/generate",
+                     model="bundled:x", inputs={"prompts": "runs/r1/inputs/prompts.jsonl"})
+    store.write_json(spec.spec_key, spec.model_dump(mode="json"))
+    uri = store.uri_for(spec.spec_key)
+    old = to_dict(build_job(spec, uri, k8s_config(), namespace=NS, inputs_hash=inputs_digest(store, spec)))
+    old["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+    cluster.put(JOBS, old)
+    store.write_text("runs/r1/inputs/prompts.jsonl", '{"prompt": "new"}\n')
+    executor(cluster, store).run("generate", uri)
+    job = cluster.objects(JOBS)[(NS, old["metadata"]["name"])]
+    assert job["metadata"]["annotations"][INPUTS_HASH] == inputs_digest(store, spec) != old["metadata"]["annotations"][INPUTS_HASH]
+    assert list(stored_logs(store, spec).values()) == ["on the new inputs\n"]
 
 
 def test_a_job_with_another_spec_hash_is_not_adopted(tmp_path, cluster_factory):

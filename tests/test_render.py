@@ -82,6 +82,18 @@ def test_default_run_renders_its_first_round():
     assert out.startswith("# cai render: run cai-")
 
 
+def test_cai_render_without_a_config_prints_the_whole_method(capsys):
+    """No config: the base evaluation and one Job per stage of the method, each valid as the API server would check it."""
+    from jobs.cli import main
+
+    assert main(["render", "--store", STORE]) == 0
+    jobs = [d for d in docs(capsys.readouterr().out) if d["kind"] == "Job"]
+    assert [(j["metadata"]["labels"]["cai-jobs/round"], j["metadata"]["labels"]["cai-jobs/stage"]) for j in jobs] == [
+        ("0", "evaluate"), ("1", "generate"), ("1", "judge"), ("1", "train"), ("1", "evaluate")]
+    for job in jobs:
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
 def test_full_run_renders_base_evaluation_then_round_one_in_order():
     config = RunConfig.model_validate(FULL)
     jobs = [d for d in docs(render(config, STORE)) if d["kind"] == "Job"]
