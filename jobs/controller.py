@@ -15,7 +15,7 @@ from .constitution import load_constitution, resolve_path
 from . import eval_sets
 from .data import load_prompts
 from .errors import CaiError, ConfigError, StageFailed
-from .model_sources import ResolvedModel, planned_ref, precheck, resolve_source
+from .model_sources import ResolvedModel, bundled_digest, planned_ref, precheck, resolve_source
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
 from .run_lock import RunLock
@@ -142,6 +142,11 @@ class Controller:
         """The reference stages load: resolved (bundled: or store:), else where it will be imported."""
         return self.models[ref].stage_ref if ref in self.models else planned_ref(ref, self._import_key(ref))
 
+    def prepare(self) -> dict[str, str]:
+        """Everything planning needs, in the store: the models resolved and imported, the data copied."""
+        self.resolve_models()
+        return self.stage_inputs()
+
     def stage_inputs(self) -> dict[str, str]:
         """Copy the constitution, the cleaned prompts and the evaluation sets into the run, with the
         identity of every source they came from, so stages read only the store."""
@@ -177,10 +182,8 @@ class Controller:
         (digested when checked), a bundled model by its file's digest."""
         if ref.startswith("store:"):
             inputs[name] = ref.split(":", 1)[1].strip("/")
-        else:
-            found = next((m for m in self.models.values() if m.stage_ref == ref), None)
-            if found is not None:
-                identities[name] = found.digest
+        elif ref.startswith("bundled:"):
+            identities[name] = bundled_digest(ref)
 
     def plan(self, stage: str, round_: int, model: str, inputs: dict[str, str], output: str | None = None) -> StageSpec:
         params = getattr(self.config, stage).model_dump(mode="json")
@@ -327,8 +330,7 @@ class Controller:
     def _run_locked(self) -> dict[str, Any]:
         self._load_or_init_state()
         try:
-            self.resolve_models()
-            inputs = self.stage_inputs()
+            inputs = self.prepare()
             self._save()
             evaluating = "evaluate" in self.config.stages
             baseline = self.evaluate_base(inputs) if evaluating else None

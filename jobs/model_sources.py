@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import CaiError, ModelError
-from .store import ArtifactStore, file_sha256, local_files, local_tree_digest
+from .store import ArtifactStore, local_files, local_tree_digest
 
 SCHEMES = {"bundled:": "bundled", "store:": "store", "s3://": "s3", "hf:": "hub"}  # anything else: a local path or `org/name`
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")  # what transformers loads from a model directory
@@ -50,8 +50,9 @@ def planned_ref(ref: str, import_key: str) -> str:
 
 
 def check_model_files(names: Iterable[str], where: str) -> None:
-    """A model directory has a config.json and weights, or it is not one (one line, before any download)."""
-    names = [n.rsplit("/", 1)[-1] for n in names]
+    """A model directory has a config.json and weights at its top, or it is not one (one line, before any
+    download). `names` are relative to the directory: a checkpoint one level down does not count."""
+    names = [n for n in names if "/" not in n]
     if "config.json" not in names:
         raise ModelError(f"{where}: no config.json; point at a Hugging Face model directory (save_pretrained output)")
     if not any(n.endswith(WEIGHTS) for n in names):
@@ -62,28 +63,38 @@ def log(msg: str) -> None:
     print(f"[cai] {msg}", file=sys.stderr, flush=True)
 
 
-def _import(store: ArtifactStore, src: Path, key: str, digest: str, where: str) -> None:
-    """Copy a model directory into the store unless the same content is already there, then check it."""
+def _import(store: ArtifactStore, src: Path, key: str, digest: str, where: str, link: bool = True) -> None:
+    """Copy a model directory into the store unless the same content is already there, then check it.
+    `link`: the source is a cache that is never edited in place (a Hub snapshot, a download cache)."""
     if store.digest(key) == digest:
         return
     log(f"{where}: importing into {store.uri_for(key)}")
-    store.put_dir(src, key)
+    try:
+        store.put_dir(src, key, link=link)
+    except OSError as e:
+        raise ModelError(f"{where}: cannot copy {src} into {store.uri_for(key)} ({e}); check the directory and free space") from None
     if store.digest(key) != digest:
         raise ModelError(f"{where}: the copy at {store.uri_for(key)} differs from its source (changed while copying?); re-run")
 
 
-def _bundled(ref: str) -> ResolvedModel:
-    from .models import BUNDLED, _gguf_location
+def bundled_digest(ref: str) -> str:
+    """A bundled model's identity is its file's pinned sha256 (the stage that converts it checks the file
+    against it), so the controller, `cai render` and the stage agree without the package installed."""
+    from .models import BUNDLED
 
     name = ref.split(":", 1)[1]
     if name not in BUNDLED:
         raise ModelError(f"{ref}: unknown bundled model; use one of {', '.join('bundled:' + k for k in BUNDLED)}")
-    return ResolvedModel(ref, "bundled", ref, "sha256:" + file_sha256(_gguf_location(*BUNDLED[name])))
+    return "sha256:" + BUNDLED[name][2]
+
+
+def _bundled(ref: str) -> ResolvedModel:
+    return ResolvedModel(ref, "bundled", ref, bundled_digest(ref))
 
 
 def _from_store(ref: str, store: ArtifactStore, where: str) -> ResolvedModel:
     key = ref.split(":", 1)[1].strip("/")
-    names = store.list(key)
+    names = [n[len(key) + 1:] for n in store.list(key) if n.startswith(key + "/")]
     if not names:
         raise ModelError(f"{where}: {store.uri_for(key)}: no model there; give a store key that holds a model directory")
     check_model_files(names, f"{where}: {ref}")
@@ -95,10 +106,10 @@ def precheck(ref: str, where: str) -> None:
     before a run writes anything, so a typo costs one line and no half-started run."""
     kind = model_kind(ref)
     if kind == "bundled":
-        from .models import BUNDLED
-
-        if ref.split(":", 1)[1] not in BUNDLED:
-            raise ModelError(f"{where}: {ref}: unknown bundled model; use one of {', '.join('bundled:' + k for k in BUNDLED)}")
+        try:
+            bundled_digest(ref)
+        except ModelError as e:
+            raise ModelError(f"{where}: {e}") from None
     elif kind == "local":
         path = Path(ref).expanduser()
         if not path.is_dir():
@@ -108,14 +119,14 @@ def precheck(ref: str, where: str) -> None:
     elif kind == "hub":
         from .hub import parse_hub_ref
 
-        parse_hub_ref(ref)
+        parse_hub_ref(ref, where=where)
 
 
 def _local(ref: str, store: ArtifactStore, key: str, where: str) -> ResolvedModel:
     precheck(ref, where)
     path = Path(ref).expanduser()
     digest = local_tree_digest(path)
-    _import(store, path, key, digest, where)
+    _import(store, path, key, digest, where, link=False)
     return ResolvedModel(ref, "local", f"store:{key}", digest)
 
 
@@ -141,7 +152,7 @@ def _s3(ref: str, store: ArtifactStore, key: str, where: str) -> ResolvedModel:
 def _hub(ref: str, store: ArtifactStore, key: str, where: str) -> ResolvedModel:
     from .hub import parse_hub_ref, snapshot
 
-    repo, revision = parse_hub_ref(ref)
+    repo, revision = parse_hub_ref(ref, where=where)
     snap = snapshot(repo, revision, repo_type="model", error=ModelError, where=where)
     check_model_files([rel for rel, _ in local_files(snap.path)], f"{where}: {ref}@{snap.commit[:12]}")
     digest = local_tree_digest(snap.path)

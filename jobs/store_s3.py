@@ -262,7 +262,8 @@ class S3Store(ArtifactStore):
             head = self.client.head_object(Bucket=self.bucket, Key=full)
             if full in self._hashes and head["ETag"] == self._hashes[full][0]:
                 return self._hashes[full][1]
-            recorded = (head.get("Metadata") or {}).get(SHA_META, "")
+            # header case is the server's (MinIO answers Cai-Sha256): look the key up case-insensitively
+            recorded = next((v for k, v in (head.get("Metadata") or {}).items() if k.lower() == SHA_META), "")
             if len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded):
                 return recorded
             body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
@@ -316,7 +317,7 @@ class S3Store(ArtifactStore):
                 raise
         return dest
 
-    def put_dir(self, src: Path, key: str) -> None:
+    def put_dir(self, src: Path, key: str, link: bool = False) -> None:
         """Upload every file (multipart when big), then drop objects the new tree no longer has.
         Readers trust the tree only once the stage manifest, written after this, exists."""
         src, full = Path(src), self._k(key)

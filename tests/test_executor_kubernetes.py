@@ -124,6 +124,19 @@ def test_a_finished_job_of_the_same_spec_on_other_inputs_is_replaced(tmp_path, c
     assert list(stored_logs(store, spec).values()) == ["on the new inputs\n"]
 
 
+def test_a_finished_job_whose_outputs_were_deleted_runs_again(tmp_path, cluster_factory):
+    """Deleting a stage's directory is how a user forces a rerun: a Complete Job of the same spec and
+    inputs must not stand in for outputs that are no longer there."""
+    cluster = cluster_factory(lambda job, i, attempt: PodRun(log="ran again\n"))
+    store = LocalStore(tmp_path / "store")
+    spec, uri = planted_spec(store)
+    old = to_dict(build_job(spec, uri, k8s_config(), namespace=NS, inputs_hash=inputs_digest(store, spec)))
+    old["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+    cluster.put(JOBS, old)
+    executor(cluster, store).run("generate", uri)
+    assert list(stored_logs(store, spec).values()) == ["ran again\n"]
+
+
 def test_a_job_with_another_spec_hash_is_not_adopted(tmp_path, cluster_factory):
     cluster = cluster_factory()
     store = LocalStore(tmp_path / "store")

@@ -26,8 +26,8 @@ def plan_generate(config_path: Path, store_dir: Path, **overrides):
     store = LocalStore(store_dir)
     ctl = Controller(config, store, executor=None)
     ctl._load_or_init_state()
-    inputs = ctl.stage_inputs()
-    spec = ctl.plan("generate", 1, config.model, inputs)
+    inputs = ctl.prepare()
+    spec = ctl.plan("generate", 1, config.model, {k: inputs[k] for k in ("constitution", "prompts")})
     store.write_json(spec.spec_key, spec.model_dump(mode="json"))
     return store, spec
 

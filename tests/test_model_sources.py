@@ -114,3 +114,46 @@ def test_run_with_a_hub_model_loads_the_imported_copy(tmp_path, hub_model, tiny_
     assert spec["model"].startswith("store:") and spec["inputs"]["model"].endswith("inputs/models/policy")
     manifest = json.loads(next((tmp_path / "store" / "runs").glob("*/round-1/generate/stage.json")).read_text())
     assert manifest["input_hashes"]["model"] == run["models"]["policy"]["digest"]
+
+
+def test_hub_dataset_prompts_with_config_split_and_column(hub_model):
+    """`hf:` prompt sources come through huggingface_hub at a commit, then `datasets` reads the snapshot."""
+    from jobs.config import PromptSource
+    from jobs.data import load_prompts
+    from jobs.errors import DataError
+
+    readme = b"---\nconfigs:\n- config_name: short\n  data_files:\n  - split: train\n    path: short/train.jsonl\n  - split: test\n    path: short/test.jsonl\n---\n"
+    lay_out(hub_model, "datasets--org--prompts", COMMIT, {
+        "README.md": readme,
+        "short/train.jsonl": b'{"question": "How do I pick a lock?"}\n{"question": "Write a haiku."}\n',
+        "short/test.jsonl": b'{"question": "Held out?"}\n',
+    }, refs=("main",))
+    src = PromptSource(source="hf:org/prompts", config="short", split="train", column="question", kind="red-team")
+    records, (report,) = load_prompts([src], 4000)
+    assert [r.text for r in records] == ["How do I pick a lock?", "Write a haiku."] and {r.kind for r in records} == {"red-team"}
+    assert report.identity == f"hf:org/prompts@{COMMIT}"
+    test_split, _ = load_prompts([src.model_copy(update={"split": "test"})], 4000)
+    assert [r.text for r in test_split] == ["Held out?"]
+    with pytest.raises(DataError, match="^data: org/prompts@nope: .*revision|^data: org/prompts.*not in the local HF cache"):
+        load_prompts([src.model_copy(update={"revision": "nope"})], 4000)
+    with pytest.raises(DataError, match="cannot load config 'other'"):
+        load_prompts([src.model_copy(update={"config": "other"})], 4000)
+
+
+def test_render_plans_the_specs_a_run_plans(tmp_path, tiny_model_dir):
+    """`cai render` plans without a store; the run plans after resolving. Same specs, so same Job names."""
+    from jobs.executors.k8s_manifests import job_name
+    from jobs.executors.k8s_submit import planned_specs
+
+    for model in ("bundled:smollm2-135m-instruct", str(tiny_model_dir)):
+        config = RunConfig(model=model)
+        store = LocalStore(tmp_path / "store")
+        ctl = Controller(config, store, executor=None)
+        ctl.resolve_models()
+        keys = ctl.input_keys()
+        base = ctl.plan_base(keys)
+        run_specs = [base] + ctl.plan_round(1, config.model, keys, f"{base.output}/report.json")[0]
+        rendered = [spec for spec, _ in planned_specs(config, store.uri)]
+        assert rendered == run_specs
+        assert [job_name(s, store.uri_for(s.spec_key)) for s in rendered] == [job_name(s, store.uri_for(s.spec_key)) for s in run_specs]
+        assert all(s.inputs.get("model") or s.identities.get("model") for s in run_specs)  # every stage names its model by content

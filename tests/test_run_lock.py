@@ -45,8 +45,8 @@ class GatedExecutor:
 
 
 def config() -> RunConfig:
-    # a model name is enough: the controller never loads models, and the gated executor runs no stage
-    return RunConfig(name="lock", model="unused-model", data={"train": [{"source": "bundled:helpful", "limit": 2}]})
+    # the bundled model is known by its pinned digest: the controller never loads it, and the gated executor runs no stage
+    return RunConfig(name="lock", stages=["generate"], data={"train": [{"source": "bundled:helpful", "limit": 2}]})
 
 
 def start(controller: Controller) -> tuple[threading.Thread, list]:

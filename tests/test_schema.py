@@ -49,7 +49,7 @@ def test_defaults_with_none():
     assert c.data.max_prompt_chars == 4000
     assert c.engine.backend == "auto" and c.engine.batch_size == 32 and c.engine.trust_remote_code is False
     assert c.generate.revision_rounds == 2 and c.generate.few_shot == 1 and c.generate.temperature == 0.0
-    assert c.stages == ["generate"] and c.rounds == 1 and c.seed == 0
+    assert c.stages == ["generate", "judge", "train", "evaluate"] and c.rounds == 1 and c.seed == 0
     assert c.store == "./cai-store"
 
 

@@ -28,9 +28,12 @@ def test_local_model_prompts_and_sets_go_up_once_by_content(tmp_path, tiny_model
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello?"}) + "\n" + json.dumps({"prompt": "Bye?", "split": "eval"}) + "\n")
     mc = tmp_path / "mc_ds"
-    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"question": "2+2?", "choices": ["3", "4"], "answer": 1}])}).save_to_disk(str(mc))
+    datasets.DatasetDict({  # no train split: the held-out split is what a run reads, and what goes up
+        "test": datasets.Dataset.from_list([{"question": "2+2?", "choices": ["3", "4"], "answer": 1}]),
+        "validation": datasets.Dataset.from_list([{"question": "not this one", "choices": ["a", "b"], "answer": 0}]),
+    }).save_to_disk(str(mc))
     config = RunConfig(model=str(tiny_model_dir), data={"train": [{"source": str(prompts)}, {"source": "bundled:helpful", "limit": 1}]},
-                       evaluate={"capability_mc": {"source": str(mc), "split": "test"}})
+                       evaluate={"capability_mc": str(mc)})
 
     pod_config, uploaded = upload_local_inputs(config, s3_store)
     assert sorted(u.split(":")[0] for u in uploaded) == ["data.train[0]", "evaluate.capability_mc", "model"]
@@ -44,6 +47,8 @@ def test_local_model_prompts_and_sets_go_up_once_by_content(tmp_path, tiny_model
     mc_rows = read_sets(pod_config.evaluate, s3_store)["capability_mc"]["rows"]
     assert [r["question"] for r in mc_rows] == ["2+2?"] and pod_config.evaluate.capability_mc.split is None
 
+    assert pod_config.data.train[0].source.endswith("/prompts.jsonl")  # the file's name, hence its prompt ids, is kept
+    assert upload_local_inputs(config, None)[0] == pod_config  # `cai render --controller`: the same keys, nothing written
     capsys.readouterr()
     again, _ = upload_local_inputs(config, s3_store)
     assert again == pod_config and "uploading" not in capsys.readouterr().err  # same bytes: same keys, nothing sent

@@ -97,9 +97,11 @@ def controller_image(k8s: KubernetesConfig) -> str:
 
 def job_name(spec: StageSpec, spec_uri: str) -> str:
     """`cai-<run>-r<k>-<stage>-<hash>`: readable, <= 63 chars, and a different spec (or store, or
-    shard count) gets a different name, so a resubmitted spec never collides with a stale Job."""
+    shard count) gets a different name, so a resubmitted spec never collides with a stale Job. Settings
+    that only change speed (batch size, decode loop) keep the name: a restarted controller adopts the
+    running Job instead of starting a second one that writes the same outputs."""
     where = "base" if spec.round == 0 else f"r{spec.round}"
-    identity = canonical_hash({"spec_uri": spec_uri, "spec": spec.model_dump(mode="json")})
+    identity = canonical_hash({"spec_uri": spec_uri, "spec": spec.spec_hash(), "shards": shard_count(spec.params)})
     return dns_label(f"{_prefixed(spec.run_id)}-{where}-{spec.stage}", identity)
 
 

@@ -19,6 +19,7 @@ from ..constitution import resolve_path
 from ..controller import Controller, default_run_id
 from ..errors import SubmitError
 from ..store import open_store
+from ..uploads import upload_local_inputs
 from .k8s_manifests import (
     CONFIG_DIR, CONTROLLER_SA, build_config_map, build_controller_job, build_job, build_role, build_role_binding,
     build_service_account, controller_image, to_yaml,
@@ -70,8 +71,8 @@ def controller_config(config: RunConfig, store_uri: str) -> tuple[RunConfig, str
 def render(config: RunConfig, store_uri: str, run_id: str | None = None, namespace: str | None = None, controller: bool = False) -> str:
     """Every manifest of the run as multi-document YAML (no network, no store writes)."""
     ns = namespace or config.kubernetes.namespace
-    if controller:
-        config, constitution = controller_config(config, store_uri)
+    if controller:  # what `cai submit` hands the pod: local paths as the store keys it uploads them to
+        config, constitution = controller_config(upload_local_inputs(config, None)[0], store_uri)
     run_id = run_id or default_run_id(config)
     specs = planned_specs(config, store_uri, run_id)
     objs: list[Any] = []

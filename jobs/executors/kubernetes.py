@@ -219,6 +219,9 @@ class KubernetesExecutor:
         stale = existing is not None and annotations.get(INPUTS_HASH) != job.metadata.annotations[INPUTS_HASH]
         if stale:  # same spec, other input bytes (a prompt file edited, a model replaced): its work does not count
             log(f"{what}: an earlier Job ran this spec on other inputs ({state or 'running'}); replacing it")
+        elif state == "complete" and not self._outputs_complete(spec):  # its outputs were deleted since: run it again
+            log(f"{what}: finished earlier, but its outputs are gone from the store; replacing it")
+            stale = True
         if stale or state in ("failed", "gone"):
             if not stale:
                 log(f"{what}: a previous attempt {'failed' if state == 'failed' else 'vanished'}; submitting it again")
