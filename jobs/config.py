@@ -229,6 +229,11 @@ class KubernetesConfig(StrictModel):
         None, description="Secret holding the Hugging Face token (key `HF_TOKEN`) for the controller's Hub downloads; null = anonymous."
     )
     hf_endpoint: str | None = Field(None, description="HF_ENDPOINT for a Hub mirror; null = huggingface.co.")
+    controller_ephemeral_storage: str | None = Field(
+        None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        description="Scratch the controller pod requests (`cai submit`): a Hub or S3 model passes through its cache once per run "
+        "on its way into the store, so request the model's size plus headroom (an 8B model in bf16: ~16Gi -> 24Gi); null = no request.",
+    )
     priority_class: str | None = Field(None, description="priorityClassName of stage pods.")
     queue: str | None = Field(None, description="Kueue LocalQueue; sets the `kueue.x-k8s.io/queue-name` label.")
     backoff_limit: int = Field(2, ge=0, description="Pod retries per Job for failures that are not config errors.")

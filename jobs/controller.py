@@ -125,13 +125,13 @@ class Controller:
         """Each model to its content identity (a Hub commit, a tree digest), imported into the run where
         a pod could not reach it; recorded in run.json before anything is planned."""
         records: dict[str, Any] = {}
+        previous = self.state.get("models") or {}
         for role, where, ref in self.model_roles():
             if ref not in self.models:
-                self.models[ref] = resolve_source(ref, self.store, self._import_key(ref), where)
+                self.models[ref] = resolve_source(ref, self.store, self._import_key(ref), where, previous.get(role))
                 found = self.models[ref]
                 log(f"{where}: {ref} -> {found.stage_ref} ({found.commit or found.digest[:19]})")
             records[role] = self.models[ref].record()
-        previous = self.state.get("models") or {}
         for role, rec in records.items():
             if role in previous and previous[role].get("digest") != rec["digest"]:
                 log(f"{role} model {rec['ref']} changed since the last attempt ({previous[role].get('digest', '')[:19]} -> "

@@ -126,40 +126,40 @@ def _one_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def iter_dataset_rows(ref: str, split: str | None) -> Iterator[dict[str, Any]]:
+def iter_dataset_rows(ref: str, split: str | None, where: str = "data") -> Iterator[dict[str, Any]]:
     """A dataset saved with `save_to_disk` (a Dataset or a DatasetDict)."""
     datasets = _datasets()
     try:
         ds = datasets.load_from_disk(ref)
         if isinstance(ds, datasets.DatasetDict):
             if (split or "train") not in ds:
-                raise DataError(f"{ref}: split {(split or 'train')!r} not found; use one of {sorted(ds)}")
+                raise DataError(f"{where}: {ref}: split {(split or 'train')!r} not found; use one of {sorted(ds)}")
             ds = ds[split or "train"]
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs one line
-        raise DataError(f"{ref}: cannot load dataset ({_one_line(e)}); give a saved dataset directory, a JSONL file or hf:<org>/<name>") from None
+        raise DataError(f"{where}: {ref}: cannot load dataset ({_one_line(e)}); give a saved dataset directory, a JSONL file or hf:<org>/<name>") from None
     yield from ds
 
 
-def hub_dataset(src: DataSource) -> tuple[Any, str]:
+def hub_dataset(src: DataSource, where: str = "data") -> tuple[Any, str]:
     """(the `datasets` Dataset of an `hf:` source's split, the commit it resolved to). The repo comes
     through huggingface_hub at a pinned commit, then `datasets` reads the snapshot's files."""
     from .hub import parse_hub_ref, snapshot
 
-    repo, at = parse_hub_ref(src.source, error=DataError, where="data")
-    snap = snapshot(repo, src.revision or at, repo_type="dataset", error=DataError, where="data")
+    repo, at = parse_hub_ref(src.source, error=DataError, where=where)
+    snap = snapshot(repo, src.revision or at, repo_type="dataset", error=DataError, where=where)
     datasets = _datasets()
     split = src.split or "train"
     try:
         ds = datasets.load_dataset(str(snap.path), name=src.config, split=split)
     except Exception as e:
-        raise DataError(f"{src.source}@{snap.commit[:12]}: cannot load config {src.config!r} split {split!r} ({_one_line(e)}); "
+        raise DataError(f"{where}: {src.source}@{snap.commit[:12]}: cannot load config {src.config!r} split {split!r} ({_one_line(e)}); "
                         "check config and split against the dataset card") from None
     return ds, snap.commit
 
 
-def _source_bytes(src: DataSource, store) -> bytes | None:
+def _source_bytes(src: DataSource, store, where: str) -> bytes | None:
     """The bytes of a source that is one JSONL file (bundled, local, s3:// or store:); None for a directory."""
     ref = src.source
     if ref.startswith("bundled:"):
@@ -167,59 +167,61 @@ def _source_bytes(src: DataSource, store) -> bytes | None:
         path = DATA_DIR / (BUNDLED_SETS.get(name) or f"{name}.jsonl")
         if not path.is_file():
             names = sorted({*BUNDLED_SETS, *(p.stem for p in DATA_DIR.glob("capability_*.jsonl"))})
-            raise DataError(f"{ref}: unknown bundled set; use one of {', '.join('bundled:' + k for k in names)}")
+            raise DataError(f"{where}: {ref}: unknown bundled set; use one of {', '.join('bundled:' + k for k in names)}")
         return path.read_bytes()
     if ref.startswith(("s3://", "store:")):
         from .store import open_store
 
         if ref.startswith("store:"):
             if store is None:
-                raise DataError(f"{ref}: a store: source needs the run's store")
+                raise DataError(f"{where}: {ref}: a store: source needs the run's store")
             owner, key = store, ref.split(":", 1)[1]
         else:
             parent, _, key = ref.rstrip("/").rpartition("/")
             if not key or parent in ("s3:", "s3:/"):
-                raise DataError(f"{ref}: expected s3://BUCKET/PATH/FILE.jsonl")
+                raise DataError(f"{where}: {ref}: expected s3://BUCKET/PATH/FILE.jsonl")
             owner = open_store(parent)
         try:
             return owner.read_bytes(key)
         except CaiError as e:
-            raise DataError(f"{ref}: cannot read it ({_one_line(e)}); give a JSONL object that exists") from None
+            raise DataError(f"{where}: {ref}: cannot read it ({_one_line(e)}); give a JSONL object that exists") from None
     path = Path(ref).expanduser()
     if path.is_dir():
         return None
     if not path.is_file():
-        raise DataError(f"{ref}: source not found; give a JSONL file, a saved dataset dir, s3://..., store:<key>, hf:<org>/<name> or bundled:<set>")
+        raise DataError(f"{where}: {ref}: source not found; give a JSONL file, a saved dataset dir, s3://..., store:<key>, hf:<org>/<name> or bundled:<set>")
     return path.read_bytes()
 
 
-def source_rows(src: DataSource, store=None) -> tuple[Iterator[dict[str, Any] | str], str]:
+def source_rows(src: DataSource, store=None, where: str = "data") -> tuple[Iterator[dict[str, Any] | str], str]:
     """Rows of any source (drop reasons as strings) and its identity: a file's sha256, a directory's
     tree digest or a Hub commit. JSONL rows may carry their own `split`; datasets select it on load."""
     ref = src.source
     if ref.startswith("hf:"):
-        ds, commit = hub_dataset(src)
+        ds, commit = hub_dataset(src, where)
         return iter(ds), f"hf:{ref[3:].split('@')[0]}@{commit}"
-    data = _source_bytes(src, store)
+    data = _source_bytes(src, store, where)
     if data is None:  # a saved datasets directory
         path = Path(ref).expanduser()
-        return iter_dataset_rows(str(path), src.split), local_tree_digest(path)
+        return iter_dataset_rows(str(path), src.split, where), local_tree_digest(path)
     rows = jsonl_rows(data.splitlines(keepends=True))
     if src.split:
         rows = (r for r in rows if not (isinstance(r, dict) and "split" in r and r["split"] != src.split))
     return rows, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def load_prompts(sources: Iterable[PromptSource], max_chars: int, store=None) -> tuple[list[PromptRecord], list[SourceReport]]:
-    """All sources, in order, deduplicated across sources by conversation text."""
+def load_prompts(sources: Iterable[PromptSource], max_chars: int, store=None, field: str = "data.train",
+                 indexed: bool = True) -> tuple[list[PromptRecord], list[SourceReport]]:
+    """All sources, in order, deduplicated across sources by conversation text; errors name `field[i]`
+    (`field` alone when not `indexed`: an evaluation set is one source)."""
     records: list[PromptRecord] = []
     reports: list[SourceReport] = []
     seen_text: set[tuple] = set()
     seen_ids: set[str] = set()
-    for src in sources:
+    for i, src in enumerate(sources):
         report = SourceReport(src.source)
         tag = Path(src.source.split(":", 1)[-1]).stem or "prompts"
-        rows, report.identity = source_rows(src, store)
+        rows, report.identity = source_rows(src, store, f"{field}[{i}]" if indexed else field)
         for n, row in enumerate(rows, 1):
             report.rows += 1
             if src.limit is not None and report.kept >= src.limit:

@@ -34,16 +34,16 @@ def _held_out_split(path: Path) -> str | None:
     for name in HELD_OUT_SPLITS:
         if name in ds:
             return name
-    raise DataError(f"{path}: no held-out split ({', '.join(HELD_OUT_SPLITS)}); found {sorted(ds)}")
+    raise DataError(f"evaluate: {path}: no held-out split ({', '.join(HELD_OUT_SPLITS)}); found {sorted(ds)}")
 
 
-def capability_rows(src: DataSource, store=None) -> tuple[Iterator[dict[str, Any] | str], str]:
+def capability_rows(src: DataSource, store=None, where: str = "evaluate") -> tuple[Iterator[dict[str, Any] | str], str]:
     """A capability set's rows (drop reasons as strings) and identity; `train` rows never count."""
     if src.split is None and Path(src.source).expanduser().is_dir():
         src = src.model_copy(update={"split": _held_out_split(Path(src.source).expanduser())})
     if src.split is None and src.source.startswith("hf:"):
         src = src.model_copy(update={"split": "test"})
-    rows, identity = source_rows(src, store)
+    rows, identity = source_rows(src, store, where)
     return (r for r in rows if not (isinstance(r, dict) and r.get("split") == "train")), identity
 
 
@@ -52,12 +52,12 @@ def read_sets(cfg: EvaluateConfig, store=None) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in PROMPT_SETS:
         src = getattr(cfg, name)
-        records, (report,) = load_prompts([src], MAX_PROMPT_CHARS, store)
+        records, (report,) = load_prompts([src], MAX_PROMPT_CHARS, store, field=f"evaluate.{name}", indexed=False)
         info = {"source": src.source, "split": src.split, "identity": report.identity, "rows": report.rows, "dropped": dict(report.dropped)}
         out[name] = {"rows": [r.to_row() for r in records], "info": info}
     for name in CAPABILITY_SETS:
         src = getattr(cfg, name)
-        rows, identity = capability_rows(src, store)
+        rows, identity = capability_rows(src, store, f"evaluate.{name}")
         kept, dropped, n = [], {}, 0
         for row in rows:
             n += 1

@@ -12,13 +12,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import CaiError, ModelError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # s3://, store:, bundled:, file://
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".gguf", ".safetensors", ".arrow")
 # What transformers reads besides weights: configs, weight indexes, tokenizers, chat templates, generation config.
-MODEL_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+# *.py: a repo's own modelling code, loaded only with engine.trust_remote_code (small, and needed then on pods).
+MODEL_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
 # Weight formats by preference (as vLLM/TGI do): the first the repo has wins, so a repo shipping safetensors
 # and pickles downloads only safetensors; `model*` first skips duplicates such as Mistral's consolidated.safetensors.
 WEIGHT_FORMATS = (["model*.safetensors"], ["*.safetensors"], ["pytorch_model*.bin"], ["*.bin"], ["*.pt", "*.pth"])
@@ -30,7 +32,7 @@ class HubSnapshot:
     repo_type: str  # "model" | "dataset"
     revision: str | None  # what the user asked for (branch, tag, sha) or None (= "main")
     commit: str  # the 40-hex commit sha it resolved to
-    path: Path  # local snapshot directory (huggingface_hub's cache layout)
+    path: Path | None  # local snapshot directory (huggingface_hub's cache layout); None: the caller holds this commit
 
 
 def _invalid(repo_id: str) -> str | None:
@@ -93,8 +95,11 @@ def hub_offline() -> bool:
 
 def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "model",
              allow_patterns: list[str] | None = None, error: type[CaiError] = ModelError, where: str = "model",
-             cache_dir: str | Path | None = None, endpoint: str | None = None) -> HubSnapshot:
-    """Resolve `revision` to its commit and download (or, offline / Hub unreachable, find cached) that snapshot."""
+             cache_dir: str | Path | None = None, endpoint: str | None = None,
+             known: Callable[[str], bool] | None = None) -> HubSnapshot:
+    """Resolve `revision` to its commit and download (or, offline / Hub unreachable, find cached) that snapshot.
+    `known(commit)` True: the caller already holds that commit (imported into the store by an earlier attempt),
+    so nothing is downloaded and `path` is None: a restarted controller pod does not fetch 15 GB again."""
     from huggingface_hub import constants
 
     ref = f"{repo_id}@{revision}" if revision else repo_id
@@ -108,7 +113,7 @@ def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "mod
         if hub_offline():
             return _cached(repo_id, revision, repo_type, allow_patterns, cache)
         try:
-            return _download(repo_id, revision, repo_type, allow_patterns, cache, endpoint)
+            return _download(repo_id, revision, repo_type, allow_patterns, cache, endpoint, known)
         except Exception as exc:
             if not _unreachable(exc):
                 raise
@@ -126,13 +131,15 @@ def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "mod
 
 
 def _download(repo_id: str, revision: str | None, repo_type: str, allow_patterns: list[str] | None,
-              cache: Path, endpoint: str) -> HubSnapshot:
+              cache: Path, endpoint: str, known: Callable[[str], bool] | None = None) -> HubSnapshot:
     """One repo_info call pins the commit and lists files; the snapshot is then fetched at that sha only."""
     from huggingface_hub import HfApi, constants, snapshot_download
 
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or constants.HF_HUB_ETAG_TIMEOUT)  # no default: hangs
     api = HfApi(endpoint=endpoint)
     info = api.repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=timeout)
+    if known is not None and known(info.sha):
+        return HubSnapshot(repo_id, repo_type, revision, info.sha, None)
     if allow_patterns is None and repo_type == "model":
         files = [s.rfilename for s in info.siblings or []]
         if info.siblings is None:  # the Hub lists siblings in repo_info; a mirror might not

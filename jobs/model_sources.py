@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import CaiError, ModelError
-from .store import ArtifactStore, local_files, local_tree_digest
+from .store import ArtifactStore, local_files, local_tree_digest, tree_digest
 
 SCHEMES = {"bundled:": "bundled", "store:": "store", "s3://": "s3", "hf:": "hub"}  # anything else: a local path or `org/name`
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")  # what transformers loads from a model directory
@@ -36,12 +36,12 @@ class ResolvedModel:
 
 
 def model_kind(ref: str) -> str:
+    from .hub import looks_like_hub_id
+
     for prefix, kind in SCHEMES.items():
         if ref.startswith(prefix):
             return kind
-    if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists():
-        return "local"
-    return "hub"  # a plain `org/name`
+    return "hub" if looks_like_hub_id(ref) else "local"  # a plain `org/name`, else a path (existing or not)
 
 
 def planned_ref(ref: str, import_key: str) -> str:
@@ -149,19 +149,62 @@ def _s3(ref: str, store: ArtifactStore, key: str, where: str) -> ResolvedModel:
     return ResolvedModel(ref, "s3", f"store:{key}", digest)
 
 
-def _hub(ref: str, store: ArtifactStore, key: str, where: str) -> ResolvedModel:
+def _hub(ref: str, store: ArtifactStore, key: str, where: str, previous: dict | None) -> ResolvedModel:
+    """The revision's commit first; when an earlier attempt imported that very commit and the store still
+    holds its bytes, nothing is downloaded again."""
     from .hub import parse_hub_ref, snapshot
 
     repo, revision = parse_hub_ref(ref, where=where)
-    snap = snapshot(repo, revision, repo_type="model", error=ModelError, where=where)
+    previous = previous or {}
+
+    def imported(commit: str) -> bool:
+        return previous.get("commit") == commit and previous.get("stage_ref") == f"store:{key}" and store.digest(key) == previous.get("digest")
+
+    snap = snapshot(repo, revision, repo_type="model", error=ModelError, where=where, known=imported)
+    if snap.path is None:
+        return ResolvedModel(ref, "hub", f"store:{key}", previous["digest"], commit=snap.commit)
     check_model_files([rel for rel, _ in local_files(snap.path)], f"{where}: {ref}@{snap.commit[:12]}")
     digest = local_tree_digest(snap.path)
     _import(store, snap.path, key, digest, where)
     return ResolvedModel(ref, "hub", f"store:{key}", digest, commit=snap.commit)
 
 
-def resolve_source(ref: str, store: ArtifactStore, import_key: str, where: str) -> ResolvedModel:
-    """Resolve one reference; `where` names the config field in errors (`model`, `judge.model`)."""
+def identity_of(ref: str, store: ArtifactStore, where: str) -> str:
+    """What a model is, cheaply and without importing it (realignment decides "nothing changed" before a
+    run exists): a Hub id is its commit (asked for, not downloaded), S3 objects their ETags and sizes."""
+    kind = model_kind(ref)
+    try:
+        if kind == "bundled":
+            return bundled_digest(ref)
+        if kind == "store":
+            return _from_store(ref, store, where).digest
+        if kind == "local":
+            precheck(ref, where)
+            return local_tree_digest(Path(ref).expanduser())
+        if kind == "s3":
+            from .store_s3 import S3Store
+
+            src = S3Store(ref)
+            try:
+                index = src.object_index("")
+            finally:
+                src.close()
+            if not index:
+                raise ModelError(f"{where}: {ref}: no objects under this prefix; upload the model directory there or fix the URI")
+            return "s3-etags:" + tree_digest((rel, f"{etag}:{size}") for rel, (etag, size) in index.items()).split(":", 1)[1]
+        from .hub import parse_hub_ref, snapshot
+
+        repo, revision = parse_hub_ref(ref, where=where)
+        return f"hf:{repo}@{snapshot(repo, revision, error=ModelError, where=where, known=lambda commit: True).commit}"
+    except ModelError:
+        raise
+    except CaiError as e:
+        raise ModelError(f"{where}: {ref}: {e}") from None
+
+
+def resolve_source(ref: str, store: ArtifactStore, import_key: str, where: str, previous: dict | None = None) -> ResolvedModel:
+    """Resolve one reference; `where` names the config field in errors (`model`, `judge.model`);
+    `previous` is what an earlier attempt of the run resolved it to (run.json), to skip a download."""
     kind = model_kind(ref)
     try:
         if kind == "bundled":
@@ -172,7 +215,7 @@ def resolve_source(ref: str, store: ArtifactStore, import_key: str, where: str) 
             return _local(ref, store, import_key, where)
         if kind == "s3":
             return _s3(ref, store, import_key, where)
-        return _hub(ref, store, import_key, where)
+        return _hub(ref, store, import_key, where, previous)
     except ModelError:
         raise
     except CaiError as e:  # a store or S3 error while reading the source: still one line, named

@@ -89,10 +89,10 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
 def bundled_model_dir(name: str) -> Path:
     if name not in BUNDLED:
         raise ModelError(f"bundled:{name}: unknown bundled model; use one of {', '.join('bundled:' + k for k in BUNDLED)}")
-    dest = cache_dir() / "models" / name
+    package, filename, sha256 = BUNDLED[name]
+    dest = cache_dir() / "models" / f"{name}-{sha256[:12]}"  # named by the pinned file: another file never reuses it
     if (dest / "config.json").exists():
         return dest
-    package, filename, sha256 = BUNDLED[name]
     gguf_path = _gguf_location(package, filename)
     with _file_lock(cache_dir() / "models" / f".{name}.lock"):
         if not (dest / "config.json").exists():

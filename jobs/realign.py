@@ -29,6 +29,7 @@ from .config import PromotionGates, PromptSource, RunConfig
 from .constitution import resolve_path
 from .controller import Controller, headline_scores, log
 from .data import load_prompts
+from .model_sources import identity_of
 from .errors import ConfigError
 from .manifest import now_iso
 from .metrics import alignment_tax
@@ -132,14 +133,18 @@ def prompt_files(location: str | None, store: ArtifactStore) -> list[Path]:
     return sorted(p for p in root.rglob("*.jsonl") if p.is_file() and not p.name.startswith("."))
 
 
-def tick_inputs(config: RunConfig, start_model: str, sources: list[PromptSource]) -> dict[str, str]:
-    """What decides the tick's result, as hashes of content (not of paths)."""
-    records, _ = load_prompts(sources, config.data.max_prompt_chars)
+def tick_inputs(config: RunConfig, start_model: str, sources: list[PromptSource], store: ArtifactStore) -> dict[str, str]:
+    """What decides the tick's result, as hashes of content (not of paths): a Hub branch that moved or
+    a checkpoint replaced at the same address is a change, the same bytes at a new path are not."""
+    records, _ = load_prompts(sources, config.data.max_prompt_chars, store)
     prompts = hashlib.sha256()
     for r in records:
         prompts.update(json.dumps(r.to_row(), sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    grader = config.evaluate.judge_model or config.model
     return {
         "model": start_model,
+        "model_identity": identity_of(start_model, store, "model"),
+        "grader_identity": identity_of(grader, store, "evaluate.judge_model"),
         "constitution_sha256": hashlib.sha256(resolve_path(config.constitution).read_bytes()).hexdigest(),
         "prompts_sha256": prompts.hexdigest(),
         "config_fingerprint": config.fingerprint(),
@@ -176,7 +181,7 @@ def realign(config: RunConfig, store: ArtifactStore, make_executor: Callable[[Ru
         cur = promotion.current(store)
         start = cur.model if cur else config.model
         sources = list(config.data.train) + [PromptSource(source=str(p)) for p in prompt_files(config.realign.prompts, store)]
-        inputs = tick_inputs(config, start, sources)
+        inputs = tick_inputs(config, start, sources, store)
         fp = inputs_fingerprint(inputs)
         if not force:
             if cur is not None and cur.inputs_fingerprint == fp:
@@ -223,7 +228,8 @@ def decide_run(config: RunConfig, store: ArtifactStore, state: dict[str, Any], c
         if passed:
             based_on = cur
             if based_on is None:  # the config's model becomes entry 1, so the first promotion can be rolled back
-                based_on = promotion.promote(store, based_on=None, kind="initial", model=start, run_id=run_id, round_=0,
+                pinned = (state.get("models") or {}).get("policy", {}).get("stage_ref", start)  # the run's copy: a rollback gets these bytes
+                based_on = promotion.promote(store, based_on=None, kind="initial", model=pinned, run_id=run_id, round_=0,
                                              scores=base, inputs={}, reason="the config's model before the first realignment (base evaluation of this run)")
             entry = promotion.promote(store, based_on=based_on, model=result["model"], run_id=run_id, round_=result["round"],
                                       scores=cand, inputs={**inputs, "model": result["model"]},

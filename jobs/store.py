@@ -295,6 +295,8 @@ class LocalStore(ArtifactStore):
             for rel, path in local_files(Path(src)):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (_link_or_copy if link else shutil.copy2)(str(path), str(tmp / rel))
+            for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+                d.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 must not outlive the rename
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)

@@ -276,12 +276,18 @@ class S3Store(ArtifactStore):
         return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"]
 
     # --- directories -------------------------------------------------------------------------
+    def object_index(self, key: str) -> dict[str, list]:
+        """{relative name: [ETag, size]} of the objects under `key/`: one listing, no downloads. Any
+        overwrite changes an ETag, so this says whether a tree changed without reading it."""
+        full = self._k(key)
+        cut = len(full) + 1 if full else 0
+        return {o["Key"][cut:]: [o["ETag"], o["Size"]] for o in self._objects(full) if o["Key"] != full}
+
     def local_dir(self, key: str) -> Path:
         """Downloaded into `<cache>/store/<bucket>/<prefix>/<key>`: into a temp dir, renamed into place,
         with a marker of the objects' ETags and sizes; reused while the bucket holds the same objects."""
         full = self._k(key)
-        cut = len(full) + 1 if full else 0
-        index = {o["Key"][cut:]: [o["ETag"], o["Size"]] for o in self._objects(full) if o["Key"] != full}
+        index = self.object_index(key)
         if not index:
             raise StoreError(f"{self.uri_for(key)}: directory not found")
         dest = self.cache_root / self.bucket / full

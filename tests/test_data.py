@@ -73,7 +73,7 @@ def test_unknown_bundled_set():
         load(PromptSource(source="bundled:nope"))
     msg = str(info.value)
     assert "\n" not in msg
-    assert msg.startswith("bundled:nope: ")
+    assert msg.startswith("data.train[0]: bundled:nope: ")
     assert "bundled:red-team" in msg and "bundled:helpful" in msg
 
 
@@ -387,7 +387,7 @@ def test_missing_source_raises_one_line(tmp_path):
         load(src(missing))
     msg = str(info.value)
     assert "\n" not in msg
-    assert msg.startswith(f"{missing}: ")
+    assert msg.startswith(f"data.train[0]: {missing}: ")
     assert "not found" in msg
 
 
@@ -482,7 +482,7 @@ def test_directory_that_is_not_a_dataset(tmp_path):
     with pytest.raises(DataError) as info:
         load(src(d))
     msg = str(info.value)
-    assert "\n" not in msg and msg.startswith(f"{d}: cannot load dataset")
+    assert "\n" not in msg and msg.startswith(f"data.train[0]: {d}: cannot load dataset")
 
 
 def test_datasets_dict_default_split_error_names_train(tmp_path):

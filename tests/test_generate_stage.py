@@ -58,7 +58,8 @@ def test_outputs_traces_and_manifest(tmp_path, tiny_run_config, tiny_engine):
     manifest = json.loads((out / "stage.json").read_text())
     assert manifest["spec_hash"] == spec.spec_hash()
     assert manifest["counts"]["prompts"] == 6 and manifest["counts"]["revisions"] == 12
-    assert set(manifest["input_hashes"]) == {"constitution", "prompts"}
+    assert set(manifest["input_hashes"]) == {"constitution", "prompts", "model"}  # the model by its content, as an input
+    assert manifest["input_hashes"]["model"].startswith("tree:")
     assert manifest["versions"]["transformers"]
 
 

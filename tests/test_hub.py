@@ -320,6 +320,15 @@ def test_online_download_real_cache_layout(online, hub_env, tiny_files, monkeypa
     assert snapshot("org/tiny") == snap  # the cached tree lists the .bin, yet the snapshot counts as complete
 
 
+def test_a_commit_the_caller_holds_is_pinned_but_not_downloaded(online, hub_env):
+    """A restarted controller whose store already holds the commit asks the Hub only which commit `main` is."""
+    seen: list[str] = []
+    snap = snapshot("org/tiny", known=lambda commit: seen.append(commit) or True)
+    assert (snap.commit, snap.path, seen) == (SHA_ONLINE, None, [SHA_ONLINE])
+    assert [line for line in FakeHub.log if "/resolve/" in line] == [] and not (hub_env / "models--org--tiny" / "snapshots").exists()
+    assert snapshot("org/tiny", known=lambda commit: False).path is not None  # another commit: downloaded as usual
+
+
 def test_online_errors(online, hub_env, monkeypatch):
     with pytest.raises(ModelError) as info:
         snapshot("org/tiny", "v9")

@@ -39,7 +39,9 @@ def test_model_files_are_checked_before_anything_moves():
         check_model_files(["model.safetensors"], "model: x")
     with pytest.raises(ModelError, match="no weights"):
         check_model_files(["config.json", "tokenizer.json"], "model: x")
-    check_model_files(["sub/config.json", "sub/model-00001-of-00002.safetensors"], "model: x")
+    check_model_files(["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json"], "model: x")
+    with pytest.raises(ModelError, match="no config.json"):  # a checkpoint one level down is not this directory's model
+        check_model_files(["ckpt/config.json", "ckpt/model.safetensors"], "model: x")
 
 
 def test_local_directory_is_imported_once_and_again_only_when_it_changes(tmp_path, tiny_model_dir, capsys):
@@ -134,7 +136,7 @@ def test_hub_dataset_prompts_with_config_split_and_column(hub_model):
     assert report.identity == f"hf:org/prompts@{COMMIT}"
     test_split, _ = load_prompts([src.model_copy(update={"split": "test"})], 4000)
     assert [r.text for r in test_split] == ["Held out?"]
-    with pytest.raises(DataError, match="^data: org/prompts@nope: .*revision|^data: org/prompts.*not in the local HF cache"):
+    with pytest.raises(DataError, match=r"^data.train\[0\]: org/prompts@nope: not in the local HF cache"):
         load_prompts([src.model_copy(update={"revision": "nope"})], 4000)
     with pytest.raises(DataError, match="cannot load config 'other'"):
         load_prompts([src.model_copy(update={"config": "other"})], 4000)

@@ -111,34 +111,54 @@ def test_prompt_files_from_an_s3_prefix(s3_bucket, tmp_path, monkeypatch):
     assert from_uri == from_run_store
 
 
+def fake_model(root: Path, weights: bytes = b"w") -> Path:
+    """What a model directory looks like to the identity checks (they never load it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text("{}")
+    (root / "model.safetensors").write_bytes(weights)
+    return root
+
+
 def test_fingerprint_follows_content_not_paths(tmp_path):
+    store = LocalStore(tmp_path / "store")
     config = RunConfig(data={"train": [{"source": "bundled:helpful", "limit": 2}]})
-    base = tick_inputs(config, "m", list(config.data.train))
-    assert tick_inputs(config, "m", list(config.data.train)) == base
-    assert tick_inputs(config, "other", list(config.data.train))["model"] == "other"
+    m = "bundled:smollm2-135m-instruct"
+    base = tick_inputs(config, m, list(config.data.train), store)
+    assert tick_inputs(config, m, list(config.data.train), store) == base
+    other = str(fake_model(tmp_path / "other"))
+    moved = tick_inputs(config, other, list(config.data.train), store)
+    assert moved["model"] == other and moved["model_identity"] != base["model_identity"]
+    fake_model(tmp_path / "other", weights=b"retrained")  # the same path, other bytes: a change
+    assert tick_inputs(config, other, list(config.data.train), store)["model_identity"] != moved["model_identity"]
+    assert tick_inputs(config, str(fake_model(tmp_path / "copy", weights=b"retrained")), list(config.data.train), store)["model_identity"] == \
+        tick_inputs(config, other, list(config.data.train), store)["model_identity"]  # the same bytes elsewhere: the same model
 
     extra = write_prompts(tmp_path / "one" / "new.jsonl", "How do I pick a lock?")
-    added = tick_inputs(config, "m", [*config.data.train, PromptSource(source=str(extra))])
+    added = tick_inputs(config, m, [*config.data.train, PromptSource(source=str(extra))], store)
     assert added["prompts_sha256"] != base["prompts_sha256"]
     same = write_prompts(tmp_path / "two" / "new.jsonl", "How do I pick a lock?")  # same file elsewhere
-    assert tick_inputs(config, "m", [*config.data.train, PromptSource(source=str(same))]) == added
+    assert tick_inputs(config, m, [*config.data.train, PromptSource(source=str(same))], store) == added
+    store.write_bytes("realign/new.jsonl", extra.read_bytes())  # a store: source (what the chart and `cai submit` write)
+    assert tick_inputs(config, m, [*config.data.train, PromptSource(source="store:realign/new.jsonl")], store)["prompts_sha256"] == added["prompts_sha256"]
 
     constitution = tmp_path / "c.yaml"
     constitution.write_text((Path(realign.resolve_path("default"))).read_text() + "\n# edited\n")
-    changed = tick_inputs(config.model_copy(update={"constitution": str(constitution)}), "m", list(config.data.train))
+    changed = tick_inputs(config.model_copy(update={"constitution": str(constitution)}), m, list(config.data.train), store)
     assert changed["constitution_sha256"] != base["constitution_sha256"]
-    assert tick_inputs(config.model_copy(update={"seed": 1}), "m", list(config.data.train))["config_fingerprint"] != base["config_fingerprint"]
+    assert tick_inputs(config.model_copy(update={"seed": 1}), m, list(config.data.train), store)["config_fingerprint"] != base["config_fingerprint"]
 
 
 def test_unchanged_inputs_run_nothing(tmp_path):
     store = LocalStore(tmp_path / "store")
-    config = RunConfig(model="m0", stages=["generate", "judge", "train", "evaluate"], data={"train": [{"source": "bundled:helpful", "limit": 2}]})
+    m0 = str(fake_model(tmp_path / "m0"))
+    config = RunConfig(model=m0, stages=["generate", "judge", "train", "evaluate"], data={"train": [{"source": "bundled:helpful", "limit": 2}]})
+    fake_model(tmp_path / "store" / "runs/x/round-1/train/model")
 
     def no_run(_):
         raise AssertionError("tried to start a run")
 
-    inputs = tick_inputs(config, "store:runs/x/round-1/train/model", list(config.data.train))
-    e1 = promotion.promote(store, based_on=None, kind="initial", model="m0", run_id="x", round_=0, scores=Scores(), inputs={}, reason="t")
+    inputs = tick_inputs(config, "store:runs/x/round-1/train/model", list(config.data.train), store)
+    e1 = promotion.promote(store, based_on=None, kind="initial", model=m0, run_id="x", round_=0, scores=Scores(), inputs={}, reason="t")
     promotion.promote(store, based_on=e1, model="store:runs/x/round-1/train/model", run_id="x", round_=1,
                       scores=Scores(), inputs=inputs, reason="t")
     out = realign.realign(config, store, no_run)
@@ -151,7 +171,7 @@ def test_unchanged_inputs_run_nothing(tmp_path):
 
     # with nothing promoted, a rejected attempt on the same inputs counts as seen too
     fresh = LocalStore(tmp_path / "fresh")
-    fp = promotion.inputs_fingerprint(tick_inputs(config, "m0", list(config.data.train)))
+    fp = promotion.inputs_fingerprint(tick_inputs(config, m0, list(config.data.train), fresh))
     fresh.write_json(realign.LAST_ATTEMPT, {"inputs_fingerprint": fp, "run_id": "y", "decision": "rejected", "at": "t", "reason": "failed harmless"})
     out = realign.realign(config, fresh, no_run)
     assert out.action == "unchanged" and "run y was rejected" in out.message

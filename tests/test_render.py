@@ -284,3 +284,15 @@ def test_golden_job():
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
     assert text == path.read_text(), "rendered Job changed; if intended, regenerate with CAI_UPDATE_GOLDEN=1"
+
+
+def test_controller_scratch_for_model_downloads_is_requested_when_set():
+    from jobs.executors.k8s_manifests import build_controller_job, to_dict
+
+    plain = to_dict(build_controller_job("r1", STORE, KubernetesConfig()))
+    assert "ephemeral-storage" not in plain["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    job = to_dict(build_controller_job("r1", STORE, KubernetesConfig(controller_ephemeral_storage="24Gi")))
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "24Gi"
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    with pytest.raises(ValueError):
+        KubernetesConfig(controller_ephemeral_storage="lots")

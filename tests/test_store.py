@@ -369,10 +369,16 @@ def test_put_dir_onto_itself_is_noop(store, tmp_path):
 def test_put_dir_failure_keeps_old_tree(store, tmp_path, monkeypatch):
     store.put_dir(make_tree(tmp_path / "v1"), "m")
 
-    def failing_copytree(*a, **kw):
-        raise OSError("copy failed")
+    calls = []
 
-    monkeypatch.setattr(shutil, "copytree", failing_copytree)
+    def failing_copy(*a, **kw):  # the second file fails to copy: the tree must stay the old one
+        calls.append(a)
+        if len(calls) == 2:
+            raise OSError("copy failed")
+        return real_copy(*a, **kw)
+
+    real_copy = shutil.copy2
+    monkeypatch.setattr(shutil, "copy2", failing_copy)
     with pytest.raises(OSError):
         store.put_dir(tmp_path / "v1", "m")
     monkeypatch.undo()

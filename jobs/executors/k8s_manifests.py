@@ -289,7 +289,9 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
         command=controller_command(run_id, store),
         env=controller_env(k8s) + downward,
         resources=m.V1ResourceRequirements(
-            requests={"cpu": CONTROLLER_CPU, "memory": CONTROLLER_MEMORY}, limits={"memory": CONTROLLER_MEMORY}
+            requests={"cpu": CONTROLLER_CPU, "memory": CONTROLLER_MEMORY,
+                      **({"ephemeral-storage": k8s.controller_ephemeral_storage} if k8s.controller_ephemeral_storage else {})},
+            limits={"memory": CONTROLLER_MEMORY}
         ),
         security_context=container_security,
         volume_mounts=mounts,
