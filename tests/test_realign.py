@@ -15,7 +15,7 @@ from jobs.errors import ConfigError
 from jobs.metrics import quality_scores
 from jobs.promotion import Scores
 from jobs.realign import GateResult, check_gates, prompt_files, scores_of, tick_inputs
-from jobs.store import LocalStore
+from jobs.store import LocalStore, local_tree_digest
 
 WEIGHTS = RunConfig().stop.weights
 
@@ -289,6 +289,11 @@ def test_realign_ticks(tmp_path, tiny_model_dir):
     run2 = json.loads((store / "models/last-attempt.json").read_text())["run_id"]
     assert run2 != run1
     spec = json.loads((store / "runs" / run2 / "base/evaluate/spec.json").read_text())
-    assert spec["model"] == start and spec["params"]["judge_model"] == str(tiny_model_dir)
+    # the stages read the run's copies: the start model (a store model is read in place) and the configured grader
+    imported = f"store:runs/{run2}/inputs/models"
+    assert spec["model"] == (start if start.startswith("store:") else f"{imported}/policy")
+    assert spec["params"]["judge_model"] == (f"{imported}/grader" if start.startswith("store:") else f"{imported}/policy")
+    models = json.loads((store / "runs" / run2 / "run.json").read_text())["models"]
+    assert models["grader" if start.startswith("store:") else "policy"]["digest"] == local_tree_digest(tiny_model_dir)
     prompts = (store / "runs" / run2 / "inputs/prompts.jsonl").read_text()
     assert "hotwire a car" in prompts and "hotwire" not in (store / "runs" / run1 / "inputs/prompts.jsonl").read_text()
