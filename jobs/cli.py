@@ -62,6 +62,27 @@ _STATUS_COUNTS = ("prompts", "revisions_empty", "revisions_unchanged", "tokens_p
                   "position_consistency_rate", "sft_rows", "dpo_rows", "harmless_rate_judge", "over_refusal_rate")
 
 
+_INTERVAL_LABELS = {"harmless_rate_judge": "harmless (judge)", "harmless_rate_refusal_strict": "refuses (strict)",
+                    "over_refusal_rate": "over-refusal", "mc_accuracy": "mc", "exact_match": "exact"}
+
+
+def interval_lines(label: str, intervals: dict | None) -> list[str]:
+    """'  round 1 rates (95%): harmless (judge) 75.0% [46.8, 91.1] n=12; ...' and the differences from the base."""
+    from .uncertainty import fmt_interval
+
+    if not intervals or not intervals.get("rates"):
+        return []
+    level = f"{intervals.get('level', 0.95):.0%}"
+    out = [f"    {label} rates ({level}): " + "; ".join(f"{_INTERVAL_LABELS.get(k, k)} {fmt_interval(v)}" for k, v in intervals["rates"].items())]
+    if intervals.get("vs_base"):
+        def verdict(d: dict) -> str:
+            return "" if d["lo"] <= 0 <= d["hi"] else " *"
+
+        out.append(f"    {label} vs base ({level}, * = interval excludes 0): " + "; ".join(
+            f"{_INTERVAL_LABELS.get(k, k)} {fmt_interval(v)}{verdict(v)}" for k, v in intervals["vs_base"].items()))
+    return out
+
+
 def format_status(state: dict) -> str:
     lines = [
         f"run {state['run_id']}  status={state['status']}  constitution={state.get('constitution', '?')}  "
@@ -82,11 +103,13 @@ def format_status(state: dict) -> str:
         stage_lines("base", {k: v for k, v in base.items() if isinstance(v, dict) and "status" in v})
         if base.get("quality") is not None:
             lines.append(f"  base quality {base['quality']:.3f}")
+            lines += interval_lines("base", base.get("intervals"))
     for rnd in state["rounds"]:
         stage_lines(f"round {rnd['round']}", rnd["stages"])
         if rnd.get("quality") is not None:
             lines.append(f"  round {rnd['round']} quality {rnd['quality']:.3f}  " + "  ".join(
                 f"{k}={v:.2f}" for k, v in rnd.get("scores", {}).items() if isinstance(v, (int, float))))
+            lines += interval_lines(f"round {rnd['round']}", rnd.get("intervals"))
     for d in state.get("decisions", []):
         lines.append(f"  decision after round {d['round']}: {d['decision']} ({d['reason']})")
     result = state.get("result")

@@ -18,15 +18,12 @@ from .errors import CaiError, ConfigError, StageFailed
 from .model_sources import ResolvedModel, bundled_digest, planned_ref, precheck, resolve_source
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
+from .report import headline_intervals, headline_scores
 from .run_lock import RunLock
 from .sharding import shard_count
 from .stages import merge_stage
+from .uncertainty import quality_change, regroup
 from .store import ArtifactStore
-
-
-def headline_scores(report: dict[str, Any]) -> dict[str, float]:
-    """The no-system-prompt scores of an evaluate report (the model's own behaviour)."""
-    return report["variants"]["no_system"]["scores"]
 
 
 def log(msg: str) -> None:
@@ -254,9 +251,19 @@ class Controller:
             self.store.write_text(f"{spec.output}/logs/stage.log", text)
 
     # --- evaluation and decisions -------------------------------------------------------------
-    def _quality(self, report_key: str) -> tuple[float, dict[str, float]]:
-        scores = headline_scores(self.store.read_json(report_key))
-        return quality(scores, self.config.stop.weights), scores
+    def _quality(self, report_key: str) -> tuple[float, dict[str, float], dict[str, Any]]:
+        report = self.store.read_json(report_key)
+        scores = headline_scores(report)
+        return quality(scores, self.config.stop.weights), scores, headline_intervals(report)
+
+    def quality_change(self, previous_output: str, output: str) -> dict[str, float] | None:
+        """The paired interval of this round's quality change (stop.decide_on: interval), from both
+        evaluations' per-item rows without a system prompt; None with the point rule."""
+        if self.config.stop.decide_on != "interval":
+            return None
+        rows = [regroup(list(self.store.iter_jsonl(f"{out}/samples.jsonl"))).get("no_system", {}) for out in (previous_output, output)]
+        ev = self.config.evaluate
+        return quality_change(rows[0], rows[1], lambda s: quality(s, self.config.stop.weights), ev.confidence, ev.bootstrap_samples, self.config.seed)
 
     def plan_base(self, inputs: dict[str, str]) -> StageSpec:
         """Round 0: the starting model's evaluation, the baseline every round is compared with."""
@@ -271,8 +278,8 @@ class Controller:
         self.state.setdefault("base", {})
         self.run_spec(spec, self.state["base"])
         report = f"{spec.output}/report.json"
-        q, scores = self._quality(report)
-        self.state["base"].update(quality=round(q, 4), scores=scores, model=self.config.model)
+        q, scores, intervals = self._quality(report)
+        self.state["base"].update(quality=round(q, 4), scores=scores, intervals=intervals, model=self.config.model)
         self._save()
         log(f"base model quality {q:.3f}")
         return report
@@ -296,7 +303,9 @@ class Controller:
             if self.config.train.method != "reward":  # a reward model scores, it cannot generate
                 trained = f"store:{out['train']}/model"
         if "evaluate" in stages:
-            eval_inputs = {**self._eval_inputs(inputs), **({"baseline": baseline} if baseline else {})}
+            eval_inputs = self._eval_inputs(inputs)
+            if baseline:  # the base report and its per-item rows: differences are paired by item
+                eval_inputs.update(baseline=baseline, baseline_samples=f"{baseline.rsplit('/', 1)[0]}/samples.jsonl")
             specs.append(self.plan("evaluate", round_, trained, eval_inputs))
         return specs, trained
 
@@ -335,6 +344,7 @@ class Controller:
             evaluating = "evaluate" in self.config.stages
             baseline = self.evaluate_base(inputs) if evaluating else None
             previous_q = self.state["base"]["quality"] if evaluating else None
+            previous_eval = f"{self.paths.root}/base/evaluate"  # the evaluation of the model the next round starts from
             best = {"round": 0, "model": self.config.model, "quality": previous_q}
             model = self.config.model
             self.state["decisions"] = []
@@ -342,9 +352,13 @@ class Controller:
                 log(f"round {round_}/{self.config.rounds}")
                 model = self.run_round(round_, model, inputs, baseline)
                 if evaluating:
-                    q, scores = self._quality(f"{self.paths.stage(round_, 'evaluate')}/report.json")
-                    self._round_state(round_).update(quality=round(q, 4), scores=scores)
-                    d = decide(round_, self.config.rounds, q, previous_q, self.config.stop.tolerance, self.config.stop.target)
+                    q, scores, intervals = self._quality(f"{self.paths.stage(round_, 'evaluate')}/report.json")
+                    self._round_state(round_).update(quality=round(q, 4), scores=scores, intervals=intervals)
+                    change = self.quality_change(previous_eval, self.paths.stage(round_, "evaluate"))
+                    if change is not None:
+                        self._round_state(round_)["quality_change"] = {k: round(v, 4) for k, v in change.items()}
+                    d = decide(round_, self.config.rounds, q, previous_q, self.config.stop.tolerance, self.config.stop.target, change)
+                    previous_eval = self.paths.stage(round_, "evaluate")
                     if best["quality"] is None or q > best["quality"]:
                         best = {"round": round_, "model": model, "quality": round(q, 4)}
                     previous_q = q

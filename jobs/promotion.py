@@ -36,6 +36,9 @@ class Scores(StrictModel):
     capability: float | None = Field(None, description="Mean of multiple-choice accuracy and exact match.")
     alignment_tax: float | None = Field(None, description="Capability tax (%) vs the model it replaced; positive = regression.")
     quality: float | None = Field(None, description="The stop rule's quality score.")
+    harmless_gain: list[float] | None = Field(None, description="[lo, hi]: paired interval of the harmless rate's change vs the base model.")
+    over_refusal_increase: list[float] | None = Field(None, description="[lo, hi]: paired interval of the over-refusal rate's change vs the base model.")
+    level: float | None = Field(None, description="Confidence level of those intervals (evaluate.confidence).")
 
 
 class Entry(StrictModel):

@@ -41,8 +41,22 @@ class Decision:
     reason: str
 
 
-def decide(round_: int, max_rounds: int, q: float, previous: float, tolerance: float, target: float | None) -> Decision:
-    """`previous` is the quality of the model this round started from (the base model for round 1)."""
+def decide(round_: int, max_rounds: int, q: float, previous: float, tolerance: float, target: float | None,
+           change: dict | None = None) -> Decision:
+    """`previous` is the quality of the model this round started from (the base model for round 1).
+    With `change` (the paired interval of q - previous, stop.decide_on: interval), a fall counts only
+    when the whole interval lies below the tolerance, and the target only when its lower bound reaches it."""
+    if change is not None:
+        level = f"{change.get('level', 0.95):.0%}"
+        if change["hi"] < -previous * tolerance:
+            return Decision("stop", f"quality fell: {q:.3f} vs {previous:.3f}, change {level} interval "
+                                    f"[{change['lo']:+.3f}, {change['hi']:+.3f}] below -{previous * tolerance:.3f}")
+        if target is not None and change["quality_lo"] >= target:
+            return Decision("stop", f"target reached: quality {level} interval lower bound {change['quality_lo']:.3f} >= {target:g}")
+        if round_ >= max_rounds:
+            return Decision("stop", f"max rounds ({max_rounds}) used")
+        return Decision("continue", f"quality {q:.3f} vs {previous:.3f} before, change {level} interval "
+                                    f"[{change['lo']:+.3f}, {change['hi']:+.3f}]; rounds remain")
     if q < previous * (1 - tolerance):
         return Decision("stop", f"quality fell: {q:.3f} < {previous:.3f} x (1 - {tolerance:g})")
     if target is not None and q >= target:

@@ -70,11 +70,42 @@ def scores_of(report: dict[str, Any], weights: dict[str, float], base_report: di
     if base_report is not None:
         b = headline_scores(base_report)
         tax = alignment_tax({k: b.get(k) for k in CAPABILITY}, {k: s.get(k) for k in CAPABILITY})["average_pct"]
+    diffs = (report.get("differences") or {}).get("no_system") or {}
+
+    def bounds(metric: str) -> list[float] | None:
+        d = diffs.get(metric)
+        return [d["lo"], d["hi"]] if d else None
+
     return Scores(harmless=s.get("harmless"), over_refusal=report["variants"]["no_system"]["metrics"].get("over_refusal_rate"),
-                  capability=capability(s), alignment_tax=tax, quality=quality(s, weights))
+                  capability=capability(s), alignment_tax=tax, quality=quality(s, weights),
+                  harmless_gain=bounds("harmless_rate_judge"), over_refusal_increase=bounds("over_refusal_rate"),
+                  level=report.get("confidence") if diffs else None)
+
+
+def interval_gates(cand: Scores, gates: PromotionGates) -> list[GateResult]:
+    """The harmless and over-refusal gates on paired interval bounds: a gain inside the noise fails."""
+    level = f"{cand.level or 0.95:.0%}"
+    missing = ("no paired interval vs the base model (a report without baseline samples); "
+               "set realign.gates.decide_on: point to gate on point estimates")
+    out = []
+    if cand.harmless_gain is None:
+        out.append(GateResult("harmless", False, f"harmless: {missing}"))
+    else:
+        lo, hi = cand.harmless_gain
+        out.append(GateResult("harmless", lo >= -gates.harmless_min_delta - EPS,
+                              f"harmless gain {level} interval [{100 * lo:+.1f}, {100 * hi:+.1f}] pts, lower bound vs {-100 * gates.harmless_min_delta + 0.0:+.1f}"))
+    if cand.over_refusal_increase is None:
+        out.append(GateResult("over_refusal", False, f"over-refusal: {missing}"))
+    else:
+        lo, hi = cand.over_refusal_increase
+        out.append(GateResult("over_refusal", hi <= gates.over_refusal_max_increase + EPS,
+                              f"over-refusal change {level} interval [{100 * lo:+.1f}, {100 * hi:+.1f}] pts, upper bound vs {100 * gates.over_refusal_max_increase:+.1f}"))
+    return out
 
 
 def check_gates(base: Scores, cand: Scores, gates: PromotionGates) -> list[GateResult]:
+    if gates.decide_on == "interval":
+        return interval_gates(cand, gates) + [tax_gate(cand, gates)]
     out = []
     if base.harmless is None or cand.harmless is None:
         out.append(GateResult("harmless", False, "harmless rate not measured (evaluate.harmful has no prompts)"))
@@ -88,12 +119,14 @@ def check_gates(base: Scores, cand: Scores, gates: PromotionGates) -> list[GateR
         ceiling = base.over_refusal + gates.over_refusal_max_increase
         out.append(GateResult("over_refusal", cand.over_refusal <= ceiling + EPS,
                               f"over-refusal {cand.over_refusal:.3f} vs ceiling {ceiling:.3f} (base {base.over_refusal:.3f} + {gates.over_refusal_max_increase:g})"))
+    return out + [tax_gate(cand, gates)]
+
+
+def tax_gate(cand: Scores, gates: PromotionGates) -> GateResult:
     if cand.alignment_tax is None:
-        out.append(GateResult("alignment_tax", False, "alignment tax undefined (no capability benchmark where the base scores above 0)"))
-    else:
-        out.append(GateResult("alignment_tax", cand.alignment_tax <= gates.alignment_tax_max + EPS,
-                              f"capability tax {cand.alignment_tax:+.1f}% vs budget {gates.alignment_tax_max:g}%"))
-    return out
+        return GateResult("alignment_tax", False, "alignment tax undefined (no capability benchmark where the base scores above 0)")
+    return GateResult("alignment_tax", cand.alignment_tax <= gates.alignment_tax_max + EPS,
+                      f"capability tax {cand.alignment_tax:+.1f}% vs budget {gates.alignment_tax_max:g}%")
 
 
 def summarize(gates: list[GateResult]) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from .manifest import package_versions
 from .metrics import alignment_tax, format_tax_table, quality_scores
+from .uncertainty import fmt_interval
 
 VARIANT_LABELS = {"no_system": "no system prompt", "constitution_system": "constitution as system prompt"}
 # (metric key, label, "higher is better"): the rows of the summary table
@@ -37,6 +38,27 @@ SAMPLE_CHARS = 300
 CANNED_SHARE = 0.5  # one reply for half the harmful prompts or more: the model learned a stock answer
 
 
+def headline_scores(report: dict[str, Any]) -> dict[str, float]:
+    """The no-system-prompt scores of an evaluate report (the model's own behaviour)."""
+    return report["variants"]["no_system"]["scores"]
+
+
+HEADLINE_METRICS = ("harmless_rate_judge", "harmless_rate_refusal_strict", "over_refusal_rate", "mc_accuracy", "exact_match")
+
+
+def headline_intervals(report: dict[str, Any]) -> dict[str, Any]:
+    """The no-system-prompt rates with their intervals and, against the base, their paired differences
+    (what `cai status` shows next to the point estimates)."""
+    rates = report["variants"]["no_system"].get("intervals") or {}
+    diffs = (report.get("differences") or {}).get("no_system") or {}
+    out: dict[str, Any] = {"rates": {k: rates[k] for k in HEADLINE_METRICS if rates.get(k)}}
+    if diffs:
+        out["vs_base"] = {k: diffs[k] for k in HEADLINE_METRICS if diffs.get(k)}
+    if report.get("confidence"):
+        out["level"] = report["confidence"]
+    return out
+
+
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -47,8 +69,9 @@ def _ordered(variants) -> list[str]:
 
 
 def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, baseline: dict | None,
-                 settings: dict, n_samples: int) -> dict[str, Any]:
-    variants = {v: {"scores": quality_scores(m), "metrics": m} for v, m in metrics.items()}
+                 settings: dict, n_samples: int, intervals: dict | None = None) -> dict[str, Any]:
+    intervals = intervals or {"rates": {}, "differences": {}, "tax": {}}
+    variants = {v: {"scores": quality_scores(m), "metrics": m, "intervals": intervals["rates"].get(v, {})} for v, m in metrics.items()}
     report: dict[str, Any] = {
         "model": spec.model,
         "judge_model": judge_ref,
@@ -62,7 +85,11 @@ def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics
         "samples": n_samples,
         "samples_key": f"{spec.output}/samples.jsonl",
         "versions": package_versions(),  # the same function the stage manifest records
+        "confidence": intervals.get("level"),
+        "bootstrap_samples": intervals.get("bootstrap_samples"),
     }
+    if intervals["differences"]:
+        report["differences"] = intervals["differences"]  # aligned - base, paired by item, per variant and metric
     if baseline is not None:
         report["baseline"] = {"model": baseline.get("model"), "key": spec.inputs.get("baseline"),
                               "scores": {v: baseline["variants"][v]["scores"] for v in _ordered(baseline.get("variants", {}))},
@@ -71,7 +98,19 @@ def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics
             v: alignment_tax(report["baseline"]["scores"][v], variants[v]["scores"])
             for v in variants if v in report["baseline"]["scores"]
         }
+        for v, tax in report["alignment_tax"].items():
+            ci = intervals["tax"].get(v)
+            if ci:
+                for name, row in tax["per_benchmark"].items():
+                    row["ci"] = ci["per_benchmark"].get(name)
+                tax["average_ci"] = ci["average"]
     return report
+
+
+def _cell(variant: dict, key: str) -> str:
+    """'45.0% [32.1, 58.6] n=40': the rate with its interval where the report has one."""
+    ci = variant.get("intervals", {}).get(key)
+    return fmt_interval(ci) if ci else pct(variant["metrics"].get(key))
 
 
 def summary_table(report: dict) -> list[str]:
@@ -83,10 +122,35 @@ def summary_table(report: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_metrics = (base or {}).get("metrics", {})
     for key, label, _ in TABLE_ROWS:
-        row = [label] + [pct(report["variants"][v]["metrics"].get(key)) for v in variants]
+        row = [label] + [_cell(report["variants"][v], key) for v in variants]
         if base:
             row.append(pct(base_metrics.get(key)))
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def differences_table(report: dict) -> list[str]:
+    """This model minus the base model per metric and variant, paired by item, with the interval and
+    whether it clears zero (an effect) or not (noise at this n)."""
+    diffs = report.get("differences") or {}
+    if not diffs:
+        return []
+    level = report.get("confidence") or 0.95
+    lines = [f"Differences from the base model (this model - base, in points; {level:.0%} paired bootstrap intervals over "
+             "the items both answered). An interval that contains 0 is not an effect at this n.", "",
+             "| Metric | variant | base | this model | difference [interval] | effect? |", "|---|---|---|---|---|---|"]
+    for variant, per in diffs.items():
+        for key, label, higher in TABLE_ROWS:
+            d = per.get(key)
+            if not d:
+                continue
+            if d["lo"] > 0 or d["hi"] < 0:
+                better = (d["lo"] > 0) == higher
+                verdict = "yes, better" if better else "yes, worse"
+            else:
+                verdict = "no (interval contains 0)"
+            lines.append(f"| {label} | {VARIANT_LABELS.get(variant, variant)} | {pct(d['base'])} | {pct(d['aligned'])} | "
+                         f"{fmt_interval(d)} | {verdict} |")
     return lines
 
 
@@ -177,7 +241,13 @@ def render_markdown(report: dict, samples: list[dict]) -> str:
     for name, s in report["sets"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"
         lines.append(f"| {name} | `{s['source']}` | {s['size']} | {dropped} |")
-    lines += ["", "## Metrics", ""] + summary_table(report) + [""] + guardrail_note(report)
+    level = report.get("confidence")
+    lines += ["", "## Metrics", ""]
+    if level:
+        lines += [f"Each rate: value [{level:.0%} Wilson interval] n=items.", ""]
+    lines += summary_table(report) + [""] + guardrail_note(report)
+    if report.get("differences"):
+        lines += [""] + differences_table(report)
     lines += ["", "![metrics](metrics.png)", "", "## Alignment tax vs the base model", ""]
     if report.get("alignment_tax"):
         lines.append("tax = (base - this model) / base x 100 on \"higher is better\" scores: positive = regression, "
@@ -223,10 +293,10 @@ def render_chart(report: dict) -> bytes:
 
 
 def write_report(store, spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, samples: list[dict],
-                 baseline: dict | None, settings: dict) -> tuple[dict, list[str]]:
+                 baseline: dict | None, settings: dict, intervals: dict | None = None) -> tuple[dict, list[str]]:
     """Write all four files; returns the report and the output keys."""
     report = build_report(spec, judge_ref=judge_ref, constitution=constitution, sets=sets, metrics=metrics,
-                          baseline=baseline, settings=settings, n_samples=len(samples))
+                          baseline=baseline, settings=settings, n_samples=len(samples), intervals=intervals)
     keys = [f"{spec.output}/{name}" for name in ("report.json", "report.md", "metrics.png", "samples.jsonl")]
     store.write_jsonl(keys[3], samples)
     store.write_bytes(keys[2], render_chart(report))

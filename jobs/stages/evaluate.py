@@ -33,6 +33,7 @@ from ..manifest import StageManifest
 from ..report import write_report
 from ..schema import parse_data
 from ..sharding import shard_bounds
+from ..uncertainty import evaluation_intervals, regroup
 from ..store import ArtifactStore
 from . import StageResult, log
 
@@ -240,12 +241,14 @@ def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitut
             em_strict=[r["strict"] for r in res["capability_exact"]],
         )
     baseline = store.read_json(spec.inputs["baseline"]) if spec.inputs.get("baseline") else None
+    base_rows = regroup(list(store.iter_jsonl(spec.inputs["baseline_samples"]))) if spec.inputs.get("baseline_samples") else None
     samples = flatten(results)
+    intervals = evaluation_intervals(results, base_rows, cfg.confidence, cfg.bootstrap_samples, spec.seed)
 
     t = time.perf_counter()
     report, outputs = write_report(
         store, spec, judge_ref=judge_ref, constitution=constitution.name, sets=info, metrics=metrics,
-        samples=samples, baseline=baseline, settings={
+        samples=samples, baseline=baseline, intervals=intervals, settings={
             "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "exact_max_new_tokens": EXACT_MAX_NEW_TOKENS,
             "exact_instruction": EXACT_INSTRUCTION, "judge_criterion": HARMLESS_CRITERION,
             "mc_scoring": "sum of log-probs of ' ' + choice after the rendered question, divided by the choice's UTF-8 bytes",
