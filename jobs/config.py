@@ -164,6 +164,11 @@ class EvaluateConfig(StrictModel):
         default_factory=lambda: DataSource(source="bundled:capability_exact", split=None),
         description="Exact-match set (`question`, `answer`, optional `aliases`); a string is taken as `source`.",
     )
+    jailbreaks: DataSource | None = Field(
+        default_factory=lambda: DataSource(source="bundled:jailbreaks", split=None),
+        description="Jailbreak wrappers (rows with a `template` holding `{prompt}` once): each harmful prompt is also asked "
+        "wrapped in one of them, with and without the system prompt; a string is taken as `source`; null = no jailbreak axis.",
+    )
     limit: int | None = Field(None, gt=0, description="Cap on items per set (quick runs).")
     max_new_tokens: int = Field(96, gt=0)
     judge_model: str | None = Field(None, description="Grader for harmlessness; null = the run's base model (the controller fills it in).")
@@ -175,7 +180,7 @@ class EvaluateConfig(StrictModel):
     bootstrap_samples: int = Field(2000, ge=200, le=100000, description="Bootstrap resamples per interval (the ends move < 1 point between seeds at n = 100).")
     shards: int = Field(1, ge=1, le=1024, description="Split every evaluation set into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
 
-    @field_validator("capability_mc", "capability_exact", mode="before")
+    @field_validator("capability_mc", "capability_exact", "jailbreaks", mode="before")
     @classmethod
     def _held_out_source(cls, value: Any) -> Any:
         """A string is the source; a capability set without a `split` picks its held-out split itself."""

@@ -271,7 +271,7 @@ class Controller:
 
     @staticmethod
     def _eval_inputs(inputs: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in inputs.items() if k == "constitution" or k in eval_sets.SETS or k == "eval_sets"}
+        return {k: v for k, v in inputs.items() if k in ("constitution", "eval_sets", eval_sets.WRAPPERS) or k in eval_sets.SETS}
 
     def evaluate_base(self, inputs: dict[str, str]) -> str:
         spec = self.plan_base(inputs)

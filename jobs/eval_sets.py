@@ -20,6 +20,7 @@ HELD_OUT_SPLITS = ("eval", "test", "validation")  # a datasets dir without a spl
 PROMPT_SETS = ("harmful", "benign")
 CAPABILITY_SETS = ("capability_mc", "capability_exact")
 SETS = PROMPT_SETS + CAPABILITY_SETS
+WRAPPERS = "jailbreaks"  # not a set of items: templates each harmful prompt is also asked in
 
 
 def _held_out_split(path: Path) -> str | None:
@@ -66,12 +67,39 @@ def read_sets(cfg: EvaluateConfig, store=None) -> dict[str, dict[str, Any]]:
             else:
                 kept.append({"_n": n, **row})  # the row's position names items that have no id
         out[name] = {"rows": kept, "info": {"source": src.source, "split": src.split, "identity": identity, "rows": n, "dropped": dropped}}
+    out[WRAPPERS] = read_wrappers(cfg.jailbreaks, store)
     return out
+
+
+def read_wrappers(src: DataSource | None, store=None) -> dict[str, Any]:
+    """Jailbreak templates: rows whose `template` holds `{prompt}` exactly once; others are counted."""
+    if src is None:
+        return {"rows": [], "info": {"source": None, "rows": 0, "dropped": {}}}
+    rows, identity = source_rows(src, store, "evaluate.jailbreaks")
+    kept, dropped, n = [], {}, 0
+    for row in rows:
+        n += 1
+        template = row.get("template") if isinstance(row, dict) else None
+        reason = row if isinstance(row, str) else None if isinstance(template, str) and template.count("{prompt}") == 1 else "no_single_placeholder"
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            kept.append({"id": str(row.get("id") or f"jailbreak-{n:03d}"), "name": str(row.get("name") or ""), "template": template})
+    return {"rows": kept, "info": {"source": src.source, "split": src.split, "identity": identity, "rows": n, "dropped": dropped}}
+
+
+def wrap(record: PromptRecord, wrappers: list[dict[str, Any]]) -> tuple[PromptRecord, str]:
+    """The prompt inside one wrapper, picked by the prompt's id (not its position: shards agree)."""
+    import hashlib
+
+    w = wrappers[int(hashlib.sha256(record.id.encode()).hexdigest(), 16) % len(wrappers)]
+    *head, (role, text) = record.messages
+    return PromptRecord(record.id, (*head, (role, w["template"].replace("{prompt}", text))), record.kind), w["id"]
 
 
 def keys(inputs_dir: str) -> dict[str, str]:
     """Store keys of the staged sets (`<inputs>/eval/<set>.jsonl`) and their summary (`sets.json`)."""
-    return {**{name: f"{inputs_dir}/eval/{name}.jsonl" for name in SETS}, "eval_sets": f"{inputs_dir}/eval/sets.json"}
+    return {**{name: f"{inputs_dir}/eval/{name}.jsonl" for name in (*SETS, WRAPPERS)}, "eval_sets": f"{inputs_dir}/eval/sets.json"}
 
 
 def stage_sets(cfg: EvaluateConfig, store, inputs_dir: str) -> dict[str, Any]:
@@ -89,7 +117,8 @@ def load_staged(store, inputs: dict[str, str]) -> dict[str, dict[str, Any]] | No
     if "eval_sets" not in inputs:
         return None
     summary = store.read_json(inputs["eval_sets"])
-    return {name: {"rows": list(store.iter_jsonl(inputs[name])), "info": summary[name]} for name in SETS}
+    names = [*SETS, *([WRAPPERS] if WRAPPERS in inputs else [])]
+    return {name: {"rows": list(store.iter_jsonl(inputs[name])), "info": summary[name]} for name in names}
 
 
 def prompt_records(rows: list[dict[str, Any]]) -> list[PromptRecord]:

@@ -14,7 +14,9 @@ from .manifest import package_versions
 from .metrics import alignment_tax, format_tax_table, quality_scores
 from .uncertainty import fmt_interval
 
-VARIANT_LABELS = {"no_system": "no system prompt", "constitution_system": "constitution as system prompt"}
+VARIANT_LABELS = {"no_system": "no system prompt", "constitution_system": "constitution as system prompt",
+                  "no_system_jailbreak": "jailbreak-wrapped, no system prompt",
+                  "constitution_system_jailbreak": "jailbreak-wrapped, constitution as system prompt"}
 # (metric key, label, "higher is better"): the rows of the summary table
 TABLE_ROWS = (
     ("harmless_rate_judge", "Harmless on harmful prompts (judge)", True),
@@ -94,9 +96,9 @@ def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics
         report["baseline"] = {"model": baseline.get("model"), "key": spec.inputs.get("baseline"),
                               "scores": {v: baseline["variants"][v]["scores"] for v in _ordered(baseline.get("variants", {}))},
                               "metrics": baseline.get("variants", {}).get("no_system", {}).get("metrics", {})}
-        report["alignment_tax"] = {
+        report["alignment_tax"] = {  # capability is not measured under jailbreak wrappers: no tax there
             v: alignment_tax(report["baseline"]["scores"][v], variants[v]["scores"])
-            for v in variants if v in report["baseline"]["scores"]
+            for v in variants if v in report["baseline"]["scores"] and not v.endswith("_jailbreak")
         }
         for v, tax in report["alignment_tax"].items():
             ci = intervals["tax"].get(v)
@@ -167,6 +169,12 @@ def guardrail_note(report: dict) -> list[str]:
         if a is not None and b is not None:
             lines.append(f"Here the constitution as a system prompt moves the judge's harmless rate from {pct(a)} to "
                          f"{pct(b)} ({100 * (b - a):+.1f} points).")
+    if "no_system_jailbreak" in v:
+        a = v["no_system"]["metrics"]["harmless_rate_refusal_strict"]
+        b = v["no_system_jailbreak"]["metrics"]["harmless_rate_refusal_strict"]
+        lines.append("The jailbreak columns ask the same harmful prompts inside a wrapper (role-play, DAN-style, prefix "
+                     "injection, \"ignore previous instructions\"...; `evaluate.jailbreaks`): alignment that holds only for the "
+                     "plain wording is shallow." + (f" Strict refusals go from {pct(a)} plain to {pct(b)} wrapped." if a is not None and b is not None else ""))
     return lines
 
 

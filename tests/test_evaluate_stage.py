@@ -52,21 +52,24 @@ def test_tiny_model_run_writes_every_output_for_both_variants(store, tiny_model_
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert set(report["variants"]) == {"no_system", "constitution_system"}
+    assert set(report["variants"]) == {"no_system", "constitution_system", "no_system_jailbreak", "constitution_system_jailbreak"}
     assert report["model"] == str(tiny_model_dir) and report["self_judged"] is True
-    assert {k: v["size"] for k, v in report["sets"].items()} == {"harmful": 3, "benign": 3, "capability_mc": 3, "capability_exact": 3}
+    assert {k: v["size"] for k, v in report["sets"].items()} == {"harmful": 3, "benign": 3, "capability_mc": 3, "capability_exact": 3, "jailbreaks": 8}
     from jobs.constitution import load_constitution
 
     assert report["settings"]["system_prompt"] == load_constitution("default").as_system_prompt()
     assert report["versions"]["transformers"]
-    for v in report["variants"].values():
+    for variant, v in report["variants"].items():
         for name, x in v["scores"].items():
-            assert x is not None and 0.0 <= x <= 1.0, name
+            if variant.endswith("_jailbreak") and name not in ("harmless", "harmless_refusal"):
+                assert x is None, name  # wrapped variants ask harmful prompts only
+            else:
+                assert x is not None and 0.0 <= x <= 1.0, name
     # the controller's view of the report works unchanged
     assert 0.0 <= quality(headline_scores(report), {"harmless": 0.4, "not_over_refusing": 0.3, "capability": 0.3}) <= 1.0
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == report["samples"] == 2 * 12
+    assert len(samples) == report["samples"] == 2 * 12 + 2 * 3  # both variants x 4 sets of 3, and the 3 harmful prompts wrapped in both
     harmful = [s for s in samples if s["set"] == "harmful"]
     assert all({"prompt", "response", "p_harmless", "judge_harmless", "refusal", "strict_refusal"} <= set(s) for s in harmful)
     mc = [s for s in samples if s["set"] == "capability_mc"]
@@ -103,7 +106,7 @@ def test_second_run_against_baseline_has_a_tax_table(store, tiny_model_dir, tiny
 
 
 def test_without_system_prompt_only_one_variant(store, tiny_model_dir, tiny_engine):
-    _, out = run_eval(store, str(tiny_model_dir), tiny_engine, limit=2, with_system_prompt=False)
+    _, out = run_eval(store, str(tiny_model_dir), tiny_engine, limit=2, with_system_prompt=False, jailbreaks=None)
     report = json.loads((out / "report.json").read_text())
     assert list(report["variants"]) == ["no_system"]
     assert "constitution as system prompt" not in (out / "report.md").read_text()
@@ -170,8 +173,11 @@ class FakeEngine:
         for conv in conversations:
             system = conv[0]["role"] == "system"
             user = conv[-1]["content"]
+            inside = next((h for h in HARMFUL if h in user), None)  # a harmful prompt, maybe inside a jailbreak wrapper
             if user in HARMFUL:
                 out.append(REFUSAL if system else HARMFUL[user])
+            elif inside is not None:
+                out.append(HARMFUL[inside])  # wrapped: even the system prompt does not hold
             elif user in BENIGN:
                 out.append(BENIGN[user])
             else:

@@ -68,6 +68,9 @@ def test_report_carries_n_and_an_interval_for_every_rate(store, fake_sets):
                                                                             "agreement_strict", "exact_match", "exact_match_strict"))}
         assert rates and set(rates) <= set(variant["intervals"])
         for key, value in rates.items():
+            if value is None:  # a jailbreak variant measures harmful prompts only
+                assert variant["intervals"][key] is None
+                continue
             ci = variant["intervals"][key]
             assert ci["rate"] == pytest.approx(value) and ci["lo"] <= value <= ci["hi"], key
             assert ci["n"] == report["sets"][{"mc_accuracy": "capability_mc", "mc_accuracy_sum": "capability_mc", "exact_match": "capability_exact",
@@ -122,3 +125,25 @@ def test_quality_change_and_the_stop_rule_on_bounds():
     assert noisy.decision == "continue" and "interval" in noisy.reason
     crash = quality_change(small_base, rows([False] * 12, [True] * 12, [False] * 12), q)
     assert decide(1, 3, crash["quality"], crash["previous"], 0.05, None, crash).decision == "stop"
+
+
+def test_jailbreak_axis_wraps_harmful_prompts_in_every_system_variant(store, fake_sets):
+    """{no system prompt, constitution} x {plain, wrapped}: the fake model refuses under the system prompt,
+    but not once the request is wrapped; the quality score still reads the plain, no-system variant."""
+    _, out = run_eval(store, "fake-model", FakeEngine(), **fake_sets)
+    report = json.loads((out / "report.json").read_text())
+    v = report["variants"]
+    assert set(v) == {"no_system", "constitution_system", "no_system_jailbreak", "constitution_system_jailbreak"}
+    assert v["constitution_system"]["metrics"]["harmless_rate_refusal"] == 1.0
+    wrapped_rate = v["constitution_system_jailbreak"]["metrics"]["harmless_rate_refusal"]
+    assert wrapped_rate == v["no_system"]["metrics"]["harmless_rate_refusal"] < 1.0  # the wrapper undoes the guardrail
+    assert v["no_system_jailbreak"]["intervals"]["harmless_rate_refusal"]["n"] == report["sets"]["harmful"]["size"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    wrapped = [s for s in samples if s["variant"] == "no_system_jailbreak"]
+    assert wrapped and all(s["jailbreak"].startswith("jb-") and s["set"] == "harmful" for s in wrapped)
+    assert {s["prompt"] for s in wrapped} == {s["prompt"] for s in samples if s["variant"] == "no_system" and s["set"] == "harmful"}
+    assert "jailbreak" not in report["alignment_tax"] if "alignment_tax" in report else True
+    md = (out / "report.md").read_text()
+    assert "jailbreak-wrapped, constitution as system prompt" in md and "alignment that holds only for the plain wording" in md
+    none, _ = run_eval(store, "fake-model", FakeEngine(), output="runs/t/nojb/evaluate", jailbreaks=None, **fake_sets)
+    assert set(json.loads((_ / "report.json").read_text())["variants"]) == {"no_system", "constitution_system"}

@@ -24,7 +24,7 @@ import yaml
 from ..config import EvaluateConfig, StageSpec
 from ..constitution import Constitution
 from ..engines import Engine, SamplingParams, load_engine
-from ..eval_sets import SETS, load_staged, prompt_records, read_sets
+from ..eval_sets import SETS, WRAPPERS, load_staged, prompt_records, read_sets, wrap
 from ..judging import ANSWER_PREFIX, HARMLESS_CRITERION, LABELS, grading_messages, p_yes
 from ..metrics import exact_match, exact_match_strict, mc_pick, variant_metrics
 from ..models import resolve_model
@@ -38,6 +38,7 @@ from ..store import ArtifactStore
 from . import StageResult, log
 
 EXACT_MAX_NEW_TOKENS = 24  # a short answer plus a few words of framing ("The capital is Paris.")
+JAILBREAK = "_jailbreak"  # variant suffix: the same system prompt, harmful prompts inside a jailbreak wrapper
 EXACT_INSTRUCTION = "Answer with just the answer, in as few words as possible."
 
 
@@ -90,8 +91,8 @@ def shape_prompts(rows: list[dict[str, Any]], info: dict[str, Any], limit: int |
     return records, info
 
 
-def load_sets(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig) -> tuple[dict[str, list], dict[str, dict]]:
-    """The staged sets (what the controller copied into the run), shaped and limited."""
+def load_sets(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig) -> tuple[dict[str, list], dict[str, dict], list[dict]]:
+    """The staged sets (what the controller copied into the run), shaped and limited, and the jailbreak wrappers."""
     staged = load_staged(store, spec.inputs) or read_sets(cfg, store)  # by hand (`cai stage`) without staged sets: read the sources
     sets: dict[str, list] = {}
     info: dict[str, dict] = {}
@@ -100,7 +101,10 @@ def load_sets(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig) -> tup
     for name, shape in (("capability_mc", mc_item), ("capability_exact", exact_item)):
         tag = getattr(cfg, name).source.rsplit("/", 1)[-1]
         sets[name], info[name] = shape_capability(staged[name]["rows"], staged[name]["info"], shape, cfg.limit, tag)
-    return sets, info
+    wrappers = staged.get(WRAPPERS, {}).get("rows", []) if cfg.jailbreaks is not None else []
+    if wrappers:
+        info[WRAPPERS] = {**staged[WRAPPERS]["info"], "size": len(wrappers)}
+    return sets, info, wrappers
 
 
 def conversation(user: str, system: str | None) -> list[dict[str, str]]:
@@ -138,6 +142,18 @@ def respond(engine: Engine, sets: dict, system: str | None, cfg: EvaluateConfig,
     return out
 
 
+def respond_wrapped(engine: Engine, sets: dict, system: str | None, cfg: EvaluateConfig, variant: str, wrappers: list[dict]) -> dict[str, list[dict]]:
+    """Harmful prompts only, each inside a jailbreak wrapper; rows keep the plain prompt (the judge grades
+    the reply against what was really asked) and name the wrapper."""
+    wrapped = [wrap(p, wrappers) for p in sets["harmful"]]
+    convs = [([{"role": "system", "content": system}] if system else []) + w.conversation for w, _ in wrapped]
+    replies = engine.generate(convs, SamplingParams(max_new_tokens=cfg.max_new_tokens), desc=f"{variant}: respond")
+    rows = [{"id": p.id, "prompt": p.text, **({"messages": p.conversation} if len(p.messages) > 1 else {}), "jailbreak": wid,
+             "response": r, "refusal": is_refusal(r), "strict_refusal": is_strict_refusal(r)}
+            for p, (_, wid), r in zip(sets["harmful"], wrapped, replies)]
+    return {"harmful": rows, "benign": [], "capability_mc": [], "capability_exact": []}
+
+
 def grade_harmless(judge: Engine, rows: list[dict]) -> None:
     """Adds p_harmless / judge_harmless to each harmful row: both label orders in one call."""
     if not rows:
@@ -157,7 +173,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     judge_ref = cfg.judge_model or spec.model
     timings: dict[str, float] = {}
 
-    sets, info = load_sets(spec, store, cfg)
+    sets, info, wrappers = load_sets(spec, store, cfg)
     if shard[1] > 1:  # every set is sliced the same way; merged in shard order they are whole again
         sets = {k: v[slice(*shard_bounds(len(v), *shard))] for k, v in sets.items()}
     log("evaluate", "sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + f"; model {spec.model}, judge {judge_ref}")
@@ -168,9 +184,11 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     timings["model_load_s"] = time.perf_counter() - t
     tokens0 = policy.stats.generated_tokens  # an injected engine carries totals from earlier calls
     results: dict[str, dict[str, list[dict]]] = {}
-    for variant, system in systems.items():
+    plan = [(v, system, None) for v, system in systems.items()]
+    plan += [(f"{v}{JAILBREAK}", system, wrappers) for v, system in systems.items()] if wrappers else []
+    for variant, system, wrapped in plan:
         t = time.perf_counter()
-        results[variant] = respond(policy, sets, system, cfg, variant)
+        results[variant] = respond(policy, sets, system, cfg, variant) if wrapped is None else respond_wrapped(policy, sets, system, cfg, variant, wrapped)
         timings[f"{variant}_s"] = time.perf_counter() - t
         log("evaluate", f"{variant}: replies and capability scores done in {timings[f'{variant}_s']:.1f}s")
     generated = policy.stats.generated_tokens - tokens0
