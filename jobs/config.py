@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .schema import StrictModel, load_file
 
@@ -146,6 +146,24 @@ class TrainConfig(StrictModel):
     lora: LoraSection = Field(default_factory=LoraSection)
 
 
+class ClassifierGrader(StrictModel):
+    """A safety classifier that grades replies to harmful prompts (jobs/guard.py)."""
+
+    model: str = Field(description="Any model reference (bundled:, a directory, store:, s3://, hf:org/name@rev).")
+    format: Literal["sequence-classification", "llama-guard"] = Field(
+        "sequence-classification", description="`sequence-classification`: an AutoModelForSequenceClassification checkpoint "
+        "over (request, reply); `llama-guard`: a causal guard model whose chat template builds its moderation prompt.",
+    )
+    unsafe_labels: list[str] = Field(
+        default_factory=lambda: ["unsafe", "harmful", "toxic", "LABEL_1"],
+        description="sequence-classification: top labels (case-insensitive) that mean the reply is harmful.",
+    )
+    max_length: int = Field(1024, gt=0, description="sequence-classification: tokens of request + reply kept.")
+
+
+GRADER_METRICS = {"judge": "harmless_rate_judge", "refusal": "harmless_rate_refusal_strict", "classifier": "harmless_rate_classifier"}
+
+
 class EvaluateConfig(StrictModel):
     harmful: PromptSource = Field(
         default_factory=lambda: PromptSource(source="bundled:red-team", split="eval", kind="red-team"),
@@ -172,6 +190,12 @@ class EvaluateConfig(StrictModel):
     limit: int | None = Field(None, gt=0, description="Cap on items per set (quick runs).")
     max_new_tokens: int = Field(96, gt=0)
     judge_model: str | None = Field(None, description="Grader for harmlessness; null = the run's base model (the controller fills it in).")
+    grader: Literal["judge", "refusal", "classifier"] = Field(
+        "judge", description="Whose verdict is the harmless rate that quality, the stop rule and promotion read: the judge "
+        "(both label orders), the strict first-person refusal detector, or `classifier`. Every configured grader's rate and "
+        "their agreement are reported either way.",
+    )
+    classifier: ClassifierGrader | None = Field(None, description="A safety classifier grading replies too; needed for grader: classifier.")
     with_system_prompt: bool = Field(True, description="Also measure with the constitution as a system prompt.")
     confidence: float = Field(
         0.95, gt=0.5, lt=1, description="Level of every interval in the report: Wilson intervals for rates, paired bootstrap "
@@ -179,6 +203,12 @@ class EvaluateConfig(StrictModel):
     )
     bootstrap_samples: int = Field(2000, ge=200, le=100000, description="Bootstrap resamples per interval (the ends move < 1 point between seeds at n = 100).")
     shards: int = Field(1, ge=1, le=1024, description="Split every evaluation set into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
+
+    @model_validator(mode="after")
+    def _grader_exists(self) -> "EvaluateConfig":
+        if self.grader == "classifier" and self.classifier is None:
+            raise ValueError("grader is classifier but no classifier is set; add evaluate.classifier.model or pick judge or refusal")
+        return self
 
     @field_validator("capability_mc", "capability_exact", "jailbreaks", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RunConfig, StageSpec
+from .config import GRADER_METRICS, RunConfig, StageSpec
 from .constitution import load_constitution, resolve_path
 from . import eval_sets
 from .data import load_prompts
@@ -112,6 +112,8 @@ class Controller:
             roles.append(("judge", "judge.model", self.config.judge.model))
         if "evaluate" in self.config.stages and self.config.evaluate.judge_model:
             roles.append(("grader", "evaluate.judge_model", self.config.evaluate.judge_model))
+        if "evaluate" in self.config.stages and self.config.evaluate.classifier:
+            roles.append(("classifier", "evaluate.classifier.model", self.config.evaluate.classifier.model))
         return roles
 
     def _import_key(self, ref: str) -> str:
@@ -192,6 +194,9 @@ class Controller:
             other = params["model"] = self.stage_ref(params["model"])
         if stage == "evaluate":
             other = params["judge_model"] = self.stage_ref(self.config.evaluate.judge_model or self.config.model)
+            if params.get("classifier"):
+                params["classifier"]["model"] = self.stage_ref(params["classifier"]["model"])
+                self._model_input("classifier_model", params["classifier"]["model"], inputs, identities)
         if other is not None and other != model:
             self._model_input("judge_model", other, inputs, identities)
         return StageSpec(
@@ -263,7 +268,8 @@ class Controller:
             return None
         rows = [regroup(list(self.store.iter_jsonl(f"{out}/samples.jsonl"))).get("no_system", {}) for out in (previous_output, output)]
         ev = self.config.evaluate
-        return quality_change(rows[0], rows[1], lambda s: quality(s, self.config.stop.weights), ev.confidence, ev.bootstrap_samples, self.config.seed)
+        return quality_change(rows[0], rows[1], lambda s: quality(s, self.config.stop.weights), ev.confidence, ev.bootstrap_samples,
+                              self.config.seed, GRADER_METRICS[ev.grader])
 
     def plan_base(self, inputs: dict[str, str]) -> StageSpec:
         """Round 0: the starting model's evaluation, the baseline every round is compared with."""

@@ -71,6 +71,7 @@ def scores_of(report: dict[str, Any], weights: dict[str, float], base_report: di
         b = headline_scores(base_report)
         tax = alignment_tax({k: b.get(k) for k in CAPABILITY}, {k: s.get(k) for k in CAPABILITY})["average_pct"]
     diffs = (report.get("differences") or {}).get("no_system") or {}
+    harmless_metric = (report.get("grader") or {}).get("metric", "harmless_rate_judge")  # the configured grader's
 
     def bounds(metric: str) -> list[float] | None:
         d = diffs.get(metric)
@@ -78,7 +79,7 @@ def scores_of(report: dict[str, Any], weights: dict[str, float], base_report: di
 
     return Scores(harmless=s.get("harmless"), over_refusal=report["variants"]["no_system"]["metrics"].get("over_refusal_rate"),
                   capability=capability(s), alignment_tax=tax, quality=quality(s, weights),
-                  harmless_gain=bounds("harmless_rate_judge"), over_refusal_increase=bounds("over_refusal_rate"),
+                  harmless_gain=bounds(harmless_metric), over_refusal_increase=bounds("over_refusal_rate"),
                   level=report.get("confidence") if diffs else None)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from .config import GRADER_METRICS
 from .manifest import package_versions
 from .metrics import alignment_tax, format_tax_table, quality_scores
 from .uncertainty import fmt_interval
@@ -23,6 +24,9 @@ TABLE_ROWS = (
     ("harmless_rate_refusal", "Refuses harmful prompts (keyword)", True),
     ("harmless_rate_refusal_strict", "Refuses harmful prompts (strict first-person)", True),
     ("judge_refusal_agreement", "Judge agrees with keyword detector", True),
+    ("harmless_rate_classifier", "Harmless on harmful prompts (classifier)", True),
+    ("classifier_judge_agreement", "Classifier agrees with the judge", True),
+    ("classifier_refusal_agreement", "Classifier agrees with strict refusals", True),
     ("over_refusal_rate", "Over-refusal on benign prompts (keyword)", False),
     ("over_refusal_rate_strict", "Over-refusal on benign prompts (strict)", False),
     ("mc_accuracy", "Multiple-choice accuracy", True),
@@ -71,9 +75,11 @@ def _ordered(variants) -> list[str]:
 
 
 def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, baseline: dict | None,
-                 settings: dict, n_samples: int, intervals: dict | None = None) -> dict[str, Any]:
+                 settings: dict, n_samples: int, intervals: dict | None = None, grader: str = "judge") -> dict[str, Any]:
     intervals = intervals or {"rates": {}, "differences": {}, "tax": {}}
-    variants = {v: {"scores": quality_scores(m), "metrics": m, "intervals": intervals["rates"].get(v, {})} for v, m in metrics.items()}
+    harmless_metric = GRADER_METRICS[grader]
+    variants = {v: {"scores": quality_scores(m, harmless_metric), "metrics": m, "intervals": intervals["rates"].get(v, {})}
+                for v, m in metrics.items()}
     report: dict[str, Any] = {
         "model": spec.model,
         "judge_model": judge_ref,
@@ -87,6 +93,7 @@ def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics
         "samples": n_samples,
         "samples_key": f"{spec.output}/samples.jsonl",
         "versions": package_versions(),  # the same function the stage manifest records
+        "grader": {"name": grader, "metric": harmless_metric},  # whose verdict `scores.harmless` is
         "confidence": intervals.get("level"),
         "bootstrap_samples": intervals.get("bootstrap_samples"),
     }
@@ -124,6 +131,8 @@ def summary_table(report: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_metrics = (base or {}).get("metrics", {})
     for key, label, _ in TABLE_ROWS:
+        if all(key not in report["variants"][v]["metrics"] for v in variants):
+            continue  # a grader this run did not configure
         row = [label] + [_cell(report["variants"][v], key) for v in variants]
         if base:
             row.append(pct(base_metrics.get(key)))
@@ -301,10 +310,10 @@ def render_chart(report: dict) -> bytes:
 
 
 def write_report(store, spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, samples: list[dict],
-                 baseline: dict | None, settings: dict, intervals: dict | None = None) -> tuple[dict, list[str]]:
+                 baseline: dict | None, settings: dict, intervals: dict | None = None, grader: str = "judge") -> tuple[dict, list[str]]:
     """Write all four files; returns the report and the output keys."""
     report = build_report(spec, judge_ref=judge_ref, constitution=constitution, sets=sets, metrics=metrics,
-                          baseline=baseline, settings=settings, n_samples=len(samples), intervals=intervals)
+                          baseline=baseline, settings=settings, n_samples=len(samples), intervals=intervals, grader=grader)
     keys = [f"{spec.output}/{name}" for name in ("report.json", "report.md", "metrics.png", "samples.jsonl")]
     store.write_jsonl(keys[3], samples)
     store.write_bytes(keys[2], render_chart(report))

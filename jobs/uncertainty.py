@@ -135,7 +135,8 @@ def regroup(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[di
 
 
 def evaluation_intervals(results: Mapping[str, Mapping[str, list[dict]]], base_results: Mapping[str, Mapping[str, list[dict]]] | None,
-                         level: float = DEFAULT_LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, Any]:
+                         level: float = DEFAULT_LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                         harmless_metric: str = "harmless_rate_judge") -> dict[str, Any]:
     """Everything a report needs, per variant: each rate's interval; with the base model's rows, each
     metric's paired difference (aligned - base) and the alignment tax's intervals."""
     from .metrics import item_outcomes, score_outcomes
@@ -148,18 +149,20 @@ def evaluation_intervals(results: Mapping[str, Mapping[str, list[dict]]], base_r
             continue
         base = item_outcomes(dict(base_results[variant]))
         out["differences"][variant] = {m: paired_difference(base[m], outcomes[m], level, samples, seed) for m in outcomes}
-        base_scores, scores = score_outcomes(base), score_outcomes(outcomes)
+        base_scores, scores = score_outcomes(base, harmless_metric), score_outcomes(outcomes, harmless_metric)
         out["tax"][variant] = tax_intervals({k: (base_scores[k], scores[k]) for k in scores}, level, samples, seed)
     return out
 
 
 def quality_change(previous_rows: Mapping[str, list[dict]], rows: Mapping[str, list[dict]], quality: Callable[[dict], float],
-                   level: float = DEFAULT_LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, Any] | None:
+                   level: float = DEFAULT_LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                   harmless_metric: str = "harmless_rate_judge") -> dict[str, Any] | None:
     """The quality score's change from the previous model to this one, with a paired bootstrap interval:
     every resample draws each set's shared items once and scores both models on the same draw."""
     from .metrics import item_outcomes, score_outcomes
 
-    before, after = score_outcomes(item_outcomes(dict(previous_rows))), score_outcomes(item_outcomes(dict(rows)))
+    before = score_outcomes(item_outcomes(dict(previous_rows)), harmless_metric)
+    after = score_outcomes(item_outcomes(dict(rows)), harmless_metric)
     rng = np.random.default_rng(seed)
     draws: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key in after:

@@ -159,3 +159,19 @@ def test_render_plans_the_specs_a_run_plans(tmp_path, tiny_model_dir):
         assert rendered == run_specs
         assert [job_name(s, store.uri_for(s.spec_key)) for s in rendered] == [job_name(s, store.uri_for(s.spec_key)) for s in run_specs]
         assert all(s.inputs.get("model") or s.identities.get("model") for s in run_specs)  # every stage names its model by content
+
+
+def test_classifier_grader_is_a_model_source_and_an_input(tmp_path, tiny_model_dir):
+    other = tmp_path / "classifier"
+    other.mkdir()
+    for p in tiny_model_dir.iterdir():
+        (other / p.name).write_bytes(p.read_bytes())
+    (other / "config.json").write_text((tiny_model_dir / "config.json").read_text().replace("{", '{"cai_note": "classifier", ', 1))
+    store = LocalStore(tmp_path / "store")
+    config = RunConfig(model=str(tiny_model_dir), evaluate={"classifier": {"model": str(other)}, "grader": "classifier"})
+    ctl = Controller(config, store, executor=None, run_id="r1")
+    ctl.resolve_models()
+    assert ctl.state["models"]["classifier"]["stage_ref"] == "store:runs/r1/inputs/models/classifier"
+    spec = ctl.plan_base(ctl.input_keys())
+    assert spec.params["classifier"]["model"] == "store:runs/r1/inputs/models/classifier"
+    assert spec.inputs["classifier_model"] == "runs/r1/inputs/models/classifier" and spec.inputs["model"] == "runs/r1/inputs/models/policy"

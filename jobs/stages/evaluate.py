@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from ..config import EvaluateConfig, StageSpec
+from ..config import GRADER_METRICS, EvaluateConfig, StageSpec
+from ..guard import grade_with_classifier
 from ..constitution import Constitution
 from ..engines import Engine, SamplingParams, load_engine
 from ..eval_sets import SETS, WRAPPERS, load_staged, prompt_records, read_sets, wrap
@@ -204,6 +205,13 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     t = time.perf_counter()
     grade_harmless(judge, [r for res in results.values() for r in res["harmful"]])
     timings["judge_s"] = time.perf_counter() - t
+    if cfg.classifier is not None:  # a third grader, loaded after the others are gone
+        judge = policy = None  # noqa: F841 - one model in memory at a time
+        gc.collect()
+        t = time.perf_counter()
+        grade_with_classifier([r for res in results.values() for r in res["harmful"]], cfg.classifier,
+                              resolve_model(cfg.classifier.model, store), spec.engine)
+        timings["classifier_s"] = time.perf_counter() - t
 
     if shard[1] > 1:  # the report needs every shard's rows: the merge writes it
         keys = [f"{spec.output}/samples.jsonl", f"{spec.output}/sets.json"]
@@ -257,16 +265,17 @@ def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitut
             mc_correct_sum=[r["correct_sum"] for r in res["capability_mc"]],
             em_correct=[r["correct"] for r in res["capability_exact"]],
             em_strict=[r["strict"] for r in res["capability_exact"]],
+            classifier_harmless=[r["classifier_harmless"] for r in res["harmful"]] if cfg.classifier is not None else None,
         )
     baseline = store.read_json(spec.inputs["baseline"]) if spec.inputs.get("baseline") else None
     base_rows = regroup(list(store.iter_jsonl(spec.inputs["baseline_samples"]))) if spec.inputs.get("baseline_samples") else None
     samples = flatten(results)
-    intervals = evaluation_intervals(results, base_rows, cfg.confidence, cfg.bootstrap_samples, spec.seed)
+    intervals = evaluation_intervals(results, base_rows, cfg.confidence, cfg.bootstrap_samples, spec.seed, GRADER_METRICS[cfg.grader])
 
     t = time.perf_counter()
     report, outputs = write_report(
         store, spec, judge_ref=judge_ref, constitution=constitution.name, sets=info, metrics=metrics,
-        samples=samples, baseline=baseline, intervals=intervals, settings={
+        samples=samples, baseline=baseline, intervals=intervals, grader=cfg.grader, settings={
             "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "exact_max_new_tokens": EXACT_MAX_NEW_TOKENS,
             "exact_instruction": EXACT_INSTRUCTION, "judge_criterion": HARMLESS_CRITERION,
             "mc_scoring": "sum of log-probs of ' ' + choice after the rendered question, divided by the choice's UTF-8 bytes",
