@@ -34,14 +34,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # --- bundled sets ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, kind", [("red-team", "red-team"), ("helpful", "ordinary")])
-def test_bundled_train_and_eval_counts(name, kind):
+@pytest.mark.parametrize("name, kind, n_eval", [("red-team", "red-team", 237), ("helpful", "ordinary", 24)])
+def test_bundled_train_and_eval_counts(name, kind, n_eval):
     train, [rep_t] = load(PromptSource(source=f"bundled:{name}"))
     evl, [rep_e] = load(PromptSource(source=f"bundled:{name}", split="eval"))
     both, _ = load(PromptSource(source=f"bundled:{name}", split=None))
-    assert len(train) == 48 and len(evl) == 24 and len(both) == 72
+    assert len(train) == 48 and len(evl) == n_eval and len(both) == 48 + n_eval
     assert rep_t.rows == rep_t.kept == 48 and not rep_t.dropped
-    assert rep_e.rows == rep_e.kept == 24 and not rep_e.dropped
+    assert rep_e.rows == rep_e.kept == n_eval and not rep_e.dropped
     assert {r.kind for r in train + evl} == {kind}
     assert not {r.id for r in train} & {r.id for r in evl}
     norm = lambda r: " ".join(r.text.lower().split())
@@ -108,7 +108,7 @@ def test_bundled_file_well_formed(name):
 def test_prompt_file_well_formed(name):
     rows = rows_of(name)
     for r in rows:
-        assert set(r) <= {"id", "prompt", "kind", "split"}, r
+        assert set(r) <= {"id", "prompt", "kind", "split", "category", "source", "license"}, r
         assert isinstance(r["prompt"], str) and r["prompt"].strip() == r["prompt"] and r["prompt"]
         assert r["kind"] in ("red-team", "ordinary", "borderline")
     norm = [" ".join(r["prompt"].lower().split()) for r in rows]
