@@ -161,6 +161,20 @@ class ClassifierGrader(StrictModel):
     max_length: int = Field(1024, gt=0, description="sequence-classification: tokens of request + reply kept.")
 
 
+class HarnessConfig(StrictModel):
+    """lm-evaluation-harness capability tasks (jobs/harness.py); the settings that change scores are recorded in the report."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names (mmlu, gsm8k, truthfulqa_mc2, hellaswag, ifeval, or local ones).")
+    limit: int | None = Field(None, gt=0, description="Items per task (lm-eval's --limit); null = all.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null = each task's default.")
+    apply_chat_template: bool = Field(False, description="Render prompts with the model's chat template (changes scores).")
+    batch_size: int = Field(8, gt=0, description="lm-eval batch size.")
+    include_path: str | None = Field(
+        None, description="A local directory of task YAMLs (lm-eval's format); the controller copies it into the run, and "
+        "`{task_dir}` inside a task file stands for that copy (e.g. `data_files: {test: '{task_dir}/mc.jsonl'}`).",
+    )
+
+
 GRADER_METRICS = {"judge": "harmless_rate_judge", "refusal": "harmless_rate_refusal_strict", "classifier": "harmless_rate_classifier"}
 
 
@@ -196,6 +210,7 @@ class EvaluateConfig(StrictModel):
         "their agreement are reported either way.",
     )
     classifier: ClassifierGrader | None = Field(None, description="A safety classifier grading replies too; needed for grader: classifier.")
+    harness: HarnessConfig | None = Field(None, description="lm-evaluation-harness tasks for capability and the alignment tax (extra `eval`); null = none.")
     with_system_prompt: bool = Field(True, description="Also measure with the constitution as a system prompt.")
     confidence: float = Field(
         0.95, gt=0.5, lt=1, description="Level of every interval in the report: Wilson intervals for rates, paired bootstrap "

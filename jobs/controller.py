@@ -7,6 +7,7 @@ runs them, the store keeps everything, and run.json records what happened and wh
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +164,12 @@ class Controller:
         report: dict[str, Any] = {"sources": [r.as_dict() for r in reports], "prompts": len(records)}
         if "evaluate" in self.config.stages:
             report["evaluation_sets"] = eval_sets.stage_sets(self.config.evaluate, self.store, self.paths.inputs_dir)
+            harness = self.config.evaluate.harness
+            if harness and harness.include_path:  # local lm-eval task files: into the run, digested like every input
+                src = Path(harness.include_path).expanduser()
+                if not src.is_dir():
+                    raise ConfigError(f"config: evaluate.harness.include_path: {src} is not a directory; give a directory of lm-eval task YAMLs")
+                self.store.put_dir(src, self.paths.inputs("harness_tasks"))
         self.store.write_json(rkey, report)
         self.state.update(constitution=constitution.name, constitution_sha256=self.store.sha256(ckey), prompts=len(records),
                           data={"train": report["sources"], "evaluate": report.get("evaluation_sets", {})})
@@ -173,6 +180,8 @@ class Controller:
         keys = {"constitution": self.paths.inputs("constitution.yaml"), "prompts": self.paths.inputs("prompts.jsonl")}
         if "evaluate" in self.config.stages:
             keys.update(eval_sets.keys(self.paths.inputs_dir))
+            if self.config.evaluate.harness and self.config.evaluate.harness.include_path:
+                keys["harness_tasks"] = self.paths.inputs("harness_tasks")
         return keys
 
     # --- planning -----------------------------------------------------------------------------
@@ -277,7 +286,7 @@ class Controller:
 
     @staticmethod
     def _eval_inputs(inputs: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in inputs.items() if k in ("constitution", "eval_sets", eval_sets.WRAPPERS) or k in eval_sets.SETS}
+        return {k: v for k, v in inputs.items() if k in ("constitution", "eval_sets", "harness_tasks", eval_sets.WRAPPERS) or k in eval_sets.SETS}
 
     def evaluate_base(self, inputs: dict[str, str]) -> str:
         spec = self.plan_base(inputs)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import GRADER_METRICS
 from .manifest import package_versions
+from .harness import tax_rows
 from .metrics import alignment_tax, format_tax_table, quality_scores
 from .uncertainty import fmt_interval
 
@@ -75,7 +76,8 @@ def _ordered(variants) -> list[str]:
 
 
 def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, baseline: dict | None,
-                 settings: dict, n_samples: int, intervals: dict | None = None, grader: str = "judge") -> dict[str, Any]:
+                 settings: dict, n_samples: int, intervals: dict | None = None, grader: str = "judge",
+                 harness: dict | None = None) -> dict[str, Any]:
     intervals = intervals or {"rates": {}, "differences": {}, "tax": {}}
     harmless_metric = GRADER_METRICS[grader]
     variants = {v: {"scores": quality_scores(m, harmless_metric), "metrics": m, "intervals": intervals["rates"].get(v, {})}
@@ -99,6 +101,11 @@ def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics
     }
     if intervals["differences"]:
         report["differences"] = intervals["differences"]  # aligned - base, paired by item, per variant and metric
+    if harness is not None:
+        report["harness"] = dict(harness)
+        if baseline is not None and baseline.get("harness"):
+            rows = {t: {"base": b, "aligned": a} for t, (b, a) in tax_rows(baseline["harness"], harness).items()}
+            report["harness"]["tax"] = alignment_tax({t: r["base"] for t, r in rows.items()}, {t: r["aligned"] for t, r in rows.items()})
     if baseline is not None:
         report["baseline"] = {"model": baseline.get("model"), "key": spec.inputs.get("baseline"),
                               "scores": {v: baseline["variants"][v]["scores"] for v in _ordered(baseline.get("variants", {}))},
@@ -138,6 +145,29 @@ def summary_table(report: dict) -> list[str]:
             row.append(pct(base_metrics.get(key)))
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def harness_table(report: dict) -> list[str]:
+    """The seed's table: benchmark, base, aligned, tax %, with the average (lm-evaluation-harness tasks)."""
+    h = report.get("harness")
+    if not h:
+        return []
+    st = h["settings"]
+    lines = ["## Capability benchmarks (lm-evaluation-harness)", "",
+             f"lm-eval {st.get('lm_eval_version')}; few-shot {st.get('num_fewshot') if st.get('num_fewshot') is not None else 'task default'}, "
+             f"chat template {'on' if st.get('apply_chat_template') else 'off'}, limit {st.get('limit') or 'none'} (these change scores).", ""]
+    tax = (h.get("tax") or {}).get("per_benchmark", {})
+    lines += ["| benchmark | metric | base | this model | tax % |", "|---|---|---|---|---|"]
+    for task, r in h["results"].items():
+        t = tax.get(task, {})
+        ci = f" [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]" if "lo" in r else ""
+        base = "n/a" if t.get("base") is None else f"{t['base']:.3f}"
+        tax_pct = "n/a" if t.get("tax_pct") is None else f"{t['tax_pct']:+.1f}%"
+        lines.append(f"| {task} | {r['metric']} | {base} | {r['value']:.3f}{ci} n={r['n']} | {tax_pct} |")
+    avg = (h.get("tax") or {}).get("average_pct")
+    if avg is not None:
+        lines.append(f"| **average** | | | | **{avg:+.1f}%** |")
+    return lines + [""]
 
 
 def differences_table(report: dict) -> list[str]:
@@ -273,6 +303,7 @@ def render_markdown(report: dict, samples: list[dict]) -> str:
             lines += ["", "```text", format_tax_table(tax, f"{report['model']} vs {base['model']}, {VARIANT_LABELS.get(v, v)}"), "```"]
     else:
         lines.append("No baseline given (this is the base model's own evaluation), so no tax.")
+    lines += [""] + harness_table(report)
     lines += ["", "## What the model learned", ""]
     lines += [f"- {s}" for s in learned(report, (base or {}).get("metrics"))]
     lines += ["", "## Sample outputs (no system prompt)", ""] + sample_lines(samples)
@@ -310,10 +341,12 @@ def render_chart(report: dict) -> bytes:
 
 
 def write_report(store, spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, samples: list[dict],
-                 baseline: dict | None, settings: dict, intervals: dict | None = None, grader: str = "judge") -> tuple[dict, list[str]]:
+                 baseline: dict | None, settings: dict, intervals: dict | None = None, grader: str = "judge",
+                 harness: dict | None = None) -> tuple[dict, list[str]]:
     """Write all four files; returns the report and the output keys."""
     report = build_report(spec, judge_ref=judge_ref, constitution=constitution, sets=sets, metrics=metrics,
-                          baseline=baseline, settings=settings, n_samples=len(samples), intervals=intervals, grader=grader)
+                          baseline=baseline, settings=settings, n_samples=len(samples), intervals=intervals, grader=grader,
+                          harness=harness)
     keys = [f"{spec.output}/{name}" for name in ("report.json", "report.md", "metrics.png", "samples.jsonl")]
     store.write_jsonl(keys[3], samples)
     store.write_bytes(keys[2], render_chart(report))

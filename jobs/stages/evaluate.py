@@ -17,12 +17,14 @@ from __future__ import annotations
 import gc
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..config import GRADER_METRICS, EvaluateConfig, StageSpec
 from ..guard import grade_with_classifier
+from ..harness import run_harness
 from ..constitution import Constitution
 from ..engines import Engine, SamplingParams, load_engine
 from ..eval_sets import SETS, WRAPPERS, load_staged, prompt_records, read_sets, wrap
@@ -212,13 +214,23 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
         grade_with_classifier([r for res in results.values() for r in res["harmful"]], cfg.classifier,
                               resolve_model(cfg.classifier.model, store), spec.engine)
         timings["classifier_s"] = time.perf_counter() - t
+    harness = None
+    if cfg.harness is not None and shard[0] == 0:  # one shard runs the tasks; the merge takes them from it
+        judge = policy = None  # noqa: F841 - lm-eval loads its own copy of the model
+        gc.collect()
+        t = time.perf_counter()
+        tasks = store.local_dir(spec.inputs["harness_tasks"]) if spec.inputs.get("harness_tasks") else (
+            Path(cfg.harness.include_path).expanduser() if cfg.harness.include_path else None)  # by hand: the local directory
+        harness = run_harness(resolve_model(spec.model, store), cfg.harness, spec.engine, tasks, spec.seed, cfg.confidence)
+        timings["harness_s"] = time.perf_counter() - t
+        log("evaluate", "harness: " + ", ".join(f"{k} {v['metric']} {v['value']:.3f} (n={v['n']})" for k, v in harness["results"].items()))
 
     if shard[1] > 1:  # the report needs every shard's rows: the merge writes it
         keys = [f"{spec.output}/samples.jsonl", f"{spec.output}/sets.json"]
         store.write_jsonl(keys[0], flatten(results))
-        store.write_json(keys[1], info)
+        store.write_json(keys[1], {**info, **({"harness": harness} if harness else {})})
         return StageResult(outputs=keys, counts={**{k: len(v) for k, v in sets.items()}, "generated_tokens": generated}, timings=timings)
-    return finish(spec, store, cfg, constitution, judge_ref, info, results, generated, timings)
+    return finish(spec, store, cfg, constitution, judge_ref, info, results, generated, timings, harness)
 
 
 def flatten(results: dict[str, dict[str, list[dict]]]) -> list[dict]:
@@ -248,12 +260,14 @@ def merge(spec: StageSpec, store: ArtifactStore, parts: list[StageSpec], manifes
             variant, set_name = row.pop("variant"), row.pop("set")
             results.setdefault(variant, {k: [] for k in SETS}).setdefault(set_name, []).append(row)
     info = store.read_json(f"{parts[0].output}/sets.json")
+    harness = info.pop("harness", None)
     generated = sum(m.counts.get("generated_tokens", 0) for m in manifests)
-    return finish(spec, store, cfg, constitution, cfg.judge_model or spec.model, info, results, generated, {})
+    return finish(spec, store, cfg, constitution, cfg.judge_model or spec.model, info, results, generated, {}, harness)
 
 
 def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitution: Constitution, judge_ref: str,
-           info: dict[str, dict], results: dict[str, dict[str, list[dict]]], generated: int, timings: dict[str, float]) -> StageResult:
+           info: dict[str, dict], results: dict[str, dict[str, list[dict]]], generated: int, timings: dict[str, float],
+           harness: dict | None = None) -> StageResult:
     """Metrics per variant, the alignment tax against the baseline report, and the report files."""
     metrics = {}
     for variant, res in results.items():
@@ -275,7 +289,7 @@ def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitut
     t = time.perf_counter()
     report, outputs = write_report(
         store, spec, judge_ref=judge_ref, constitution=constitution.name, sets=info, metrics=metrics,
-        samples=samples, baseline=baseline, intervals=intervals, grader=cfg.grader, settings={
+        samples=samples, baseline=baseline, intervals=intervals, grader=cfg.grader, harness=harness, settings={
             "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "exact_max_new_tokens": EXACT_MAX_NEW_TOKENS,
             "exact_instruction": EXACT_INSTRUCTION, "judge_criterion": HARMLESS_CRITERION,
             "mc_scoring": "sum of log-probs of ' ' + choice after the rendered question, divided by the choice's UTF-8 bytes",
