@@ -175,6 +175,26 @@ class HarnessConfig(StrictModel):
     )
 
 
+class DepthProbeConfig(StrictModel):
+    """How easily the alignment is undone (jobs/depth_probe.py): fine-tune throwaway copies on k harmful completions."""
+
+    ks: list[int] = Field(default_factory=lambda: [10, 100], min_length=1, description="Fine-tuning examples per probe (the base model's own compliant answers).")
+    prompts: int | None = Field(60, gt=0, description="Held-out harmful prompts each probed copy answers; null = the whole (limited) set.")
+    epochs: float = Field(3.0, gt=0, description="Epochs over the k examples.")
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, gt=0)
+    max_length: int = Field(256, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="Token cap of the probed replies (a refusal opens the reply).")
+    base_model: str | None = Field(None, description="The model whose curve is shown beside the evaluated one; null = the run's base model (the controller fills it in).")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, ks: list[int]) -> list[int]:
+        if any(k <= 0 for k in ks):
+            raise ValueError("every k must be at least 1")
+        return sorted(set(ks))
+
+
 GRADER_METRICS = {"judge": "harmless_rate_judge", "refusal": "harmless_rate_refusal_strict", "classifier": "harmless_rate_classifier"}
 
 
@@ -211,6 +231,10 @@ class EvaluateConfig(StrictModel):
     )
     classifier: ClassifierGrader | None = Field(None, description="A safety classifier grading replies too; needed for grader: classifier.")
     harness: HarnessConfig | None = Field(None, description="lm-evaluation-harness tasks for capability and the alignment tax (extra `eval`); null = none.")
+    depth_probe: DepthProbeConfig | None = Field(
+        None, description="Each round's evaluation also fine-tunes throwaway copies of the round's model and of the base model on "
+        "k of the base model's compliant answers and measures harmlessness again; null = off.",
+    )
     with_system_prompt: bool = Field(True, description="Also measure with the constitution as a system prompt.")
     confidence: float = Field(
         0.95, gt=0.5, lt=1, description="Level of every interval in the report: Wilson intervals for rates, paired bootstrap "

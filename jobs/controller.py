@@ -203,6 +203,10 @@ class Controller:
             other = params["model"] = self.stage_ref(params["model"])
         if stage == "evaluate":
             other = params["judge_model"] = self.stage_ref(self.config.evaluate.judge_model or self.config.model)
+            if params.get("depth_probe"):  # the base model's curve beside this model's
+                params["depth_probe"]["base_model"] = self.stage_ref(params["depth_probe"]["base_model"] or self.config.model)
+                if params["depth_probe"]["base_model"] != model:
+                    self._model_input("probe_base_model", params["depth_probe"]["base_model"], inputs, identities)
             if params.get("classifier"):
                 params["classifier"]["model"] = self.stage_ref(params["classifier"]["model"])
                 self._model_input("classifier_model", params["classifier"]["model"], inputs, identities)
@@ -321,6 +325,8 @@ class Controller:
             eval_inputs = self._eval_inputs(inputs)
             if baseline:  # the base report and its per-item rows: differences are paired by item
                 eval_inputs.update(baseline=baseline, baseline_samples=f"{baseline.rsplit('/', 1)[0]}/samples.jsonl")
+            if self.config.evaluate.depth_probe and "generate" in stages:  # the base model's own answers: round 1's first answers
+                eval_inputs["probe_traces"] = f"{self.paths.stage(1, 'generate')}/traces.jsonl"
             specs.append(self.plan("evaluate", round_, trained, eval_inputs))
         return specs, trained
 

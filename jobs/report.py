@@ -77,7 +77,7 @@ def _ordered(variants) -> list[str]:
 
 def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, baseline: dict | None,
                  settings: dict, n_samples: int, intervals: dict | None = None, grader: str = "judge",
-                 harness: dict | None = None) -> dict[str, Any]:
+                 harness: dict | None = None, depth_probe: dict | None = None) -> dict[str, Any]:
     intervals = intervals or {"rates": {}, "differences": {}, "tax": {}}
     harmless_metric = GRADER_METRICS[grader]
     variants = {v: {"scores": quality_scores(m, harmless_metric), "metrics": m, "intervals": intervals["rates"].get(v, {})}
@@ -101,6 +101,8 @@ def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics
     }
     if intervals["differences"]:
         report["differences"] = intervals["differences"]  # aligned - base, paired by item, per variant and metric
+    if depth_probe is not None:
+        report["depth_probe"] = depth_probe
     if harness is not None:
         report["harness"] = dict(harness)
         if baseline is not None and baseline.get("harness"):
@@ -167,6 +169,25 @@ def harness_table(report: dict) -> list[str]:
     avg = (h.get("tax") or {}).get("average_pct")
     if avg is not None:
         lines.append(f"| **average** | | | | **{avg:+.1f}%** |")
+    return lines + [""]
+
+
+def depth_probe_table(report: dict) -> list[str]:
+    """The curve: k fine-tuning examples of harmful compliance -> harmless rate, for this model and the base."""
+    p = report.get("depth_probe")
+    if not p:
+        return []
+    curves = p["curves"]
+    lines = ["## How deep the alignment goes (depth probe)", "",
+             f"Throwaway copies fine-tuned on k of the base model's own {p['examples']} compliant answers to training red-team "
+             "prompts, then asked the held-out harmful prompts again (strict first-person refusals). A gain that vanishes "
+             "at small k is shallow.", "", "| k | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    for i, point in enumerate(curves["model"]):
+        cells = []
+        for name in curves:
+            c = curves[name][i]
+            cells.append(c["skipped"] if "skipped" in c else fmt_interval(c["harmless_strict"]))
+        lines.append(f"| {point['k']} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -303,7 +324,7 @@ def render_markdown(report: dict, samples: list[dict]) -> str:
             lines += ["", "```text", format_tax_table(tax, f"{report['model']} vs {base['model']}, {VARIANT_LABELS.get(v, v)}"), "```"]
     else:
         lines.append("No baseline given (this is the base model's own evaluation), so no tax.")
-    lines += [""] + harness_table(report)
+    lines += [""] + harness_table(report) + depth_probe_table(report)
     lines += ["", "## What the model learned", ""]
     lines += [f"- {s}" for s in learned(report, (base or {}).get("metrics"))]
     lines += ["", "## Sample outputs (no system prompt)", ""] + sample_lines(samples)
@@ -342,11 +363,11 @@ def render_chart(report: dict) -> bytes:
 
 def write_report(store, spec, *, judge_ref: str, constitution: str, sets: dict, metrics: dict, samples: list[dict],
                  baseline: dict | None, settings: dict, intervals: dict | None = None, grader: str = "judge",
-                 harness: dict | None = None) -> tuple[dict, list[str]]:
+                 harness: dict | None = None, depth_probe: dict | None = None) -> tuple[dict, list[str]]:
     """Write all four files; returns the report and the output keys."""
     report = build_report(spec, judge_ref=judge_ref, constitution=constitution, sets=sets, metrics=metrics,
                           baseline=baseline, settings=settings, n_samples=len(samples), intervals=intervals, grader=grader,
-                          harness=harness)
+                          harness=harness, depth_probe=depth_probe)
     keys = [f"{spec.output}/{name}" for name in ("report.json", "report.md", "metrics.png", "samples.jsonl")]
     store.write_jsonl(keys[3], samples)
     store.write_bytes(keys[2], render_chart(report))

@@ -35,9 +35,10 @@ def store(tmp_path) -> LocalStore:
 
 
 def run_eval(store: LocalStore, model: str, engine, output: str = "runs/t/base/evaluate", round_: int = 0,
-             baseline: str | None = None, baseline_samples: str | None = None, **params) -> tuple[StageSpec, Path]:
-    inputs = {"constitution": CONSTITUTION_KEY, **({"baseline": baseline} if baseline else {}),
-              **({"baseline_samples": baseline_samples} if baseline_samples else {})}
+             baseline: str | None = None, baseline_samples: str | None = None, probe_traces: str | None = None,
+             **params) -> tuple[StageSpec, Path]:
+    extra = {"baseline": baseline, "baseline_samples": baseline_samples, "probe_traces": probe_traces}
+    inputs = {"constitution": CONSTITUTION_KEY, **{k: v for k, v in extra.items() if v}}
     spec = StageSpec(stage="evaluate", run_id="t", round=round_, store=str(store.root), output=output, model=model,
                      inputs=inputs, params=EvaluateConfig(**params).model_dump(mode="json"))
     store.write_json(spec.spec_key, spec.model_dump(mode="json"))

@@ -175,3 +175,16 @@ def test_classifier_grader_is_a_model_source_and_an_input(tmp_path, tiny_model_d
     spec = ctl.plan_base(ctl.input_keys())
     assert spec.params["classifier"]["model"] == "store:runs/r1/inputs/models/classifier"
     assert spec.inputs["classifier_model"] == "runs/r1/inputs/models/classifier" and spec.inputs["model"] == "runs/r1/inputs/models/policy"
+
+
+def test_depth_probe_plans_the_base_models_traces_and_curve(tmp_path, tiny_model_dir):
+    store = LocalStore(tmp_path / "store")
+    ctl = Controller(RunConfig(model=str(tiny_model_dir), evaluate={"depth_probe": {"ks": [10]}}), store, executor=None, run_id="r1")
+    ctl.resolve_models()
+    keys = ctl.input_keys()
+    base = ctl.plan_base(keys)
+    assert "probe_traces" not in base.inputs  # round 0 runs before any traces exist
+    round2 = [s for s in ctl.plan_round(2, "store:runs/r1/round-1/train/model", keys, f"{base.output}/report.json")[0] if s.stage == "evaluate"][0]
+    assert round2.inputs["probe_traces"] == "runs/r1/round-1/generate/traces.jsonl"  # always round 1's: the base model's own answers
+    assert round2.params["depth_probe"]["base_model"] == "store:runs/r1/inputs/models/policy"
+    assert round2.inputs["probe_base_model"] == "runs/r1/inputs/models/policy"

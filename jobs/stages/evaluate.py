@@ -24,6 +24,7 @@ import yaml
 
 from ..config import GRADER_METRICS, EvaluateConfig, StageSpec
 from ..guard import grade_with_classifier
+from ..depth_probe import compliant_examples, probe_curve
 from ..harness import run_harness
 from ..constitution import Constitution
 from ..engines import Engine, SamplingParams, load_engine
@@ -214,6 +215,17 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
         grade_with_classifier([r for res in results.values() for r in res["harmful"]], cfg.classifier,
                               resolve_model(cfg.classifier.model, store), spec.engine)
         timings["classifier_s"] = time.perf_counter() - t
+    probe = None
+    if cfg.depth_probe is not None and spec.inputs.get("probe_traces") and shard[0] == 0:  # throwaway copies, never stored
+        judge = policy = None  # noqa: F841
+        gc.collect()
+        t = time.perf_counter()
+        examples = compliant_examples(store.iter_jsonl(spec.inputs["probe_traces"]), spec.seed)
+        base_ref = cfg.depth_probe.base_model or spec.model
+        probe = {"examples": len(examples), "ks": cfg.depth_probe.ks,
+                 "curves": {name: probe_curve(resolve_model(ref, store), examples, sets["harmful"], cfg.depth_probe, spec.engine, spec.seed, cfg.confidence)
+                            for name, ref in (("model", spec.model), ("base", base_ref)) if name == "model" or ref != spec.model}}
+        timings["depth_probe_s"] = time.perf_counter() - t
     harness = None
     if cfg.harness is not None and shard[0] == 0:  # one shard runs the tasks; the merge takes them from it
         judge = policy = None  # noqa: F841 - lm-eval loads its own copy of the model
@@ -228,9 +240,9 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     if shard[1] > 1:  # the report needs every shard's rows: the merge writes it
         keys = [f"{spec.output}/samples.jsonl", f"{spec.output}/sets.json"]
         store.write_jsonl(keys[0], flatten(results))
-        store.write_json(keys[1], {**info, **({"harness": harness} if harness else {})})
+        store.write_json(keys[1], {**info, **({"harness": harness} if harness else {}), **({"depth_probe": probe} if probe else {})})
         return StageResult(outputs=keys, counts={**{k: len(v) for k, v in sets.items()}, "generated_tokens": generated}, timings=timings)
-    return finish(spec, store, cfg, constitution, judge_ref, info, results, generated, timings, harness)
+    return finish(spec, store, cfg, constitution, judge_ref, info, results, generated, timings, harness, probe)
 
 
 def flatten(results: dict[str, dict[str, list[dict]]]) -> list[dict]:
@@ -260,14 +272,14 @@ def merge(spec: StageSpec, store: ArtifactStore, parts: list[StageSpec], manifes
             variant, set_name = row.pop("variant"), row.pop("set")
             results.setdefault(variant, {k: [] for k in SETS}).setdefault(set_name, []).append(row)
     info = store.read_json(f"{parts[0].output}/sets.json")
-    harness = info.pop("harness", None)
+    harness, probe = info.pop("harness", None), info.pop("depth_probe", None)
     generated = sum(m.counts.get("generated_tokens", 0) for m in manifests)
-    return finish(spec, store, cfg, constitution, cfg.judge_model or spec.model, info, results, generated, {}, harness)
+    return finish(spec, store, cfg, constitution, cfg.judge_model or spec.model, info, results, generated, {}, harness, probe)
 
 
 def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitution: Constitution, judge_ref: str,
            info: dict[str, dict], results: dict[str, dict[str, list[dict]]], generated: int, timings: dict[str, float],
-           harness: dict | None = None) -> StageResult:
+           harness: dict | None = None, probe: dict | None = None) -> StageResult:
     """Metrics per variant, the alignment tax against the baseline report, and the report files."""
     metrics = {}
     for variant, res in results.items():
@@ -289,7 +301,7 @@ def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitut
     t = time.perf_counter()
     report, outputs = write_report(
         store, spec, judge_ref=judge_ref, constitution=constitution.name, sets=info, metrics=metrics,
-        samples=samples, baseline=baseline, intervals=intervals, grader=cfg.grader, harness=harness, settings={
+        samples=samples, baseline=baseline, intervals=intervals, grader=cfg.grader, harness=harness, depth_probe=probe, settings={
             "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "exact_max_new_tokens": EXACT_MAX_NEW_TOKENS,
             "exact_instruction": EXACT_INSTRUCTION, "judge_criterion": HARMLESS_CRITERION,
             "mc_scoring": "sum of log-probs of ' ' + choice after the rendered question, divided by the choice's UTF-8 bytes",
