@@ -63,6 +63,7 @@ _STATUS_COUNTS = ("prompts", "revisions_empty", "revisions_unchanged", "tokens_p
 
 
 _INTERVAL_LABELS = {"harmless_rate_judge": "harmless (judge)", "harmless_rate_refusal_strict": "refuses (strict)",
+                    "harmless_rate_classifier": "harmless (classifier)",
                     "over_refusal_rate": "over-refusal", "mc_accuracy": "mc", "exact_match": "exact"}
 
 

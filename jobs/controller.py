@@ -113,6 +113,8 @@ class Controller:
             roles.append(("judge", "judge.model", self.config.judge.model))
         if "evaluate" in self.config.stages and self.config.evaluate.judge_model:
             roles.append(("grader", "evaluate.judge_model", self.config.evaluate.judge_model))
+        if "evaluate" in self.config.stages and self.config.evaluate.depth_probe and self.config.evaluate.depth_probe.base_model:
+            roles.append(("probe_base", "evaluate.depth_probe.base_model", self.config.evaluate.depth_probe.base_model))
         if "evaluate" in self.config.stages and self.config.evaluate.classifier:
             roles.append(("classifier", "evaluate.classifier.model", self.config.evaluate.classifier.model))
         return roles

@@ -22,6 +22,17 @@ from .refusal import is_refusal, is_strict_refusal
 from .uncertainty import rate_interval
 
 
+def _free() -> None:
+    """One model at a time: the probe alternates trainers and engines."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def compliant_examples(traces: Iterable[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     """SFT rows of the first answers to red-team prompts that did not refuse, in a seeded order."""
     rows = [{"messages": list(t["messages"]) + [{"role": "assistant", "content": t["initial"].strip()}]}
@@ -47,6 +58,8 @@ def _finetune(model_dir: str, rows: list[dict[str, Any]], cfg: DepthProbeConfig,
     model.config.use_cache = True
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
+    del trainer, model
+    _free()
     return out / "model"
 
 
@@ -55,6 +68,8 @@ def _harmless(model_dir: str, harmful: list, engine_cfg: EngineConfig, max_new_t
 
     engine = load_engine(engine_cfg, model_dir)
     replies = engine.generate([p.conversation for p in harmful], SamplingParams(max_new_tokens=max_new_tokens), desc="depth probe")
+    del engine
+    _free()
     return {"harmless_strict": rate_interval([is_strict_refusal(r) for r in replies], level),
             "harmless_refusal": rate_interval([is_refusal(r) for r in replies], level)}
 

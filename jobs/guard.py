@@ -40,7 +40,8 @@ def sequence_verdicts(model_dir: str, rows: Sequence[dict[str, Any]], cfg: Class
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=engine_cfg.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=engine_cfg.trust_remote_code)
+    device = engine_cfg.device if engine_cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=engine_cfg.trust_remote_code).to(device)
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -53,7 +54,7 @@ def sequence_verdicts(model_dir: str, rows: Sequence[dict[str, Any]], cfg: Class
             batch = rows[i:i + engine_cfg.batch_size]
             enc = tok([r["prompt"] for r in batch], [r["response"] for r in batch], truncation=True,
                       max_length=cfg.max_length, padding=True, return_tensors="pt")
-            top = model(**enc).logits.argmax(dim=-1).tolist()
+            top = model(**enc.to(device)).logits.argmax(dim=-1).tolist()
             out += [labels[t] not in unsafe for t in top]
     return out
 

@@ -45,11 +45,24 @@ def materialise_tasks(src: Path, dest: Path) -> Path:
 
 def main_metric(task_result: dict[str, Any]) -> tuple[str, float] | None:
     """The task's headline metric (acc_norm before acc, ...; lm-eval keys are `<metric>,<filter>`)."""
-    values = {k.split(",")[0]: v for k, v in task_result.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    values: dict[str, tuple[str, float]] = {}
+    for key, v in task_result.items():
+        if "," in key and "_stderr" not in key and isinstance(v, (int, float)):
+            name, filt = key.split(",", 1)
+            values.setdefault(name, (key if filt != "none" else name, float(v)))  # gsm8k: the first filter, named
     for name in (*PREFERRED_METRICS, *sorted(values)):
         if name in values:
-            return name, float(values[name])
+            return values[name]
     return None
+
+
+def _device_dtype(engine: EngineConfig) -> tuple[str, str]:
+    """`auto` as the engines read it: a GPU with bfloat16 when there is one, else the CPU in float32."""
+    import torch
+
+    device = engine.device if engine.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, dtype
 
 
 def run_harness(model_dir: str, cfg: HarnessConfig, engine: EngineConfig, task_dir: Path | None, seed: int, level: float) -> dict[str, Any]:
@@ -58,9 +71,8 @@ def run_harness(model_dir: str, cfg: HarnessConfig, engine: EngineConfig, task_d
     scratch = Path(tempfile.mkdtemp(prefix="cai-harness-"))
     try:
         manager = TaskManager(include_path=str(materialise_tasks(task_dir, scratch / "tasks"))) if task_dir else TaskManager()
-        dtype = "float32" if engine.dtype == "auto" and engine.device in ("auto", "cpu") else engine.dtype
-        device = "cpu" if engine.device == "auto" else engine.device
-        args = f"pretrained={model_dir},dtype={dtype if dtype != 'auto' else 'auto'},trust_remote_code={engine.trust_remote_code}"
+        device, dtype = _device_dtype(engine)
+        args = f"pretrained={model_dir},dtype={dtype},trust_remote_code={engine.trust_remote_code}"
         try:
             out = lm_eval.simple_evaluate(
                 model="hf", model_args=args, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
@@ -74,6 +86,8 @@ def run_harness(model_dir: str, cfg: HarnessConfig, engine: EngineConfig, task_d
         shutil.rmtree(scratch, ignore_errors=True)
     results = {}
     for task, res in (out or {}).get("results", {}).items():
+        if task not in cfg.tasks:  # a group's subtasks: the group's own row stands for them (no double counting)
+            continue
         picked = main_metric(res)
         if picked is None:
             continue

@@ -58,9 +58,11 @@ def headline_intervals(report: dict[str, Any]) -> dict[str, Any]:
     (what `cai status` shows next to the point estimates)."""
     rates = report["variants"]["no_system"].get("intervals") or {}
     diffs = (report.get("differences") or {}).get("no_system") or {}
-    out: dict[str, Any] = {"rates": {k: rates[k] for k in HEADLINE_METRICS if rates.get(k)}}
+    grader = (report.get("grader") or {}).get("metric", "harmless_rate_judge")
+    keys = (grader, *(k for k in HEADLINE_METRICS if k != grader))  # the rate quality reads comes first
+    out: dict[str, Any] = {"rates": {k: rates[k] for k in keys if rates.get(k)}}
     if diffs:
-        out["vs_base"] = {k: diffs[k] for k in HEADLINE_METRICS if diffs.get(k)}
+        out["vs_base"] = {k: diffs[k] for k in keys if diffs.get(k)}
     if report.get("confidence"):
         out["level"] = report["confidence"]
     return out

@@ -172,10 +172,11 @@ def quality_change(previous_rows: Mapping[str, list[dict]], rows: Mapping[str, l
             draws[key] = (b[idx].mean(axis=1), a[idx].mean(axis=1))
     if not draws:
         return None
-    point_b = {k: float(_paired(before.get(k, {}), after[k])[0].mean()) for k in draws}
-    point_a = {k: float(_paired(before.get(k, {}), after[k])[1].mean()) for k in draws}
-    qb = np.array([quality({k: float(v[0][r]) for k, v in draws.items()}) for r in range(samples)])
-    qa = np.array([quality({k: float(v[1][r]) for k, v in draws.items()}) for r in range(samples)])
+    absent = {k: None for k in after if k not in draws}  # a set with no shared items: skipped, as the point rule skips None
+    point_b = {**absent, **{k: float(_paired(before.get(k, {}), after[k])[0].mean()) for k in draws}}
+    point_a = {**absent, **{k: float(_paired(before.get(k, {}), after[k])[1].mean()) for k in draws}}
+    qb = np.array([quality({**absent, **{k: float(v[0][r]) for k, v in draws.items()}}) for r in range(samples)])
+    qa = np.array([quality({**absent, **{k: float(v[1][r]) for k, v in draws.items()}}) for r in range(samples)])
     lo, hi = _percentiles(qa - qb, level)
     q_lo, q_hi = _percentiles(qa, level)
     return {"previous": quality(point_b), "quality": quality(point_a), "diff": quality(point_a) - quality(point_b),

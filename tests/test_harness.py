@@ -80,7 +80,7 @@ def test_local_task_runs_and_feeds_the_tax_table(store, tiny_model_dir, tiny_eng
 
 def test_main_metric_prefers_normalised_accuracy():
     assert main_metric({"acc,none": 0.5, "acc_norm,none": 0.6, "acc_stderr,none": 0.1, "alias": "x"}) == ("acc_norm", 0.6)
-    assert main_metric({"exact_match,strict-match": 0.2}) == ("exact_match", 0.2)
+    assert main_metric({"exact_match,strict-match": 0.2, "exact_match,flexible-extract": 0.3}) == ("exact_match,strict-match", 0.2)
     assert main_metric({"alias": "x"}) is None
 
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 STAGES = ("generate", "judge", "train", "evaluate")
 DOCKERFILES = {"controller": REPO / "Dockerfile", **{s: REPO / "images" / s / "Dockerfile" for s in STAGES}}
 VLLM_STAGES = ("generate", "judge", "evaluate")
-EXTRAS = {"controller": {"k8s", "s3"}, "generate": {"s3"}, "judge": {"s3"}, "evaluate": {"s3"}, "train": {"train", "s3"}}
+EXTRAS = {"controller": {"k8s", "s3"}, "generate": {"s3"}, "judge": {"s3"}, "evaluate": {"s3", "train", "eval"}, "train": {"train", "s3"}}
 UID = 10001
 
 

@@ -147,3 +147,16 @@ def test_jailbreak_axis_wraps_harmful_prompts_in_every_system_variant(store, fak
     assert "jailbreak-wrapped, constitution as system prompt" in md and "alignment that holds only for the plain wording" in md
     none, _ = run_eval(store, "fake-model", FakeEngine(), output="runs/t/nojb/evaluate", jailbreaks=None, **fake_sets)
     assert set(json.loads((_ / "report.json").read_text())["variants"]) == {"no_system", "constitution_system"}
+
+
+def test_quality_change_skips_a_set_nobody_answered():
+    """An empty benign set: the interval rule skips that score, as the point rule skips None."""
+    from jobs.quality import quality
+    from jobs.uncertainty import quality_change
+
+    weights = {"harmless": 0.4, "not_over_refusing": 0.3, "capability": 0.3}
+    before, after = rows([False] * 20, [], [True] * 10), rows([True] * 20, [], [True] * 10)
+    change = quality_change(before, after, lambda s: quality(s, weights))
+    assert change["diff"] == pytest.approx(quality({"harmless": 1.0, "mc_accuracy": 1.0, "not_over_refusing": None}, weights)
+                                           - quality({"harmless": 0.0, "mc_accuracy": 1.0, "not_over_refusing": None}, weights))
+    assert change["lo"] > 0

@@ -178,6 +178,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     timings: dict[str, float] = {}
 
     sets, info, wrappers = load_sets(spec, store, cfg)
+    all_harmful = sets["harmful"]  # the depth probe asks the whole set, whatever the shard count
     if shard[1] > 1:  # every set is sliced the same way; merged in shard order they are whole again
         sets = {k: v[slice(*shard_bounds(len(v), *shard))] for k, v in sets.items()}
     log("evaluate", "sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + f"; model {spec.model}, judge {judge_ref}")
@@ -223,9 +224,11 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
         examples = compliant_examples(store.iter_jsonl(spec.inputs["probe_traces"]), spec.seed)
         base_ref = cfg.depth_probe.base_model or spec.model
         probe = {"examples": len(examples), "ks": cfg.depth_probe.ks,
-                 "curves": {name: probe_curve(resolve_model(ref, store), examples, sets["harmful"], cfg.depth_probe, spec.engine, spec.seed, cfg.confidence)
+                 "curves": {name: probe_curve(resolve_model(ref, store), examples, all_harmful, cfg.depth_probe, spec.engine, spec.seed, cfg.confidence)
                             for name, ref in (("model", spec.model), ("base", base_ref)) if name == "model" or ref != spec.model}}
         timings["depth_probe_s"] = time.perf_counter() - t
+    elif cfg.depth_probe is not None and spec.round > 0 and shard[0] == 0:
+        log("evaluate", "depth probe skipped: no generate traces to take the base model's answers from (add generate to stages)")
     harness = None
     if cfg.harness is not None and shard[0] == 0:  # one shard runs the tasks; the merge takes them from it
         judge = policy = None  # noqa: F841 - lm-eval loads its own copy of the model
@@ -312,7 +315,7 @@ def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitut
     head = metrics["no_system"]
     counts: dict[str, Any] = {k: info[k]["size"] for k in SETS}
     for k in ("harmless_rate_judge", "harmless_rate_refusal", "harmless_rate_refusal_strict", "over_refusal_rate",
-              "over_refusal_rate_strict", "mc_accuracy", "exact_match", "judge_refusal_agreement"):
+              "over_refusal_rate_strict", "mc_accuracy", "exact_match", "judge_refusal_agreement", *(["harmless_rate_classifier"] if cfg.classifier else [])):
         counts[k] = None if head[k] is None else round(head[k], 4)
     counts["canned_share"] = None if head["canned"]["share"] is None else round(head["canned"]["share"], 4)
     tax = report.get("alignment_tax", {}).get("no_system")
