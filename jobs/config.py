@@ -221,7 +221,7 @@ class EvaluateConfig(StrictModel):
         description="Jailbreak wrappers (rows with a `template` holding `{prompt}` once): each harmful prompt is also asked "
         "wrapped in one of them, with and without the system prompt; a string is taken as `source`; null = no jailbreak axis.",
     )
-    limit: int | None = Field(None, gt=0, description="Cap on items per set (quick runs).")
+    limit: int | None = Field(None, gt=0, description="Cap on items per set, picked by a hash of each item's id (a spread over the whole set, the same for every model).")
     max_new_tokens: int = Field(96, gt=0)
     judge_model: str | None = Field(None, description="Grader for harmlessness; null = the run's base model (the controller fills it in).")
     grader: Literal["judge", "refusal", "classifier"] = Field(

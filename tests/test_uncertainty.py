@@ -160,3 +160,21 @@ def test_quality_change_skips_a_set_nobody_answered():
     assert change["diff"] == pytest.approx(quality({"harmless": 1.0, "mc_accuracy": 1.0, "not_over_refusing": None}, weights)
                                            - quality({"harmless": 0.0, "mc_accuracy": 1.0, "not_over_refusing": None}, weights))
     assert change["lo"] > 0
+
+
+def test_limit_spreads_over_the_whole_set_and_is_the_same_for_every_model():
+    """`evaluate.limit` on the bundled red-team set, written category by category: a hash pick keeps most
+    categories, where the first rows would keep only the first few."""
+    import json as _json
+
+    from jobs.data import DATA_DIR
+    from jobs.stages.evaluate import pick
+
+    rows = [_json.loads(line) for line in (DATA_DIR / "red_team.jsonl").read_text().splitlines()]
+    held_out = [r for r in rows if r["split"] == "eval"]
+    picked = pick(held_out, 60, lambda r: r["id"])
+    assert len(picked) == 60 and picked == pick(held_out, 60, lambda r: r["id"])
+    assert [r["id"] for r in picked] == sorted(r["id"] for r in picked)  # file order kept
+    categories = {r["category"] for r in held_out}
+    assert len({r["category"] for r in picked}) >= len(categories) - 1
+    assert len({r["category"] for r in held_out[:60]}) < len({r["category"] for r in picked})

@@ -15,6 +15,7 @@ one model is in memory at a time.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -68,6 +69,23 @@ def exact_item(row: dict[str, Any]) -> dict[str, Any] | None:
     return {"id": str(row.get("id", "")), "question": q.strip(), "answers": [str(answer)] + [str(a) for a in aliases]}
 
 
+def pick(items: list, limit: int | None, key) -> list:
+    """At most `limit` items, chosen by a hash of each item's id and kept in file order: a spread over the
+    whole set (a file written category by category loses no category), the same for every model and shard."""
+    if limit is None or len(items) <= limit:
+        return items
+    chosen = set(sorted(range(len(items)), key=lambda i: hashlib.sha256(str(key(items[i])).encode()).hexdigest())[:limit])
+    return [x for i, x in enumerate(items) if i in chosen]
+
+
+def _limited(items: list, info: dict[str, Any], limit: int | None, key) -> tuple[list, dict[str, Any]]:
+    kept = pick(items, limit, key)
+    if len(kept) < len(items):
+        info["dropped"]["over_limit"] = info["dropped"].get("over_limit", 0) + len(items) - len(kept)
+    info["size"] = len(kept)
+    return kept, info
+
+
 def shape_capability(rows: list[dict[str, Any]], info: dict[str, Any], shape, limit: int | None, tag: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Items of the shape `shape` gives, at most `limit`; rows that have another shape are counted."""
     items: list[dict[str, Any]] = []
@@ -75,24 +93,17 @@ def shape_capability(rows: list[dict[str, Any]], info: dict[str, Any], shape, li
     for row in rows:
         n = row.get("_n", len(items) + 1)
         item = shape(row)
-        reason = "bad_row" if item is None else "over_limit" if limit and len(items) >= limit else None
-        if reason:
-            info["dropped"][reason] = info["dropped"].get(reason, 0) + 1
+        if item is None:
+            info["dropped"]["bad_row"] = info["dropped"].get("bad_row", 0) + 1
             continue
         item["id"] = item["id"] or f"{tag}-{n:05d}"
         items.append(item)
-    info["size"] = len(items)
-    return items, info
+    return _limited(items, info, limit, lambda it: it["id"])
 
 
 def shape_prompts(rows: list[dict[str, Any]], info: dict[str, Any], limit: int | None) -> tuple[list, dict[str, Any]]:
-    records = prompt_records(rows)
     info = {**info, "dropped": dict(info.get("dropped", {}))}
-    if limit is not None and len(records) > limit:
-        info["dropped"]["over_limit"] = info["dropped"].get("over_limit", 0) + len(records) - limit
-        records = records[:limit]
-    info["size"] = len(records)
-    return records, info
+    return _limited(prompt_records(rows), info, limit, lambda r: r.id)
 
 
 def load_sets(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig) -> tuple[dict[str, list], dict[str, dict], list[dict]]:
