@@ -170,7 +170,7 @@ class HarnessConfig(StrictModel):
     apply_chat_template: bool = Field(False, description="Render prompts with the model's chat template (changes scores).")
     batch_size: int = Field(8, gt=0, description="lm-eval batch size.")
     include_path: str | None = Field(
-        None, description="A local directory of task YAMLs (lm-eval's format); the controller copies it into the run, and "
+        None, description="A directory of task YAMLs (lm-eval's format), local or `store:KEY`; the controller copies it into the run, and "
         "`{task_dir}` inside a task file stands for that copy (e.g. `data_files: {test: '{task_dir}/mc.jsonl'}`).",
     )
 

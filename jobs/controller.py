@@ -168,7 +168,8 @@ class Controller:
             report["evaluation_sets"] = eval_sets.stage_sets(self.config.evaluate, self.store, self.paths.inputs_dir)
             harness = self.config.evaluate.harness
             if harness and harness.include_path:  # local lm-eval task files: into the run, digested like every input
-                src = Path(harness.include_path).expanduser()
+                ip = harness.include_path
+                src = self.store.local_dir(ip.split(":", 1)[1]) if ip.startswith("store:") else Path(ip).expanduser()
                 if not src.is_dir():
                     raise ConfigError(f"config: evaluate.harness.include_path: {src} is not a directory; give a directory of lm-eval task YAMLs")
                 self.store.put_dir(src, self.paths.inputs("harness_tasks"))

@@ -67,7 +67,10 @@ def upload_local_inputs(config: RunConfig, store: ArtifactStore | None) -> tuple
     With no store, nothing is written: the keys alone (what `cai render --controller` shows)."""
     data = config.model_dump(mode="json")
     done: list[str] = []
-    models = [("model", data, "model"), ("judge.model", data["judge"], "model"), ("evaluate.judge_model", data["evaluate"], "judge_model")]
+    ev = data["evaluate"]
+    models = [("model", data, "model"), ("judge.model", data["judge"], "model"), ("evaluate.judge_model", ev, "judge_model")]
+    models += [("evaluate.classifier.model", ev["classifier"], "model")] if ev.get("classifier") else []
+    models += [("evaluate.depth_probe.base_model", ev["depth_probe"], "base_model")] if ev.get("depth_probe") else []
     for where, holder, field in models:
         ref = holder.get(field)
         if ref and model_kind(ref) == "local":
@@ -80,4 +83,14 @@ def upload_local_inputs(config: RunConfig, store: ArtifactStore | None) -> tuple
             ref = src["source"]
             src.update(_upload_data(store, DataSource.model_validate({k: src.get(k) for k in DataSource.model_fields}), where, capability))
             done.append(f"{where}: {ref}")
+    harness = ev.get("harness") or {}
+    tasks = harness.get("include_path")
+    if tasks and _is_local_data(tasks):  # lm-eval task files: a directory, uploaded whole
+        path = Path(tasks).expanduser()
+        key = f"{UPLOADS}/harness/{local_tree_digest(path).split(':', 1)[1][:16]}/{path.resolve().name}"
+        if store is not None and store.digest(key) != local_tree_digest(path):
+            print(f"[cai] evaluate.harness.include_path: uploading {tasks} to {store.uri_for(key)}", file=sys.stderr, flush=True)
+            store.put_dir(path, key)
+        harness["include_path"] = f"store:{key}"
+        done.append(f"evaluate.harness.include_path: {tasks}")
     return RunConfig.model_validate(data), done

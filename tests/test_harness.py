@@ -94,3 +94,14 @@ def test_controller_copies_local_tasks_into_the_run(tmp_path, task_dir):
     assert spec.inputs["harness_tasks"] == "runs/r1/inputs/harness_tasks"
     assert (tmp_path / "store" / "runs/r1/inputs/harness_tasks/cai_tiny_mc.yaml").read_text() == TASK
     assert store.digest(spec.inputs["harness_tasks"]).startswith("tree:")  # part of the stage's identity
+
+
+def test_controller_reads_uploaded_tasks_from_the_store(tmp_path, task_dir):
+    """What `cai submit` hands the pod: include_path as the store key it uploaded the tasks to."""
+    store = LocalStore(tmp_path / "store")
+    store.put_dir(task_dir, "uploads/harness/abc/tasks")
+    config = RunConfig(stages=["evaluate"], data={"train": [{"source": "bundled:helpful", "limit": 1}]},
+                       evaluate={"harness": {"tasks": ["cai_tiny_mc"], "include_path": "store:uploads/harness/abc/tasks"}, "limit": 1})
+    ctl = Controller(config, store, executor=None, run_id="r1")
+    spec = ctl.plan_base(ctl.prepare())
+    assert store.digest(spec.inputs["harness_tasks"]) == store.digest("uploads/harness/abc/tasks")

@@ -68,3 +68,16 @@ def test_s3_and_store_jsonl_sources_carry_their_sha256(s3_store):
 
     with pytest.raises(DataError, match="cannot read it"):
         read_sets(EvaluateConfig(harmful=DataSource(source=f"{s3_store.uri}/sets/missing.jsonl").model_dump()), s3_store)
+
+
+def test_classifier_probe_base_and_harness_tasks_go_up_too(tmp_path, tiny_model_dir, s3_store):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: t\n")
+    config = RunConfig(evaluate={"classifier": {"model": str(tiny_model_dir)}, "depth_probe": {"base_model": str(tiny_model_dir)},
+                                 "harness": {"tasks": ["t"], "include_path": str(tasks)}})
+    pod_config, uploaded = upload_local_inputs(config, s3_store)
+    ev = pod_config.evaluate
+    assert ev.classifier.model.startswith("store:uploads/models/") and ev.depth_probe.base_model == ev.classifier.model
+    assert ev.harness.include_path.startswith("store:uploads/harness/") and s3_store.exists(ev.harness.include_path[6:] + "/t.yaml")
+    assert len(uploaded) == 3
