@@ -74,13 +74,18 @@ def interval_lines(label: str, intervals: dict | None) -> list[str]:
     if not intervals or not intervals.get("rates"):
         return []
     level = f"{intervals.get('level', 0.95):.0%}"
-    out = [f"    {label} rates ({level}): " + "; ".join(f"{_INTERVAL_LABELS.get(k, k)} {fmt_interval(v)}" for k, v in intervals["rates"].items())]
+    order = list(_INTERVAL_LABELS)  # run.json is stored with sorted keys: print in reading order
+
+    def ordered(d: dict) -> list:
+        return sorted(d.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+
+    out = [f"    {label} rates ({level}): " + "; ".join(f"{_INTERVAL_LABELS.get(k, k)} {fmt_interval(v)}" for k, v in ordered(intervals["rates"]))]
     if intervals.get("vs_base"):
         def verdict(d: dict) -> str:
             return "" if d["lo"] <= 0 <= d["hi"] else " *"
 
         out.append(f"    {label} vs base ({level}, * = interval excludes 0): " + "; ".join(
-            f"{_INTERVAL_LABELS.get(k, k)} {fmt_interval(v)}{verdict(v)}" for k, v in intervals["vs_base"].items()))
+            f"{_INTERVAL_LABELS.get(k, k)} {fmt_interval(v)}{verdict(v)}" for k, v in ordered(intervals["vs_base"])))
     return out
 
 

@@ -125,3 +125,14 @@ def test_a_stage_that_exits_without_its_manifest_fails_loudly(tmp_path, tiny_mod
         Controller(config, store, ExitsCleanly(), run_id="r1").run()
     run = json.loads((tmp_path / "store" / "runs" / "r1" / "run.json").read_text())
     assert run["status"] == "failed" and run["rounds"][0]["stages"]["generate"]["status"] == "failed"
+
+
+def test_status_shows_intervals_and_which_differences_clear_zero():
+    rate = {"rate": 0.5, "k": 6, "n": 12, "lo": 0.2538, "hi": 0.7462}
+    state = {"run_id": "r", "status": "completed", "rounds": [{"round": 1, "stages": {}, "quality": 0.6, "scores": {"harmless": 0.5},
+             "intervals": {"level": 0.95, "rates": {"over_refusal_rate": rate, "harmless_rate_judge": rate},
+                           "vs_base": {"harmless_rate_judge": {"diff": 0.3, "lo": 0.1, "hi": 0.5, "n_pairs": 12},
+                                       "over_refusal_rate": {"diff": 0.05, "lo": -0.1, "hi": 0.2, "n_pairs": 12}}}}]}
+    out = format_status(state)
+    assert "round 1 rates (95%): harmless (judge) 50.0% [25.4, 74.6] n=12; over-refusal 50.0% [25.4, 74.6] n=12" in out
+    assert "harmless (judge) +30.0 pts [+10.0, +50.0] n=12 *; over-refusal +5.0 pts [-10.0, +20.0] n=12" in out
