@@ -28,15 +28,19 @@ def _is_local_data(ref: str) -> bool:
     return ":" not in ref.split("/")[0] and Path(ref).expanduser().exists()
 
 
-def _upload_model(store: ArtifactStore | None, ref: str, where: str) -> str:
-    precheck(ref, where)
-    path = Path(ref).expanduser()
+def _upload_dir(store: ArtifactStore | None, path: Path, kind: str, where: str) -> str:
+    """A directory under `uploads/<kind>/<digest>/<name>`, sent only when the store does not hold those bytes."""
     digest = local_tree_digest(path)
-    key = f"{UPLOADS}/models/{digest.split(':', 1)[1][:16]}/{path.resolve().name}"
+    key = f"{UPLOADS}/{kind}/{digest.split(':', 1)[1][:16]}/{path.resolve().name}"
     if store is not None and store.digest(key) != digest:
-        print(f"[cai] {where}: uploading {ref} to {store.uri_for(key)}", file=sys.stderr, flush=True)
+        print(f"[cai] {where}: uploading {path} to {store.uri_for(key)}", file=sys.stderr, flush=True)
         store.put_dir(path, key)
     return f"store:{key}"
+
+
+def _upload_model(store: ArtifactStore | None, ref: str, where: str) -> str:
+    precheck(ref, where)
+    return _upload_dir(store, Path(ref).expanduser(), "models", where)
 
 
 def _upload_data(store: ArtifactStore | None, src: DataSource, where: str, capability: bool) -> dict[str, Any]:
@@ -86,11 +90,6 @@ def upload_local_inputs(config: RunConfig, store: ArtifactStore | None) -> tuple
     harness = ev.get("harness") or {}
     tasks = harness.get("include_path")
     if tasks and _is_local_data(tasks):  # lm-eval task files: a directory, uploaded whole
-        path = Path(tasks).expanduser()
-        key = f"{UPLOADS}/harness/{local_tree_digest(path).split(':', 1)[1][:16]}/{path.resolve().name}"
-        if store is not None and store.digest(key) != local_tree_digest(path):
-            print(f"[cai] evaluate.harness.include_path: uploading {tasks} to {store.uri_for(key)}", file=sys.stderr, flush=True)
-            store.put_dir(path, key)
-        harness["include_path"] = f"store:{key}"
+        harness["include_path"] = _upload_dir(store, Path(tasks).expanduser(), "harness", "evaluate.harness.include_path")
         done.append(f"evaluate.harness.include_path: {tasks}")
     return RunConfig.model_validate(data), done
