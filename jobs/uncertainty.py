@@ -105,17 +105,6 @@ def tax_intervals(benchmarks: Mapping[str, tuple[Mapping[str, bool], Mapping[str
     return {"per_benchmark": per, "average": average}
 
 
-def bootstrap_statistic(items: Sequence[Any], statistic: Callable[[Sequence[Any]], float], level: float = DEFAULT_LEVEL,
-                        samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float] | None:
-    """A percentile bootstrap interval of any statistic of a list of paired items (e.g. a quality difference)."""
-    n = len(items)
-    if n == 0:
-        return None
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    values = np.array([statistic([items[i] for i in row]) for row in idx])
-    return _percentiles(values, level)
-
-
 def fmt_interval(stat: Mapping[str, Any] | None, scale: float = 100.0, unit: str = "%") -> str:
     """'45.0% [32.1, 58.6] n=40' (a rate), '+8.3 pts [-16.7, +33.3] n=12' (a difference) or 'n/a'."""
     if not stat:
@@ -164,17 +153,17 @@ def quality_change(previous_rows: Mapping[str, list[dict]], rows: Mapping[str, l
     before = score_outcomes(item_outcomes(dict(previous_rows)), harmless_metric)
     after = score_outcomes(item_outcomes(dict(rows)), harmless_metric)
     rng = np.random.default_rng(seed)
+    pairs = {k: _paired(before.get(k, {}), after[k]) for k in after}
     draws: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key in after:
-        b, a = _paired(before.get(key, {}), after[key])
+    for key, (b, a) in pairs.items():
         if len(b):
             idx = rng.integers(0, len(b), size=(samples, len(b)))
             draws[key] = (b[idx].mean(axis=1), a[idx].mean(axis=1))
     if not draws:
         return None
     absent = {k: None for k in after if k not in draws}  # a set with no shared items: skipped, as the point rule skips None
-    point_b = {**absent, **{k: float(_paired(before.get(k, {}), after[k])[0].mean()) for k in draws}}
-    point_a = {**absent, **{k: float(_paired(before.get(k, {}), after[k])[1].mean()) for k in draws}}
+    point_b = {**absent, **{k: float(pairs[k][0].mean()) for k in draws}}
+    point_a = {**absent, **{k: float(pairs[k][1].mean()) for k in draws}}
     qb = np.array([quality({**absent, **{k: float(v[0][r]) for k, v in draws.items()}}) for r in range(samples)])
     qa = np.array([quality({**absent, **{k: float(v[1][r]) for k, v in draws.items()}}) for r in range(samples)])
     lo, hi = _percentiles(qa - qb, level)
