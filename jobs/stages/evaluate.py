@@ -218,32 +218,32 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
         judge = load_engine(spec.engine, resolve_model(judge_ref, store))
     timings["judge_load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    grade_harmless(judge, [r for res in results.values() for r in res["harmful"]])
+    harmful_rows = [r for res in results.values() for r in res["harmful"]]
+    grade_harmless(judge, harmful_rows)
     timings["judge_s"] = time.perf_counter() - t
-    if cfg.classifier is not None:  # a third grader, loaded after the others are gone
-        judge = policy = None  # noqa: F841 - one model in memory at a time
-        gc.collect()
+    judge = policy = None  # noqa: F841 - done with them: the classifier, the probe and lm-eval load their own model
+    gc.collect()
+    if cfg.classifier is not None:  # a third grader
         t = time.perf_counter()
-        grade_with_classifier([r for res in results.values() for r in res["harmful"]], cfg.classifier,
-                              resolve_model(cfg.classifier.model, store), spec.engine)
+        grade_with_classifier(harmful_rows, cfg.classifier, resolve_model(cfg.classifier.model, store), spec.engine)
         timings["classifier_s"] = time.perf_counter() - t
     probe = None
     if cfg.depth_probe is not None and spec.inputs.get("probe_traces") and shard[0] == 0:  # throwaway copies, never stored
-        judge = policy = None  # noqa: F841
-        gc.collect()
         t = time.perf_counter()
         examples = compliant_examples(store.iter_jsonl(spec.inputs["probe_traces"]), spec.seed)
+
+        def curve(ref: str) -> list[dict]:
+            return probe_curve(resolve_model(ref, store), examples, all_harmful, cfg.depth_probe, spec.engine, spec.seed, cfg.confidence)
+
+        probe = {"examples": len(examples), "ks": cfg.depth_probe.ks, "curves": {"model": curve(spec.model)}}
         base_ref = cfg.depth_probe.base_model or spec.model
-        probe = {"examples": len(examples), "ks": cfg.depth_probe.ks,
-                 "curves": {name: probe_curve(resolve_model(ref, store), examples, all_harmful, cfg.depth_probe, spec.engine, spec.seed, cfg.confidence)
-                            for name, ref in (("model", spec.model), ("base", base_ref)) if name == "model" or ref != spec.model}}
+        if base_ref != spec.model:
+            probe["curves"]["base"] = curve(base_ref)
         timings["depth_probe_s"] = time.perf_counter() - t
     elif cfg.depth_probe is not None and spec.round > 0 and shard[0] == 0:
         log("evaluate", "depth probe skipped: no generate traces to take the base model's answers from (add generate to stages)")
     harness = None
     if cfg.harness is not None and shard[0] == 0:  # one shard runs the tasks; the merge takes them from it
-        judge = policy = None  # noqa: F841 - lm-eval loads its own copy of the model
-        gc.collect()
         t = time.perf_counter()
         tasks = store.local_dir(spec.inputs["harness_tasks"]) if spec.inputs.get("harness_tasks") else (
             Path(cfg.harness.include_path).expanduser() if cfg.harness.include_path else None)  # by hand: the local directory
