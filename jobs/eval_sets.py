@@ -9,7 +9,7 @@ that read it. The stage shapes the rows (multiple choice, exact match) and appli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .config import DataSource, EvaluateConfig
 from .data import PromptRecord, load_prompts, source_rows
@@ -48,25 +48,35 @@ def capability_rows(src: DataSource, store=None, where: str = "evaluate") -> tup
     return (r for r in rows if not (isinstance(r, dict) and r.get("split") == "train")), identity
 
 
+def _tally(rows: Iterator[dict[str, Any] | str], keep: Callable[[dict[str, Any], int], dict[str, Any] | str]) -> tuple[list, dict[str, int], int]:
+    """(kept items, drop reason -> count, rows read): `keep` turns a row into an item or a drop reason;
+    a source's own drop reasons (unreadable lines) arrive as strings and are counted as they are."""
+    kept, dropped, n = [], {}, 0
+    for n, row in enumerate(rows, 1):
+        out = row if isinstance(row, str) else keep(row, n)
+        if isinstance(out, str):
+            dropped[out] = dropped.get(out, 0) + 1
+        else:
+            kept.append(out)
+    return kept, dropped, n
+
+
+def _info(src: DataSource, identity: str, rows: int, dropped: dict[str, int]) -> dict[str, Any]:
+    return {"source": src.source, "split": src.split, "identity": identity, "rows": rows, "dropped": dropped}
+
+
 def read_sets(cfg: EvaluateConfig, store=None) -> dict[str, dict[str, Any]]:
     """Every set as {"rows": [...], "info": {source, split, identity, rows, dropped}}: what the controller stores."""
     out: dict[str, dict[str, Any]] = {}
     for name in PROMPT_SETS:
         src = getattr(cfg, name)
         records, (report,) = load_prompts([src], MAX_PROMPT_CHARS, store, field=f"evaluate.{name}", indexed=False)
-        info = {"source": src.source, "split": src.split, "identity": report.identity, "rows": report.rows, "dropped": dict(report.dropped)}
-        out[name] = {"rows": [r.to_row() for r in records], "info": info}
+        out[name] = {"rows": [r.to_row() for r in records], "info": _info(src, report.identity, report.rows, dict(report.dropped))}
     for name in CAPABILITY_SETS:
         src = getattr(cfg, name)
         rows, identity = capability_rows(src, store, f"evaluate.{name}")
-        kept, dropped, n = [], {}, 0
-        for row in rows:
-            n += 1
-            if isinstance(row, str):
-                dropped[row] = dropped.get(row, 0) + 1
-            else:
-                kept.append({"_n": n, **row})  # the row's position names items that have no id
-        out[name] = {"rows": kept, "info": {"source": src.source, "split": src.split, "identity": identity, "rows": n, "dropped": dropped}}
+        kept, dropped, n = _tally(rows, lambda row, n: {"_n": n, **row})  # the row's position names items that have no id
+        out[name] = {"rows": kept, "info": _info(src, identity, n, dropped)}
     out[WRAPPERS] = read_wrappers(cfg.jailbreaks, store)
     return out
 
@@ -76,16 +86,15 @@ def read_wrappers(src: DataSource | None, store=None) -> dict[str, Any]:
     if src is None:
         return {"rows": [], "info": {"source": None, "rows": 0, "dropped": {}}}
     rows, identity = source_rows(src, store, "evaluate.jailbreaks")
-    kept, dropped, n = [], {}, 0
-    for row in rows:
-        n += 1
-        template = row.get("template") if isinstance(row, dict) else None
-        reason = row if isinstance(row, str) else None if isinstance(template, str) and template.count("{prompt}") == 1 else "no_single_placeholder"
-        if reason:
-            dropped[reason] = dropped.get(reason, 0) + 1
-        else:
-            kept.append({"id": str(row.get("id") or f"jailbreak-{n:03d}"), "name": str(row.get("name") or ""), "template": template})
-    return {"rows": kept, "info": {"source": src.source, "split": src.split, "identity": identity, "rows": n, "dropped": dropped}}
+
+    def template(row: dict[str, Any], n: int) -> dict[str, Any] | str:
+        text = row.get("template")
+        if not (isinstance(text, str) and text.count("{prompt}") == 1):
+            return "no_single_placeholder"
+        return {"id": str(row.get("id") or f"jailbreak-{n:03d}"), "name": str(row.get("name") or ""), "template": text}
+
+    kept, dropped, n = _tally(rows, template)
+    return {"rows": kept, "info": _info(src, identity, n, dropped)}
 
 
 def wrap(record: PromptRecord, wrappers: list[dict[str, Any]]) -> tuple[PromptRecord, str]:
