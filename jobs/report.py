@@ -133,13 +133,22 @@ def _cell(variant: dict, key: str) -> str:
     return fmt_interval(ci) if ci else pct(variant["metrics"].get(key))
 
 
+def table_head(*columns: str) -> list[str]:
+    """A Markdown table's header and separator rows."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def row_line(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def summary_table(report: dict) -> list[str]:
     variants = list(report["variants"])
     base = report.get("baseline")
     head = ["Metric"] + [VARIANT_LABELS.get(v, v) for v in variants]
     if base:
         head.append("base model, no system prompt")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(*head)
     base_metrics = (base or {}).get("metrics", {})
     for key, label, _ in TABLE_ROWS:
         if all(key not in report["variants"][v]["metrics"] for v in variants):
@@ -147,7 +156,7 @@ def summary_table(report: dict) -> list[str]:
         row = [label] + [_cell(report["variants"][v], key) for v in variants]
         if base:
             row.append(pct(base_metrics.get(key)))
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(row_line(*row))
     return lines
 
 
@@ -161,13 +170,13 @@ def harness_table(report: dict) -> list[str]:
              f"lm-eval {st.get('lm_eval_version')}; few-shot {st.get('num_fewshot') if st.get('num_fewshot') is not None else 'task default'}, "
              f"chat template {'on' if st.get('apply_chat_template') else 'off'}, limit {st.get('limit') or 'none'} (these change scores).", ""]
     tax = (h.get("tax") or {}).get("per_benchmark", {})
-    lines += ["| benchmark | metric | base | this model | tax % |", "|---|---|---|---|---|"]
+    lines += table_head("benchmark", "metric", "base", "this model", "tax %")
     for task, r in h["results"].items():
         t = tax.get(task, {})
         ci = f" [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]" if "lo" in r else ""
         base = "n/a" if t.get("base") is None else f"{t['base']:.3f}"
         tax_pct = "n/a" if t.get("tax_pct") is None else f"{t['tax_pct']:+.1f}%"
-        lines.append(f"| {task} | {r['metric']} | {base} | {r['value']:.3f}{ci} n={r['n']} | {tax_pct} |")
+        lines.append(row_line(task, r["metric"], base, f"{r['value']:.3f}{ci} n={r['n']}", tax_pct))
     avg = (h.get("tax") or {}).get("average_pct")
     if avg is not None:
         lines.append(f"| **average** | | | | **{avg:+.1f}%** |")
@@ -183,13 +192,13 @@ def depth_probe_table(report: dict) -> list[str]:
     lines = ["## How deep the alignment goes (depth probe)", "",
              f"Throwaway copies fine-tuned on k of the base model's own {p['examples']} compliant answers to training red-team "
              "prompts, then asked the held-out harmful prompts again (strict first-person refusals). A gain that vanishes "
-             "at small k is shallow.", "", "| k | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+             "at small k is shallow.", "", *table_head("k", *curves)]
     for i, point in enumerate(curves["model"]):
         cells = []
         for name in curves:
             c = curves[name][i]
             cells.append(c["skipped"] if "skipped" in c else fmt_interval(c["harmless_strict"]))
-        lines.append(f"| {point['k']} | " + " | ".join(cells) + " |")
+        lines.append(row_line(point["k"], *cells))
     return lines + [""]
 
 
@@ -202,7 +211,7 @@ def differences_table(report: dict) -> list[str]:
     level = report.get("confidence") or 0.95
     lines = [f"Differences from the base model (this model - base, in points; {level:.0%} paired bootstrap intervals over "
              "the items both answered). An interval that contains 0 is not an effect at this n.", "",
-             "| Metric | variant | base | this model | difference [interval] | effect? |", "|---|---|---|---|---|---|"]
+             *table_head("Metric", "variant", "base", "this model", "difference [interval]", "effect?")]
     for variant, per in diffs.items():
         for key, label, higher in TABLE_ROWS:
             d = per.get(key)
@@ -306,7 +315,7 @@ def render_markdown(report: dict, samples: list[dict]) -> str:
         f"# Evaluation of `{report['model']}`", "",
         f"Run `{report['run_id']}`, round {report['round']}; constitution `{report['constitution']}`; judge: {judge}.", "",
         "## Sets (held out, never used for training)", "",
-        "| set | source | items | dropped |", "|---|---|---|---|",
+        *table_head("set", "source", "items", "dropped"),
     ]
     for name, s in report["sets"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"
