@@ -29,6 +29,7 @@ def _current_umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_current_umask()  # mkstemp creates 0600; artifacts get normal file modes
+_DIR_MODE = 0o777 & ~_current_umask()  # and mkdtemp 0700: copied trees get normal directory modes
 
 
 def _temp_file(path: Path) -> tuple[int, str]:
@@ -296,7 +297,7 @@ class LocalStore(ArtifactStore):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (_link_or_copy if link else shutil.copy2)(str(path), str(tmp / rel))
             for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-                d.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 must not outlive the rename
+                d.chmod(_DIR_MODE)  # mkdtemp's 0700 must not outlive the rename
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
