@@ -216,15 +216,17 @@ class KubernetesExecutor:
         if existing is not None and theirs != spec.spec_hash():
             raise SubmitError(f"{what} exists with spec hash {theirs}, not {spec.spec_hash()}; delete it (kubectl delete job -n {self.namespace} {name}) or use another --run-id")
         state = job_state(existing)[0] if existing is not None else "gone"
-        stale = existing is not None and annotations.get(INPUTS_HASH) != job.metadata.annotations[INPUTS_HASH]
-        if stale:  # same spec, other input bytes (a prompt file edited, a model replaced): its work does not count
-            log(f"{what}: an earlier Job ran this spec on other inputs ({state or 'running'}); replacing it")
+        if existing is not None and annotations.get(INPUTS_HASH) != job.metadata.annotations[INPUTS_HASH]:
+            # same spec, other input bytes (a prompt file edited, a model replaced): its work does not count
+            why = f"an earlier Job ran this spec on other inputs ({state or 'running'}); replacing it"
         elif state == "complete" and not self._outputs_complete(spec):  # its outputs were deleted since: run it again
-            log(f"{what}: finished earlier, but its outputs are gone from the store; replacing it")
-            stale = True
-        if stale or state in ("failed", "gone"):
-            if not stale:
-                log(f"{what}: a previous attempt {'failed' if state == 'failed' else 'vanished'}; submitting it again")
+            why = "finished earlier, but its outputs are gone from the store; replacing it"
+        elif state in ("failed", "gone"):
+            why = f"a previous attempt {'failed' if state == 'failed' else 'vanished'}; submitting it again"
+        else:
+            why = None
+        if why:
+            log(f"{what}: {why}")
             self._delete(name)
             self._call(f"create {what}", self.batch.create_namespaced_job, self.namespace, job)
         else:
