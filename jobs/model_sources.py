@@ -80,12 +80,9 @@ def _import(store: ArtifactStore, src: Path, key: str, digest: str, where: str, 
 def bundled_digest(ref: str) -> str:
     """A bundled model's identity is its file's pinned sha256 (the stage that converts it checks the file
     against it), so the controller, `cai render` and the stage agree without the package installed."""
-    from .models import BUNDLED
+    from .models import bundled_entry
 
-    name = ref.split(":", 1)[1]
-    if name not in BUNDLED:
-        raise ModelError(f"{ref}: unknown bundled model; use one of {', '.join('bundled:' + k for k in BUNDLED)}")
-    return "sha256:" + BUNDLED[name][2]
+    return "sha256:" + bundled_entry(ref.split(":", 1)[1])[2]
 
 
 def _bundled(ref: str) -> ResolvedModel:

@@ -86,10 +86,15 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
     return dest
 
 
-def bundled_model_dir(name: str) -> Path:
+def bundled_entry(name: str) -> tuple[str, str, str]:
+    """(package, file, pinned sha256) of a bundled model, or the one-line error naming the known ones."""
     if name not in BUNDLED:
         raise ModelError(f"bundled:{name}: unknown bundled model; use one of {', '.join('bundled:' + k for k in BUNDLED)}")
-    package, filename, sha256 = BUNDLED[name]
+    return BUNDLED[name]
+
+
+def bundled_model_dir(name: str) -> Path:
+    package, filename, sha256 = bundled_entry(name)
     dest = cache_dir() / "models" / f"{name}-{sha256[:12]}"  # named by the pinned file: another file never reuses it
     if (dest / "config.json").exists():
         return dest
