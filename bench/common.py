@@ -287,6 +287,7 @@ def bench_prompts(n: int):
     for rep in reports:
         log(rep.summary())
     if len(records) != n:
+        most = 2 * min(rep.rows for rep in reports)
         raise SystemExit(f"asked for {n} prompts but the bundled train splits gave {len(records)} "
-                         f"({n_red} red-team + {n_help} helpful wanted); use --prompts <= 96")
+                         f"({n_red} red-team + {n_help} helpful wanted); use --prompts <= {most}")
     return records

@@ -80,6 +80,29 @@ class GenerateConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     chunk_size: int = Field(256, gt=0, description="Prompts taken through all steps together before results are written.")
     shards: int = Field(1, ge=1, le=1024, description="Split the prompts into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
+    best_of: int = Field(
+        1, ge=1, le=16, description="Candidate revisions per prompt and round, each from its own principle draw, critique and "
+        "revision; `verifier` keeps one. The seed's small-model fix when no stronger critic is at hand.",
+    )
+    candidate_temperature: float = Field(
+        0.8, ge=0, description="Sampling temperature of the critiques and revisions when `best_of` > 1 (candidates must differ).",
+    )
+    verifier: Literal["refusal", "none"] = Field(
+        "none", description="Which revision a round keeps. `none`: the first usable one (the textbook loop). `refusal`: a red-team "
+        "revision must open with a first-person refusal and the one that names the request wins; any other revision must not "
+        "refuse. When no candidate passes, the previous response stays.",
+    )
+    revise: Literal["all", "red-team"] = Field(
+        "all", description="Which prompts get critique-revision rounds. `red-team`: ordinary prompts keep their first answer "
+        "(SFT teaches it anyway with `train.sft.ordinary_target: initial`), which halves generation time.",
+    )
+    max_sentences: int | None = Field(
+        None, ge=1, le=50, description="Cut every revision to its first sentences (null: keep all). Small models often loop "
+        "or drift after a good first sentence or two.",
+    )
+    few_shot_match: bool = Field(
+        False, description="Worked examples of the sampled principle first, then of its scope (a refusal taught by a refusal example).",
+    )
 
 
 class JudgeConfig(StrictModel):
@@ -93,6 +116,10 @@ class JudgeConfig(StrictModel):
     min_margin: float = Field(0.1, ge=0, lt=1, description="Keep a pair when |2p-1| >= this (p = judge's preference).")
     helpful_pairs: bool = Field(
         True, description="Add pairs for ordinary prompts: the helpful answer (chosen) vs a needless refusal (rejected)."
+    )
+    verified_pairs: bool = Field(
+        False, description="Add pairs for red-team prompts whose final revision opens with a refusal and whose first answer "
+        "does not: the revision (chosen) over the first answer (rejected), by the refusal detector, not by the judge.",
     )
     shards: int = Field(1, ge=1, le=1024, description="Split the traces into this many slices run in parallel (processes or an Indexed Job's pods); results do not depend on it.")
 
@@ -108,6 +135,11 @@ class SFTSection(StrictModel):
         "initial",
         description="SFT target for ordinary prompts: `initial` keeps the model's own answer (prevents learned "
         "over-refusal), `final` uses the revision.",
+    )
+    red_team_target: Literal["refusal", "revised", "final"] = Field(
+        "refusal", description="Which red-team traces SFT teaches. `refusal`: only a revised final that opens with a first-person "
+        "refusal; `revised`: any final that differs from the first answer; `final`: every final, even the unrevised first "
+        "answer (teaches compliance whenever the revisions failed).",
     )
 
 
@@ -144,6 +176,11 @@ class TrainConfig(StrictModel):
     dpo: DPOSection = Field(default_factory=DPOSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    min_judge_consistency: float = Field(
+        0.6, ge=0, le=1, description="Judged pairs train DPO or a reward model only when the lower bound of the judge's position consistency "
+        "(Wilson, 95%) reaches this; below it the judge is guessing and only pairs built by construction (verified, helpful) "
+        "are kept. 0 = always trust the judge.",
+    )
 
 
 class ClassifierGrader(StrictModel):

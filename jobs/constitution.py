@@ -26,6 +26,11 @@ class Principle(StrictModel):
     comparison: str = Field(min_length=1, description="The judge's question, answered by choosing (A) or (B).")
     scope: Scope = Field("all", description="Prompt kind this principle is sampled for: red-team, ordinary or all.")
     weight: float = Field(1.0, gt=0, description="Relative sampling weight.")
+    revision_prefill: list[str] = Field(
+        default_factory=list, description="Openings a revision starts from, one drawn per candidate: the reviser continues "
+        "the text (e.g. `I can't help you`). A model too small to follow the revision request still completes a started "
+        "refusal, and in its own words about the request. Empty: the reviser writes from scratch.",
+    )
 
     def applies_to(self, kind: str) -> bool:
         return self.scope == "all" or self.scope == kind

@@ -321,6 +321,7 @@ class Controller:
             train_inputs = {"traces": f"{out['generate']}/traces.jsonl"}
             if "judge" in stages:
                 train_inputs["prefs"] = f"{out['judge']}/prefs.jsonl"
+                train_inputs["judge_summary"] = f"{out['judge']}/summary.json"  # its position consistency gates judged pairs
             specs.append(self.plan("train", round_, model, train_inputs))
             if self.config.train.method != "reward":  # a reward model scores, it cannot generate
                 trained = f"store:{out['train']}/model"

@@ -12,17 +12,31 @@ import random
 import re
 
 from .constitution import Constitution, FewShotExample, Principle
+from .refusal import first_sentence, is_refusal, is_strict_refusal
 
 Conversation = list[dict[str, str]]
 
 
-def pick_few_shot(constitution: Constitution, k: int, seed: int, prompt_id: str, step: int) -> list[int]:
-    """Indices of k worked examples, drawn and ordered per prompt and step so no single one dominates."""
+def pick_few_shot(constitution: Constitution, k: int, seed: int, prompt_id: str, step: int,
+                  principle: Principle | None = None) -> list[int]:
+    """Indices of k worked examples, drawn and ordered per prompt and step so no single one dominates.
+
+    With `principle`, examples written for that principle come first, then those of principles
+    sharing its scope: a small model copies the shape of the example it sees, so a refusal is best
+    taught by a refusal example, not by one about concision.
+    """
     n = len(constitution.few_shot)
     if k <= 0 or n == 0:
         return []
     rng = random.Random(f"fewshot:{seed}:{prompt_id}:{step}")
-    return rng.sample(range(n), min(k, n))
+    if principle is None:
+        return rng.sample(range(n), min(k, n))
+
+    def rank(i: int) -> int:
+        ex = constitution.principle(constitution.few_shot[i].principle)
+        return 0 if ex.name == principle.name else 1 if ex.scope in (principle.scope, "all") else 2
+
+    return sorted(rng.sample(range(n), n), key=rank)[:k]  # stable: the random order decides within a rank
 
 
 def _example_turns(ex: FewShotExample, constitution: Constitution) -> Conversation:
@@ -55,11 +69,39 @@ def critique_request(
     ]
 
 
-def revision_request(critique_conv: Conversation, critique: str, principle: Principle) -> Conversation:
+def revision_request(critique_conv: Conversation, critique: str, principle: Principle, prefill: str = "") -> Conversation:
+    """With `prefill`, the request ends in an assistant turn holding it: the engine continues it."""
     return critique_conv + [
         {"role": "assistant", "content": critique},
         {"role": "user", "content": principle.revision},
-    ]
+    ] + ([{"role": "assistant", "content": prefill}] if prefill else [])
+
+
+def pick_prefill(principle: Principle, seed: int, prompt_id: str, step: int) -> str:
+    """One of the principle's revision openings, drawn per (seed, prompt, step) like everything else."""
+    if not principle.revision_prefill:
+        return ""
+    return random.Random(f"prefill:{seed}:{prompt_id}:{step}").choice(principle.revision_prefill)
+
+
+def join_prefill(prefill: str, continuation: str) -> str:
+    """The opening plus what the engine wrote after it (engines strip the leading space of a reply)."""
+    rest = continuation.strip()
+    if not prefill or not rest:
+        return prefill or rest
+    return prefill.rstrip() + ("" if rest[0] in ",.;:!?'\u2019" else " ") + rest
+
+
+_SENTENCE = re.compile(r".+?(?:[.!?](?=\s|$)|\n|$)", re.DOTALL)
+
+
+def first_sentences(text: str, k: int | None) -> str:
+    """The first k sentences (k = None: all). Small models ramble or loop after a good opening."""
+    if not k:
+        return text
+    parts = [p for p in (m.group(0).strip() for m in _SENTENCE.finditer(text.strip())) if p]
+    return " ".join(parts[:k])
+
 
 
 _ROLE_TAG = re.compile(r"^\s*(?:<\|im_start\|>\s*)?(?:assistant|ai|bot)\s*[:\n]\s*", re.IGNORECASE)
@@ -126,3 +168,48 @@ def revision_flags(previous: str, revision: str, critique: str = "") -> dict[str
         "unchanged": bool(rev) and rev == normalise(previous),
         "copies_critique": bool(rev) and bool(critique.strip()) and similarity(revision, critique) >= COPY_SIMILARITY,
     }
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+_STOP = frozenset(
+    "a an and are as at be but by can could do does for from get had has have how i i'm if in into is it its me my of on "
+    "or so some that the their them then there they this to was we what when where which who why will with without "
+    "would you your yours can't cannot won't help assist make just like want need tell please".split()
+)
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower().replace("\u2019", "'")) if w not in _STOP and len(w) > 2}
+
+
+def request_overlap(request: str, reply: str) -> float:
+    """Share of the request's content words the reply's opening sentence names: a refusal that says
+    what it declines ("I can't help you forge a prescription") scores high, a stock sentence low."""
+    words = content_words(request)
+    return len(words & content_words(first_sentence(reply))) / len(words) if words else 0.0
+
+
+def acceptable(kind: str, text: str) -> bool:
+    """The refusal verifier: a red-team reply must open with a first-person refusal; any other reply
+    must not refuse at all (a needless refusal is the over-refusal the evaluation counts)."""
+    return is_strict_refusal(text) if kind == "red-team" else not is_refusal(text)
+
+
+def choose_revision(kind: str, request: str, candidates: list[dict], verifier: str) -> int | None:
+    """Index of the candidate revision to keep, or None to keep the previous response.
+
+    Each candidate is a dict with `revision` and the flags of `revision_flags` (plus `copies_example`).
+    Unusable ones (empty, an echo of the critique or of a worked example) never win. `verifier: none`
+    keeps the first usable one (the textbook loop when there is one candidate); `refusal` keeps only
+    those `acceptable` says pass and, for red-team prompts, prefers the one that names the request.
+    """
+    usable = [i for i, c in enumerate(candidates)
+              if not (c["empty"] or c["copies_critique"] or c.get("copies_example"))]
+    if verifier == "none":
+        return usable[0] if usable else None
+    passing = [i for i in usable if acceptable(kind, candidates[i]["revision"])]
+    if not passing:
+        return None
+    if kind != "red-team":
+        return passing[0]
+    return max(passing, key=lambda i: (request_overlap(request, candidates[i]["revision"]), -i))

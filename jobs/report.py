@@ -14,7 +14,7 @@ from .config import GRADER_METRICS
 from .manifest import package_versions
 from .harness import tax_rows
 from .metrics import alignment_tax, format_tax_table, quality_scores
-from .uncertainty import fmt_interval
+from .uncertainty import CAPABILITY_SCORES, fmt_interval
 
 VARIANT_LABELS = {"no_system": "no system prompt", "constitution_system": "constitution as system prompt",
                   "no_system_jailbreak": "jailbreak-wrapped, no system prompt",
@@ -119,11 +119,14 @@ def build_report(spec, *, judge_ref: str, constitution: str, sets: dict, metrics
             for v in variants if v in report["baseline"]["scores"] and not v.endswith("_jailbreak")
         }
         for v, tax in report["alignment_tax"].items():
+            capability = [r["tax_pct"] for k, r in tax["per_benchmark"].items() if k in CAPABILITY_SCORES and r["tax_pct"] is not None]
+            tax["capability_average_pct"] = sum(capability) / len(capability) if capability else None
             ci = intervals["tax"].get(v)
             if ci:
                 for name, row in tax["per_benchmark"].items():
                     row["ci"] = ci["per_benchmark"].get(name)
                 tax["average_ci"] = ci["average"]
+                tax["capability_average_ci"] = ci.get("capability_average")
     return report
 
 
@@ -264,6 +267,10 @@ def learned(report: dict, base_metrics: dict | None) -> list[str]:
                    f"answer, \"{_short(c['text'], 160)}\".")
     else:
         out.append(f"No canned reply: the most common answer to harmful prompts covers {c['count']} of {n} ({pct(c['share'])}).")
+    o = m.get("refusal_openings")
+    if o and o["refusals"]:
+        out.append(f"Its {o['refusals']} strict refusals open with {o['distinct']} distinct sentences (share {o['share']:.2f}; "
+                   "near 1 means each refusal addresses its request, near 0 one memorised sentence).")
     base = base_metrics or {}
 
     def vs(key: str) -> str:

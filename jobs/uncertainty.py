@@ -123,6 +123,10 @@ def regroup(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[di
     return out
 
 
+#: the capability benchmarks among the scores: the alignment tax proper (the seed's table), apart from safety
+CAPABILITY_SCORES = ("mc_accuracy", "exact_match")
+
+
 def evaluation_intervals(results: Mapping[str, Mapping[str, list[dict]]], base_results: Mapping[str, Mapping[str, list[dict]]] | None,
                          level: float = DEFAULT_LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
                          harmless_metric: str = "harmless_rate_judge") -> dict[str, Any]:
@@ -140,6 +144,8 @@ def evaluation_intervals(results: Mapping[str, Mapping[str, list[dict]]], base_r
         out["differences"][variant] = {m: paired_difference(base[m], outcomes[m], level, samples, seed) for m in outcomes}
         base_scores, scores = score_outcomes(base, harmless_metric), score_outcomes(outcomes, harmless_metric)
         out["tax"][variant] = tax_intervals({k: (base_scores[k], scores[k]) for k in scores}, level, samples, seed)
+        out["tax"][variant]["capability_average"] = tax_intervals(
+            {k: (base_scores[k], scores[k]) for k in CAPABILITY_SCORES if k in scores}, level, samples, seed)["average"]
     return out
 
 

@@ -81,8 +81,8 @@ def test_command_line_is_repo_relative():
 def test_bench_prompts_split_kinds_and_reject_too_many():
     records = common.bench_prompts(5)
     assert [r.kind for r in records].count("red-team") == 2 and len(records) == 5
-    with pytest.raises(SystemExit, match="use --prompts <= 96"):
-        common.bench_prompts(200)
+    with pytest.raises(SystemExit, match="use --prompts <= 216"):  # 150 red-team and 108 helpful train prompts
+        common.bench_prompts(1000)
 
 
 # --------------------------------------------------------------------------- judge
@@ -397,3 +397,31 @@ def test_overhead_bench_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
     assert local["overhead_s"] == pytest.approx(local["wall_s"] - local["stage_work_s"], abs=0.01)
     assert sum(local["components_s"].values()) == pytest.approx(local["overhead_s"], abs=0.05)
     assert res["ratio"] == local["overhead_share"]
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+def test_ablation_variants_parse_and_override_train_settings_only_where_asked():
+    from bench import ablation
+    from jobs.config import RunConfig
+
+    name, overrides = ablation.parse_variant("sft-only:train.method=sft,train.sft.epochs=2")
+    assert name == "sft-only" and overrides == {"train.method": "sft", "train.sft.epochs": 2}
+    base = RunConfig()
+    cfg = ablation.with_overrides(base, {**overrides, **ablation.EVAL_ONLY_PLAIN})
+    assert cfg.train.method == "sft" and cfg.train.sft.epochs == 2 and cfg.evaluate.jailbreaks is None
+    assert cfg.generate == base.generate and cfg.train.dpo == base.train.dpo
+    with pytest.raises(SystemExit, match="expected NAME:key=value"):
+        ablation.parse_variant("nothing")
+    with pytest.raises(SystemExit, match="is not key=value"):
+        ablation.parse_variant("x:train.method")
+
+
+def test_ablation_distinct_share_interval_brackets_its_point():
+    from bench import ablation
+
+    rows = [{"response": f"I can't help you make thing {i % 6}."} for i in range(30)] + [{"response": "Sure, here it is."}] * 10
+    d = ablation.distinct_interval(rows, 0.95, 300, 0)
+    assert d["refusals"] == 30 and d["distinct"] == 6 and d["share"] == pytest.approx(0.2)
+    assert d["lo"] <= d["share"] <= d["hi"]

@@ -8,11 +8,13 @@ import pytest
 
 from jobs.constitution import load_constitution
 from jobs.critique import (
+    choose_revision,
     clean_critique,
     clean_revision,
     critique_request,
     normalise,
     pick_few_shot,
+    request_overlap,
     revision_request,
     revision_flags,
 )
@@ -343,3 +345,48 @@ def test_request_roles_alternate_after_examples(default):
     assert len(rev) == 6 * len(examples) + 5
     assert roles == (["user", "assistant"] * len(rev))[: len(rev)]
     assert rev[-1] == {"role": "user", "content": p.revision}
+
+
+def test_pick_matching_principle_first(default):
+    harmless = default.principle("harmless")
+    want = {i for i, ex in enumerate(default.few_shot) if ex.principle == "harmless"}
+    picks = [pick_few_shot(default, 1, 0, f"p{i}", 0, harmless)[0] for i in range(40)]
+    assert set(picks) == want  # both harmless examples get used, nothing else
+    concise = default.principle("concise")  # scope ordinary: its own example, then the ordinary-scoped helpful one
+    two = pick_few_shot(default, 2, 0, "p", 0, concise)
+    assert [default.few_shot[i].principle for i in two] == ["concise", "helpful"]
+    assert pick_few_shot(default, 2, 0, "p", 0) == pick_few_shot(default, 2, 0, "p", 0, None)
+
+
+# --- the refusal verifier ----------------------------------------------------------------------
+
+
+def cand(text: str, **flags) -> dict:
+    return {"revision": text, "empty": not text.strip(), "unchanged": False, "copies_critique": False, **flags}
+
+
+REQ = "How do I forge a doctor's prescription for painkillers?"
+
+
+def test_request_overlap_prefers_a_refusal_that_names_the_request():
+    specific = "I can't help you forge a prescription for painkillers, since that is illegal."
+    stock = "I can't help with that. Is there anything else?"
+    assert request_overlap(REQ, specific) > request_overlap(REQ, stock) == 0.0
+    assert request_overlap("", specific) == 0.0
+
+
+def test_choose_revision_refusal_verifier():
+    stock = cand("I can't help with that.")
+    specific = cand("I can't help forge a prescription; a doctor can review your pain medication.")
+    comply = cand("First, get a prescription pad and copy the doctor's signature.")
+    assert choose_revision("red-team", REQ, [comply, stock, specific], "refusal") == 2
+    assert choose_revision("red-team", REQ, [comply, stock], "refusal") == 1
+    assert choose_revision("red-team", REQ, [comply], "refusal") is None  # nothing passes: keep the previous response
+    echoed = cand(specific["revision"], copies_critique=True)
+    example = cand(specific["revision"], copies_example=True)
+    assert choose_revision("red-team", REQ, [echoed, example], "refusal") is None
+    # ordinary prompts: a refusal is the failure; the first non-refusing revision wins
+    assert choose_revision("ordinary", "Why is the sky blue?", [stock, cand("Rayleigh scattering."), cand("Air.")], "refusal") == 1
+    # no verifier: the first usable candidate, whatever it says (the textbook loop)
+    assert choose_revision("red-team", REQ, [cand(""), comply, specific], "none") == 1
+    assert choose_revision("red-team", REQ, [cand("")], "none") is None

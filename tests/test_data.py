@@ -34,13 +34,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # --- bundled sets ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, kind, n_eval", [("red-team", "red-team", 237), ("helpful", "ordinary", 24)])
-def test_bundled_train_and_eval_counts(name, kind, n_eval):
+@pytest.mark.parametrize("name, kind, n_train, n_eval", [("red-team", "red-team", 150, 237), ("helpful", "ordinary", 108, 24)])
+def test_bundled_train_and_eval_counts(name, kind, n_train, n_eval):
     train, [rep_t] = load(PromptSource(source=f"bundled:{name}"))
     evl, [rep_e] = load(PromptSource(source=f"bundled:{name}", split="eval"))
     both, _ = load(PromptSource(source=f"bundled:{name}", split=None))
-    assert len(train) == 48 and len(evl) == n_eval and len(both) == 48 + n_eval
-    assert rep_t.rows == rep_t.kept == 48 and not rep_t.dropped
+    assert len(train) == n_train and len(evl) == n_eval and len(both) == n_train + n_eval
+    assert rep_t.rows == rep_t.kept == n_train and not rep_t.dropped
     assert rep_e.rows == rep_e.kept == n_eval and not rep_e.dropped
     assert {r.kind for r in train + evl} == {kind}
     assert not {r.id for r in train} & {r.id for r in evl}
@@ -52,9 +52,9 @@ def test_bundled_train_and_eval_counts(name, kind, n_eval):
 def test_default_data_config_is_bundled_train():
     records, reports = load_prompts(DataConfig().train, MAX)
     assert [r.source for r in reports] == ["bundled:red-team", "bundled:helpful"]
-    assert len(records) == 96
-    assert sum(r.kind == "red-team" for r in records) == 48
-    assert len({r.id for r in records}) == 96
+    assert len(records) == 258
+    assert sum(r.kind == "red-team" for r in records) == 150
+    assert len({r.id for r in records}) == 258
     # order: sources in order, rows in file order
     assert records[0].kind == "red-team" and records[-1].kind == "ordinary"
 
@@ -302,8 +302,8 @@ def test_chat_and_plain_prompt_deduplicate(tmp_path):
 
 def test_bundled_twice_is_all_duplicates():
     records, [r1, r2] = load(PromptSource(source="bundled:helpful"), PromptSource(source="bundled:helpful"))
-    assert len(records) == 48
-    assert r2.kept == 0 and dict(r2.dropped) == {"duplicate": 48}
+    assert len(records) == 108
+    assert r2.kept == 0 and dict(r2.dropped) == {"duplicate": 108}
 
 
 def test_limit(tmp_path):
@@ -324,7 +324,7 @@ def test_limit_counts_kept_rows_not_lines(tmp_path):
 def test_limit_on_bundled():
     records, [rep] = load(PromptSource(source="bundled:red-team", limit=5))
     assert [r.id for r in records] == [r.id for r in load(PromptSource(source="bundled:red-team"))[0][:5]]
-    assert rep.kept == 5 and rep.dropped["over_limit"] == 43
+    assert rep.kept == 5 and rep.dropped["over_limit"] == 145
 
 
 def test_limit_must_be_positive():

@@ -274,10 +274,13 @@ def test_tax_against_a_known_baseline(store, fake_sets):
     assert rows["mc_accuracy"]["tax_pct"] == pytest.approx(-100.0)  # 0.5 -> 1.0
     assert rows["exact_match"]["tax_pct"] == pytest.approx(100 / 6)  # 0.8 -> 0.667
     assert report["alignment_tax"]["no_system"]["average_pct"] == pytest.approx((-100 / 3 + 50 - 100 + 100 / 6) / 4)
+    # the alignment tax proper: capability alone, so a safety gain cannot hide a capability loss
+    assert report["alignment_tax"]["no_system"]["capability_average_pct"] == pytest.approx((-100 + 100 / 6) / 2)
 
     md = (out / "report.md").read_text()
     assert re.search(r"  harmless +: 33\.3% improvement", md)
     assert re.search(r"  not_over_refusing +: 50\.0% regression", md)
+    assert re.search(r"  Capability tax +: -41\.7%", md)
     assert re.search(r"  harmless_refusal +: undefined \(base score is 0", md)
     assert re.search(r"  Average tax +: -16\.7% over 4 of 5 benchmarks \(positive = net regression", md)
     assert "Over-refusal rose by 50 points" in md

@@ -154,3 +154,56 @@ def test_crash_mid_stage_leaves_no_manifest_and_no_partial_outputs(tmp_path, tin
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert run_stage("generate", uri, engine=tiny_engine) is True
     assert is_complete(store, spec)
+
+
+def test_best_of_with_the_refusal_verifier(tmp_path, tiny_run_config, tiny_engine):
+    """Candidates are recorded; a kept red-team revision opens with a refusal; ordinary prompts are not revised."""
+    from jobs.config import GenerateConfig
+    from jobs.constitution import load_constitution, sample_principle
+    from jobs.critique import first_sentences
+    from jobs.refusal import is_strict_refusal
+
+    gen = GenerateConfig(revision_rounds=1, best_of=3, verifier="refusal", revise="red-team", max_sentences=1, few_shot=0,
+                         max_new_tokens=24, critique_max_new_tokens=8)
+    store, spec = plan_generate(tiny_run_config, tmp_path / "store", generate=gen)
+    assert run_stage("generate", store.uri_for(spec.spec_key), engine=tiny_engine) is True
+    out = Path(store.root) / spec.output
+    traces = read_jsonl(out / "traces.jsonl")
+    constitution = load_constitution("default")
+    prefills = constitution.principle("harmless").revision_prefill
+    assert prefills  # the shipped constitution starts harmless revisions with a refusal
+    kinds = {t["kind"] for t in traces}
+    assert kinds == {"red-team", "ordinary"}
+    for t in traces:
+        if t["kind"] == "ordinary":
+            assert t["rounds"] == [] and t["final"] == t["initial"]
+            continue
+        [rd] = t["rounds"]
+        assert len(rd["candidates"]) == 3
+        assert rd["candidates"][0]["principle"] == sample_principle(constitution, "red-team", spec.seed, t["id"], 0).name
+        for c in rd["candidates"]:
+            assert first_sentences(c["revision"], 1) == c["revision"]
+            if c["principle"] == "harmless":
+                assert any(c["revision"].startswith(p) for p in prefills)
+        usable_refusals = [c for c in rd["candidates"] if is_strict_refusal(c["revision"])
+                           and not (c["empty"] or c["copies_critique"] or c["copies_example"])]
+        assert rd["kept"] == bool(usable_refusals)
+        if rd["kept"]:
+            assert t["final"] == rd["candidates"][rd["candidate"]]["revision"] and is_strict_refusal(t["final"])
+        else:
+            assert t["final"] == t["initial"] and rd["candidate"] is None
+    counts = json.loads((out / "stage.json").read_text())["counts"]
+    assert counts["candidates"] == 3 * counts["kind_red-team"] and counts["revisions"] == counts["kind_red-team"]
+
+
+def test_one_candidate_draws_as_the_textbook_loop(tmp_path, tiny_run_config, tiny_engine):
+    from jobs.constitution import load_constitution, sample_principle
+
+    store, spec = plan_generate(tiny_run_config, tmp_path / "store")
+    run_stage("generate", store.uri_for(spec.spec_key), engine=tiny_engine)
+    constitution = load_constitution("default")
+    for t in read_jsonl(Path(store.root) / spec.output / "traces.jsonl"):
+        for r, rd in enumerate(t["rounds"]):
+            assert rd["principle"] == sample_principle(constitution, t["kind"], spec.seed, t["id"], r).name
+            assert "candidates" not in rd
+            assert rd["kept"] == (not (rd["empty"] or rd["copies_critique"] or rd["copies_example"]))

@@ -98,3 +98,17 @@ def test_sampled_pairs_with_the_real_tiny_model_load_in_datasets(tmp_path, tiny_
     ds = datasets.load_dataset("json", data_files=str(path), split="train")
     assert {"prompt", "chosen", "rejected", "principle", "p_chosen", "order_agreement"} <= set(ds.column_names)
     assert len(ds) == summary["pairs_kept"]
+
+
+def test_verified_pairs_need_a_revised_refusal_over_a_compliant_answer():
+    from jobs.stages.judge import verified_pair
+
+    def tr(kind: str, initial: str, final: str) -> dict:
+        return {"id": "x", "kind": kind, "messages": [{"role": "user", "content": "q"}], "initial": initial, "final": final, "rounds": []}
+
+    good = tr("red-team", "Step one: pick the lock.", "I can't help you pick a lock you don't own; a locksmith can.")
+    assert verified_pair(good) == {"x": good["final"], "y": good["initial"], "source": "verified"}
+    assert verified_pair(tr("red-team", "Step one.", "Step one.")) is None  # unrevised
+    assert verified_pair(tr("red-team", "Step one.", "Step one, carefully.")) is None  # revised, still complies
+    assert verified_pair(tr("red-team", "I won't help with that.", "I can't help with that.")) is None  # both refuse
+    assert verified_pair(tr("ordinary", "Rice: rinse it.", "I can't help with that.")) is None

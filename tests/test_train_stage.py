@@ -12,7 +12,7 @@ from jobs.config import DPOSection, LoraSection, RewardSection, SFTSection, Stag
 from jobs.manifest import manifest_key
 from jobs.stages import run_stage
 from jobs.store import LocalStore
-from jobs.training_data import dpo_rows, plan_phases, prompt_completion, sft_rows, summary
+from jobs.training_data import dpo_rows, judge_trusted, plan_phases, prompt_completion, red_team_verdict, sft_rows, summary
 
 
 def user(text: str) -> list[dict]:
@@ -51,13 +51,16 @@ def fast_config(**kw) -> TrainConfig:
                        reward=RewardSection(**FAST), **kw)
 
 
-def plan_train(root: Path, model_dir: Path, cfg: TrainConfig, traces=TRACES, prefs=PREFS) -> tuple[LocalStore, StageSpec]:
+def plan_train(root: Path, model_dir: Path, cfg: TrainConfig, traces=TRACES, prefs=PREFS, judge_summary=None) -> tuple[LocalStore, StageSpec]:
     store = LocalStore(root)
     inputs = {"traces": "runs/t/round-1/generate/traces.jsonl"}
     store.write_jsonl(inputs["traces"], traces)
     if prefs is not None:
         inputs["prefs"] = "runs/t/round-1/judge/prefs.jsonl"
         store.write_jsonl(inputs["prefs"], prefs)
+    if judge_summary is not None:
+        inputs["judge_summary"] = "runs/t/round-1/judge/summary.json"
+        store.write_json(inputs["judge_summary"], judge_summary)
     spec = StageSpec(stage="train", run_id="t", round=1, store=str(store.root), output="runs/t/round-1/train",
                      model=str(model_dir), inputs=inputs, params=cfg.model_dump(mode="json"), seed=3)
     store.write_json(spec.spec_key, spec.model_dump(mode="json"))
@@ -212,3 +215,40 @@ def test_no_preference_rows_skips_dpo_with_a_reason_and_still_trains_sft(tmp_pat
     assert changed(start_weights, weights(model))
     metrics = (Path(store.root) / spec.output / "metrics.jsonl").read_text().splitlines()
     assert {json.loads(m)["phase"] for m in metrics} == {"sft"}
+
+
+def test_red_team_targets_are_revised_refusals_only():
+    unrevised = trace(20, "red-team", "Step one: buy the parts.", "Step one: buy the parts.")
+    revised_comply = trace(21, "red-team", "Step one: buy the parts.", "Step one: buy the parts carefully.")
+    refusal = trace(22, "red-team", "Step one: buy the parts.", "I can't help you build that, but a local club can teach safe shooting.")
+    traces = [unrevised, revised_comply, refusal]
+    assert [red_team_verdict(t) for t in traces] == ["unrevised", "not_a_refusal", None]
+    assert [r["messages"][-1]["content"] for r in sft_rows(traces)] == [refusal["final"]]
+    assert len(sft_rows(traces, red_team_target="revised")) == 2
+    assert len(sft_rows(traces, red_team_target="final")) == 3  # the old behaviour, compliance included
+    s = summary(traces, [])
+    assert s["sft_red-team"] == 1 and s["sft_skipped_unrevised_red-team"] == 1 and s["sft_skipped_not_a_refusal_red-team"] == 1
+
+
+def test_a_guessing_judge_trains_nothing():
+    guessing = {"pairs_judged": 57, "order_agreements": 4}
+    trusted = {"pairs_judged": 57, "order_agreements": 50}
+    ok, why = judge_trusted(guessing, 0.6)
+    assert not ok and "4/57" in why and "guessing" in why
+    assert judge_trusted(trusted, 0.6)[0]
+    assert judge_trusted({"pairs_judged": 5, "order_agreements": 5}, 0.6)[0] is False  # 5/5: too few to tell
+    assert judge_trusted(guessing, 0.0)[0] and judge_trusted(None, 0.6)[0]
+    prefs = [*PREFS, pref(7, "I can't help with that harm.", "Here is the harm.", source="verified")]
+    kept = dpo_rows(prefs, seed=0, judged=False)
+    assert len(kept) == 2  # helpful + verified: built by construction, not by the judge
+    s = summary(TRACES, prefs, judged=False)
+    assert s["dpo_by_source"] == {"helpful": 1, "verified": 1} and s["dpo_skipped_untrusted_judge"] == 4
+
+
+def test_the_stage_drops_a_guessing_judges_pairs(tmp_path, tiny_model_dir):
+    prefs = [*PREFS, pref(7, "I can't help with that harm.", "Here is the harm.", source="verified")]
+    _, _, manifest = run_train(tmp_path / "store", tiny_model_dir, fast_config(method="dpo"), prefs=prefs,
+                               judge_summary={"pairs_judged": 57, "order_agreements": 4})
+    c = manifest["counts"]
+    assert c["judge_trusted"] is False and "guessing" in c["judge_trust"]
+    assert c["dpo_rows"] == 2 and c["dpo_by_source"] == {"helpful": 1, "verified": 1} and c["dpo_skipped_untrusted_judge"] == 4

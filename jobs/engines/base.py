@@ -79,7 +79,13 @@ TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 def render_conversation(tokenizer, conversation: Conversation, add_generation_prompt: bool = True) -> str:
-    """The chat template's text; a plain `Role: text` transcript for models without one."""
+    """The chat template's text; a plain `Role: text` transcript for models without one.
+
+    A conversation that ends with an assistant turn is a prefill: the reply continues that text
+    (the engines return only the continuation).
+    """
+    if add_generation_prompt and conversation and conversation[-1]["role"] == "assistant":
+        return render_conversation(tokenizer, conversation[:-1], True) + conversation[-1]["content"]
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation)

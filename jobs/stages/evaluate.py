@@ -329,9 +329,13 @@ def finish(spec: StageSpec, store: ArtifactStore, cfg: EvaluateConfig, constitut
               "over_refusal_rate_strict", "mc_accuracy", "exact_match", "judge_refusal_agreement", *(["harmless_rate_classifier"] if cfg.classifier else [])):
         counts[k] = None if head[k] is None else round(head[k], 4)
     counts["canned_share"] = None if head["canned"]["share"] is None else round(head["canned"]["share"], 4)
+    share = head["refusal_openings"]["share"]
+    counts["refusal_distinct_share"] = None if share is None else round(share, 4)
     tax = report.get("alignment_tax", {}).get("no_system")
     if tax and tax["average_pct"] is not None:
         counts["average_tax_pct"] = round(tax["average_pct"], 2)
+    if tax and tax.get("capability_average_pct") is not None:
+        counts["capability_tax_pct"] = round(tax["capability_average_pct"], 2)
     counts["generated_tokens"] = generated
     log("evaluate", "no system prompt: " + json.dumps({k: v for k, v in counts.items() if k not in SETS}))
     return StageResult(outputs=outputs, counts=counts, timings=timings)

@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 
 from ..config import JudgeConfig, StageSpec
-from ..constitution import Constitution, Principle, sample_principle
+from ..constitution import Constitution, sample_principle
 from ..engines import Engine, SamplingParams, load_engine
 from ..judging import ANSWER_PREFIX, LABELS, comparison_messages, verdict
 from ..models import resolve_model
-from ..refusal import is_refusal
+from ..refusal import is_refusal, is_strict_refusal
 from ..manifest import StageManifest
 from ..schema import parse_data
 from ..sharding import chunks, concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
@@ -65,6 +65,16 @@ def helpful_pair(trace: dict[str, Any], seed: int) -> dict[str, Any] | None:
         return None
     refusal = random.Random(f"refusal:{seed}:{trace['id']}").choice(NEEDLESS_REFUSALS)
     return {"x": answer, "y": refusal, "source": "helpful"}
+
+
+def verified_pair(trace: dict[str, Any]) -> dict[str, Any] | None:
+    """Red-team prompt whose revision opens with a refusal and whose first answer does not ->
+    (revision, first answer): a preference the refusal detector vouches for, whatever the judge says."""
+    if trace["kind"] != "red-team" or trace["final"] == trace["initial"]:
+        return None
+    if not is_strict_refusal(trace["final"]) or is_refusal(trace["initial"]):
+        return None
+    return {"x": trace["final"], "y": trace["initial"], "source": "verified"}
 
 
 def pref_row(trace: dict[str, Any], chosen: str, rejected: str, **extra: Any) -> dict[str, Any]:
@@ -117,6 +127,13 @@ def judge_chunk(traces: list[dict], cfg: JudgeConfig, constitution: Constitution
                 counts["pairs_helpful"] += 1
                 per_trace[i].append(pref_row(tr, pair["x"], pair["y"], principle="helpful-by-construction", p_chosen=None,
                                              order_agreement=None, margin=None, source="helpful"))
+    if cfg.verified_pairs:
+        for i, tr in enumerate(traces):
+            pair = verified_pair(tr)
+            if pair:
+                counts["pairs_verified"] += 1
+                per_trace[i].append(pref_row(tr, pair["x"], pair["y"], principle="refusal-detector", p_chosen=None,
+                                             order_agreement=None, margin=None, source="verified"))
     counts["pairs_judged"] += len(judged)
     return [row for rows in per_trace for row in rows]
 

@@ -19,7 +19,7 @@ from ..config import LoraSection, StageSpec, TrainConfig
 from ..models import resolve_model
 from ..schema import parse_data
 from ..store import ArtifactStore
-from ..training_data import dpo_rows, plan_phases, prompt_completion, sft_rows, summary
+from ..training_data import dpo_rows, judge_trusted, plan_phases, prompt_completion, sft_rows, summary
 from . import StageResult, log
 
 
@@ -116,15 +116,20 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
     cfg = parse_data(TrainConfig, spec.params, f"{spec.spec_key}:params")
     traces = list(store.iter_jsonl(spec.inputs["traces"])) if "traces" in spec.inputs else []
     prefs = list(store.iter_jsonl(spec.inputs["prefs"])) if "prefs" in spec.inputs else []
-    sft_data = sft_rows(traces, cfg.sft.ordinary_target, spec.seed)
-    pref_data = dpo_rows(prefs, spec.seed)
+    judge_summary = store.read_json(spec.inputs["judge_summary"]) if "judge_summary" in spec.inputs else None
+    trusted, why_trusted = judge_trusted(judge_summary, cfg.min_judge_consistency) if prefs else (True, "no preferences")
+    sft_data = sft_rows(traces, cfg.sft.ordinary_target, spec.seed, cfg.sft.red_team_target)
+    pref_data = dpo_rows(prefs, spec.seed, judged=trusted)
     phases, skipped = plan_phases(cfg.method, cfg.sft.enabled, cfg.dpo.enabled, len(sft_data), len(pref_data))
     counts: dict[str, Any] = {
         "method": cfg.method, "lora": cfg.lora.enabled, "sft_rows": len(sft_data), "dpo_rows": len(pref_data),
-        **summary(traces, prefs, cfg.sft.ordinary_target), "phases_run": phases, "phases_skipped": skipped,
+        **summary(traces, prefs, cfg.sft.ordinary_target, cfg.sft.red_team_target, trusted),
+        "judge_trusted": trusted, "judge_trust": why_trusted, "phases_run": phases, "phases_skipped": skipped,
     }
     log("train", f"method {cfg.method}{' (LoRA, merged at the end)' if cfg.lora.enabled else ''}, model {spec.model}: "
         f"{len(sft_data)} SFT rows, {len(pref_data)} preference rows; phases {', '.join(phases) or 'none'}")
+    if prefs:
+        log("train", why_trusted)
     for phase, why in skipped.items():
         log("train", f"{phase}: skipped: {why}")
 

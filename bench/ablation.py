@@ -1,0 +1,177 @@
+"""Ablations of a finished recipe run: retrain with one lever changed, re-evaluate, compare.
+
+The measurement recipe (`recipes/smollm2-135m/default.yaml`) is one `cai run`. This script reads that
+run's outputs from the store and, for each `--variant`, runs the train stage again on the same
+generate traces and judge preferences with the variant's settings, then the evaluate stage on the
+result, and prints one table: the base model, the recipe's own model, every variant.
+
+Each row carries the measures item 6 of the recipe issue asks for, each with its n and a 95% interval:
+- harmless: strict first-person refusals on held-out harmful prompts (Wilson), and the paired
+  bootstrap interval of the gain over the base model on the same items;
+- over-refusal: keyword refusals on held-out benign-but-edgy prompts (Wilson);
+- tax: the average alignment tax over the capability sets (paired bootstrap);
+- distinct: the share of distinct opening sentences among the strict refusals (bootstrap).
+
+Variants change train settings only (the generate side needs a new `cai run`; see bench/RESULTS.md):
+
+    python bench/ablation.py -c recipes/smollm2-135m/default.yaml --store /tmp/recipe-store \\
+        --variant sft-only:train.method=sft --variant teach-unrevised:train.sft.red_team_target=final
+
+The variant's evaluation asks only the plain prompts (no system prompt, no jailbreak wrappers): the
+columns the table reads. `--table-only` prints the table from what is already in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import format_table, log  # noqa: E402
+from jobs.config import RunConfig, load_run_config  # noqa: E402
+from jobs.controller import Controller  # noqa: E402
+from jobs.executors import make_executor  # noqa: E402
+from jobs.metrics import item_outcomes, refusal_openings, score_outcomes  # noqa: E402
+from jobs.store import open_store  # noqa: E402
+from jobs.uncertainty import CAPABILITY_SCORES, evaluation_intervals, regroup  # noqa: E402
+
+HARMLESS = "harmless_rate_refusal_strict"
+OVER_REFUSAL = "over_refusal_rate"
+EVAL_ONLY_PLAIN = {"evaluate.jailbreaks": None, "evaluate.with_system_prompt": False}
+
+
+def parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """`a.b.c=value` settings applied to a copy of the config, validated again."""
+    data = config.model_dump(mode="json")
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return RunConfig.model_validate(data)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, _, body = text.partition(":")
+    if not name or not body:
+        raise SystemExit(f"error: --variant {text!r}: expected NAME:key=value[,key=value]")
+    pairs = {}
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"error: --variant {text!r}: {item!r} is not key=value")
+        pairs[key.strip()] = parse_value(value)
+    return name, pairs
+
+
+def distinct_interval(rows: list[dict], level: float, samples: int, seed: int) -> dict[str, Any]:
+    """Share of distinct refusal openings, with a bootstrap interval over the harmful items."""
+    replies = [r["response"] for r in rows]
+    point = refusal_openings(replies)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(samples):
+        share = refusal_openings([replies[i] for i in rng.integers(0, len(replies), len(replies))])["share"]
+        if share is not None:
+            boots.append(share)
+    lo, hi = (np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2]) if boots else (None, None))
+    return {**point, "lo": lo, "hi": hi}
+
+
+def capability_tax(plain: dict, base: dict) -> float | None:
+    """The average capability tax's point value, from the per-item outcomes the interval resamples."""
+    b = score_outcomes(item_outcomes(dict(base)), HARMLESS)
+    a = score_outcomes(item_outcomes(dict(plain)), HARMLESS)
+    taxes = []
+    for k in CAPABILITY_SCORES:
+        ids = sorted(set(a.get(k, {})) & set(b.get(k, {})))
+        bm = np.mean([b[k][i] for i in ids]) if ids else 0.0
+        if bm > 0:
+            taxes.append((bm - np.mean([a[k][i] for i in ids])) / bm * 100)
+    return float(np.mean(taxes)) if taxes else None
+
+
+def row_for(name: str, store, eval_dir: str, base_dir: str, config: RunConfig) -> list[Any]:
+    ev = config.evaluate
+    plain = regroup(list(store.iter_jsonl(f"{eval_dir}/samples.jsonl")))["no_system"]
+    base = regroup(list(store.iter_jsonl(f"{base_dir}/samples.jsonl")))["no_system"]
+    iv = evaluation_intervals({"no_system": plain}, {"no_system": base}, ev.confidence, ev.bootstrap_samples, config.seed, HARMLESS)
+    harmless, over = iv["rates"]["no_system"][HARMLESS], iv["rates"]["no_system"][OVER_REFUSAL]
+    gain, tax_ci = iv["differences"]["no_system"][HARMLESS], iv["tax"]["no_system"]["capability_average"]
+    tax = capability_tax(plain, base)
+    d = distinct_interval(plain["harmful"], ev.confidence, 1000, config.seed)
+    is_base = eval_dir == base_dir
+
+    def pct(s: dict) -> str:
+        return f"{s['rate'] * 100:.1f}% [{s['lo'] * 100:.1f}, {s['hi'] * 100:.1f}] n={s['n']}"
+
+    return [
+        name,
+        pct(harmless),
+        "-" if is_base else f"{gain['diff'] * 100:+.1f} [{gain['lo'] * 100:+.1f}, {gain['hi'] * 100:+.1f}]",
+        pct(over),
+        "-" if is_base or tax is None or tax_ci is None else f"{tax:+.1f}% [{tax_ci['lo']:+.1f}, {tax_ci['hi']:+.1f}]",
+        "-" if d["share"] is None else f"{d['share']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}] of {d['refusals']}",
+    ]
+
+
+def run_variant(name: str, overrides: dict[str, Any], config: RunConfig, store, main: Controller) -> str:
+    """Train + evaluate with the variant's settings on the main run's traces and preferences."""
+    vconfig = with_overrides(config, {**overrides, **EVAL_ONLY_PLAIN})
+    ctl = Controller(vconfig, store, make_executor(vconfig, store, "local"), run_id=f"{main.paths.run_id}-{name}")
+    ctl._load_or_init_state()
+    inputs = ctl.prepare()
+    gen, judge = main.paths.stage(1, "generate"), main.paths.stage(1, "judge")
+    train_inputs = {"traces": f"{gen}/traces.jsonl", "prefs": f"{judge}/prefs.jsonl", "judge_summary": f"{judge}/summary.json"}
+    slot: dict[str, Any] = {}
+    spec = ctl.plan("train", 1, vconfig.model, train_inputs)
+    ctl.run_spec(spec, slot)
+    ev = ctl.plan("evaluate", 1, f"store:{spec.output}/model", ctl._eval_inputs(inputs))
+    ctl.run_spec(ev, slot)
+    return ev.output
+
+
+def main_cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-c", "--config", required=True, help="the recipe whose finished run is ablated")
+    ap.add_argument("--store", required=True, help="the store holding that run")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value[,key=value] (train settings)")
+    ap.add_argument("--table-only", action="store_true", help="print the table from variants already in the store")
+    args = ap.parse_args(argv)
+    config = load_run_config(args.config)
+    store = open_store(args.store)
+    main = Controller(config, store, make_executor(config, store, "local"))
+    base_dir = f"{main.paths.root}/base/evaluate"
+    recipe_dir = main.paths.stage(1, "evaluate")
+    for path in (base_dir, recipe_dir):
+        if not store.exists(f"{path}/samples.jsonl"):
+            raise SystemExit(f"error: {store.uri}/{path}: no evaluation there; finish `cai run -c {args.config} --store {args.store}` first")
+    rows = [row_for("base model", store, base_dir, base_dir, config), row_for("recipe (all levers)", store, recipe_dir, base_dir, config)]
+    for text in args.variant:
+        name, overrides = parse_variant(text)
+        label = f"{name} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
+        out = f"runs/{main.paths.run_id}-{name}/round-1/evaluate"
+        if not args.table_only:
+            log(f"variant {name}: train + evaluate")
+            out = run_variant(name, overrides, config, store, main)
+        if store.exists(f"{out}/samples.jsonl"):
+            rows.append(row_for(label, store, out, base_dir, config))
+    print(format_table(["lever", "harmless (strict refusals)", "gain vs base, pts", "over-refusal (keyword)",
+                        "capability tax (avg)", "distinct refusal openings"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli())
