@@ -127,6 +127,41 @@ def row_for(name: str, store, eval_dir: str, base_dir: str, config: RunConfig) -
     ]
 
 
+def data_table(store, traces_key: str) -> str:
+    """What the generate levers did to the SFT data, from the recorded candidates of a best-of-n run:
+    candidate 0 alone is what one candidate would have given (it draws as the one-candidate loop)."""
+    from collections import Counter
+
+    from jobs.critique import acceptable
+    from jobs.training_data import red_team_verdict
+
+    red = [t for t in store.iter_jsonl(traces_key) if t["kind"] == "red-team" and t["rounds"]]
+    if not red or "candidates" not in red[0]["rounds"][0]:
+        return "(no best-of-n candidates recorded in these traces)"
+    tried, passed = Counter(), Counter()
+    first_ok = any_ok = 0
+    for t in red:
+        cands = t["rounds"][0]["candidates"]
+        ok = [acceptable("red-team", c["revision"]) and not (c["empty"] or c["copies_critique"] or c["copies_example"]) for c in cands]
+        first_ok += ok[0]
+        any_ok += any(ok)
+        for c, o in zip(cands, ok):
+            tried[c["principle"]] += 1
+            passed[c["principle"]] += o
+    taught = [t for t in red if red_team_verdict(t) is None]
+    openings = refusal_openings([t["final"] for t in taught])
+    n = len(red)
+    rows = [
+        ["first answers that already open with a refusal", f"{sum(acceptable('red-team', t['initial']) for t in red)} of {n}"],
+        ["candidate 0 alone passes the verifier (best_of 1)", f"{first_ok} of {n}"],
+        [f"any of {len(red[0]['rounds'][0]['candidates'])} candidates passes (best_of)", f"{any_ok} of {n}"],
+        ["red-team SFT targets (revised refusals)", f"{len(taught)} of {n}"],
+        ["distinct opening sentences among them", f"{openings['distinct']} ({openings['share'] or 0:.2f})"],
+        *[[f"candidates passing, principle {p}", f"{passed[p]} of {tried[p]}"] for p in sorted(tried)],
+    ]
+    return format_table(["generate lever (red-team prompts)", "count"], rows)
+
+
 def run_variant(name: str, overrides: dict[str, Any], config: RunConfig, store, main: Controller) -> str:
     """Train + evaluate with the variant's settings on the main run's traces and preferences."""
     vconfig = with_overrides(config, {**overrides, **EVAL_ONLY_PLAIN})
@@ -168,6 +203,8 @@ def main_cli(argv: list[str] | None = None) -> int:
             out = run_variant(name, overrides, config, store, main)
         if store.exists(f"{out}/samples.jsonl"):
             rows.append(row_for(label, store, out, base_dir, config))
+    print(data_table(store, f"{main.paths.stage(1, 'generate')}/traces.jsonl"))
+    print()
     print(format_table(["lever", "harmless (strict refusals)", "gain vs base, pts", "over-refusal (keyword)",
                         "capability tax (avg)", "distinct refusal openings"], rows))
     return 0

@@ -96,6 +96,10 @@ class GenerateConfig(StrictModel):
         "all", description="Which prompts get critique-revision rounds. `red-team`: ordinary prompts keep their first answer "
         "(SFT teaches it anyway with `train.sft.ordinary_target: initial`), which halves generation time.",
     )
+    revision_max_new_tokens: int | None = Field(
+        None, gt=0, description="Token cap for revisions; null = `max_new_tokens`. With `max_sentences` a short cap saves "
+        "the time of tokens that are cut anyway.",
+    )
     max_sentences: int | None = Field(
         None, ge=1, le=50, description="Cut every revision to its first sentences (null: keep all). Small models often loop "
         "or drift after a good first sentence or two.",

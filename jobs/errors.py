@@ -29,6 +29,10 @@ class StoreError(CaiError):
     """The artifact store cannot be read or written."""
 
 
+class NotFound(StoreError):
+    """The key is not in the store: an answer, unlike a transport error, which says nothing."""
+
+
 class StageFailed(CaiError):
     """A stage process exited non-zero."""
 

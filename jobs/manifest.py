@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import socket
+import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
@@ -32,6 +33,8 @@ class StageManifest(StrictModel):
     host: str = ""
     started_at: str
     finished_at: str
+    writer: str | None = Field(None, description="A token unique to this attempt: two attempts never write the same bytes, "
+                               "so a retried create-only write that finds its own bytes knows it landed.")
 
 
 def now_iso() -> str:
@@ -114,4 +117,5 @@ def build_manifest(spec: StageSpec, store: ArtifactStore, outputs: list[str], co
         host=socket.gethostname(),
         started_at=started_at,
         finished_at=now_iso(),
+        writer=uuid.uuid4().hex,
     )

@@ -10,6 +10,8 @@ a new entry that points at an older model.
 
 from __future__ import annotations
 
+import uuid
+
 from typing import Any, Literal
 
 from pydantic import Field
@@ -53,6 +55,8 @@ class Entry(StrictModel):
     inputs_fingerprint: str | None = None
     parent: int | None = Field(None, description="Entry whose model this one replaced; a plain rollback returns to it.")
     reason: str
+    writer: str | None = Field(None, description="A token unique to the writer: a create-only write retried after a lost "
+                               "response reads its own entry back and knows it landed.")
 
 
 class Pointer(StrictModel):
@@ -125,6 +129,7 @@ def promote(store: ArtifactStore, *, based_on: Entry | None, model: str, run_id:
             scores: Scores, inputs: dict[str, str], reason: str, kind: Literal["initial", "promote"] = "promote") -> Entry:
     """A new current entry on top of `based_on` (the entry current when the run started)."""
     return commit(store, Entry(
+        writer=uuid.uuid4().hex,
         seq=(based_on.seq if based_on else 0) + 1, kind=kind, model=model, run_id=run_id, round=round_,
         promoted_at=now_iso(), scores=scores, inputs=inputs, inputs_fingerprint=inputs_fingerprint(inputs) if inputs else None,
         parent=based_on.seq if based_on else None, reason=reason,
@@ -153,6 +158,7 @@ def rollback(store: ArtifactStore, to: int | None = None, note: str | None = Non
         raise CaiError(f"{where}: entry {target.seq}'s model {target.model} is already current (entry {cur.seq})")
     inputs = {**cur.inputs, "model": target.model} if cur.inputs else {}
     return commit(store, Entry(
+        writer=uuid.uuid4().hex,
         seq=cur.seq + 1, kind="rollback", model=target.model, run_id=target.run_id, round=target.round,
         promoted_at=now_iso(), scores=target.scores, inputs=inputs,
         inputs_fingerprint=inputs_fingerprint(inputs) if inputs else None, parent=target.parent,

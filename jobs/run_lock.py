@@ -37,7 +37,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import CaiError, StoreError
+from .errors import CaiError, NotFound
 from .store import ArtifactStore
 
 TTL_S = 40.0  # a holder killed without cleanup (SIGKILL, lost node) blocks the run for this plus the grace
@@ -123,10 +123,11 @@ class RunLock:
         self.expires_at = expires
         return True
 
-    def _read(self) -> dict[str, Any] | None:
+    def _read(self, key: str | None = None) -> dict[str, Any] | None:
+        """The record, or None when it is not there. A transport error raises: it is no evidence either way."""
         try:
-            data = self.store.read_bytes(self.key)
-        except StoreError:
+            data = self.store.read_bytes(key or self.key)
+        except NotFound:
             return None  # gone between our create attempt and this read: try again
         try:
             return json.loads(data)
@@ -166,15 +167,37 @@ class RunLock:
 
     def _take_over(self, expired: dict[str, Any]) -> None:
         marker = f"{self.key}.takeover-{expired.get('token', 'unknown')}"
-        if not self.store.create_only(marker, json.dumps({"by": self.owner, "at": _iso(self.clock())}).encode()):
+        if not self._claim(marker):
             raise self._held_error(expired, " (expired; another controller is taking it over)")
-        current = self._read()
-        if current is not None and current.get("token") != expired.get("token"):
-            raise self._held_error(current)
-        self.store.delete(self.key)
-        self.acquired_at = self.clock()
-        if not self._write(create=True):
-            raise self._held_error(self._read() or expired)
+        try:
+            current = self._read()
+            if current is not None and current.get("token") != expired.get("token"):
+                raise self._held_error(current)
+            self.store.delete(self.key)
+            self.acquired_at = self.clock()
+            if not self._write(create=True):
+                raise self._held_error(self._read() or expired)
+        finally:
+            # the marker has done its job (one taker of this lock): left behind, it would block the next
+            # takeover of a lock with the same token, which unreadable locks share (an empty file twice)
+            self.store.delete(marker)
+
+    def _claim(self, marker: str) -> bool:
+        """Win the takeover marker; one left by a taker that died mid-takeover counts once it is a lease old."""
+        now = self.clock()
+        body = json.dumps({"by": self.owner, "at": _iso(now), "at_epoch": now, "token": self.token}).encode()
+        if self.store.create_only(marker, body):
+            return True
+        try:
+            left = json.loads(self.store.read_bytes(marker))
+        except NotFound:
+            return self.store.create_only(marker, body)
+        except json.JSONDecodeError:
+            left = {}
+        if float(left.get("at_epoch", 0.0)) + self.ttl_s + self.grace_s > now:
+            return False
+        self.store.delete(marker)
+        return self.store.create_only(marker, body)
 
     def renew(self) -> None:
         """Push the expiry forward, unless the lock is no longer ours (then mark it lost)."""
@@ -203,17 +226,25 @@ class RunLock:
 
     # --- heartbeat and context manager --------------------------------------------------------
     def _beat(self) -> None:
+        """Renew every interval; after a failed renewal retry sooner (1, 2, 4 s ...), within the lease.
+        A failed call is no evidence the lock is lost: only another token in it, or our own clock
+        passing the expiry without a renewal landing, is (`check()` fences the lapse)."""
         interval = self.ttl_s * HEARTBEAT_FRACTION
-        while not self._stop.wait(interval):
+        wait, failures = interval, 0
+        while not self._stop.wait(wait):
             try:
                 self.renew()
-            except Exception as e:  # noqa: BLE001 - a store hiccup: the next beat retries; check() fences a lapse
+                wait, failures = interval, 0
+            except Exception as e:  # noqa: BLE001 - a store hiccup
+                failures += 1
+                wait = min(interval, 2.0 ** (failures - 1))
                 print(f"[cai] {self.store.uri_for(self.key)}: lock renewal failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                      "retrying", file=sys.stderr, flush=True)
+                      f"retrying in {wait:.0f}s, {max(self.expires_at - self.clock(), 0):.0f}s of the lease left", file=sys.stderr, flush=True)
             if self.lost.is_set():
                 return
 
     def __enter__(self) -> "RunLock":
+        self.store.check_conditional_writes()  # the lock is only as good as the store's create-only writes
         self.acquire()
         self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat:{self.key}", daemon=True)
         self._thread.start()

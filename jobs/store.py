@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import StoreError
+from .errors import NotFound, StoreError
 
 MANIFEST = "stage.json"
 
@@ -36,6 +36,16 @@ def _temp_file(path: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, _FILE_MODE)
     return fd, tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new directory entry (a link, a rename) durable: without it a power loss can undo it."""
+    with contextlib.suppress(OSError):  # some filesystems cannot open or sync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _is_temp(name: str) -> bool:
@@ -99,7 +109,15 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def create_only(self, key: str, data: bytes) -> bool:
-        """Write only if `key` does not exist; False if it already did (manifests, locks)."""
+        """Write only if `key` does not exist; False if it already did (manifests, locks).
+
+        Idempotent: an object that already holds exactly `data` is our own write (a retry after a
+        response was lost), so True. Callers put a writer token in `data` (locks, manifests and
+        promotion entries all do) so that another writer's object never matches byte for byte.
+        """
+
+    def check_conditional_writes(self) -> None:
+        """Raise StoreError if create-only writes are not enforced (a local directory always is: link(2))."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -199,7 +217,7 @@ class LocalStore(ArtifactStore):
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"{self.uri_for(key)}: not found") from None
+            raise NotFound(f"{self.uri_for(key)}: not found") from None
 
     def sha256(self, key: str) -> str:
         try:
@@ -242,10 +260,15 @@ class LocalStore(ArtifactStore):
         fd, tmp = _temp_file(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # a power loss must not leave an empty lock or manifest behind the link
         try:
             os.link(tmp, path)  # link fails if the target exists: create-only, and the content is whole
+            _fsync_dir(path.parent)
             return True
         except FileExistsError:
+            with contextlib.suppress(OSError):
+                return path.read_bytes() == data
             return False
         finally:
             os.unlink(tmp)

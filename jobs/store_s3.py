@@ -17,10 +17,11 @@ import posixpath
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StoreError
+from .errors import NotFound, StoreError
 from .models import _file_lock, cache_dir
 from .store import ArtifactStore, file_sha256, local_files
 
@@ -76,6 +77,7 @@ class S3Store(ArtifactStore):
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self._client = client or make_client(self.uri)
         self._checked = False
+        self._conditional_ok = False
         self._hashes: dict[str, tuple[str, str]] = {}  # key -> (ETag, sha256) of files this process uploaded
         self.cache_root = Path(cache_root) if cache_root else cache_dir() / "store"
         from boto3.s3.transfer import TransferConfig
@@ -132,7 +134,7 @@ class S3Store(ArtifactStore):
             return StoreError(f"s3://{self.bucket}: bucket does not exist at {self.endpoint}; create it "
                               f"(`aws s3 mb s3://{self.bucket} --endpoint-url {self.endpoint}`) or fix the store URI")
         if code in ("NoSuchKey", "404") or status == 404:
-            return StoreError(f"{self.uri_for(key)}: not found")
+            return NotFound(f"{self.uri_for(key)}: not found")
         if code in _CREDENTIAL_CODES:
             return StoreError(f"{self.uri}: credentials rejected by {self.endpoint} ({code}); check AWS_ACCESS_KEY_ID / "
                               "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
@@ -186,12 +188,36 @@ class S3Store(ArtifactStore):
                     return True
                 except ClientError as e:
                     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if status == 412:  # the key exists: the other writer won
-                        return False
+                    if status == 412:  # the key exists: ours if it holds our bytes (a landed PUT whose response was lost)
+                        return self._holds(key, data)
                     if status != 409:
                         raise
             time.sleep(0.1 * 2**attempt)  # 409 ConditionalRequestConflict: a racing write is in flight; ask again
         raise StoreError(f"{self.uri_for(key)}: concurrent conditional writes kept conflicting (409); retry the command")
+
+    def check_conditional_writes(self) -> None:
+        """Once per store: a second create-only PUT of one key must be refused (412). An endpoint that
+        ignores If-None-Match would let two controllers both win a lock and overwrite manifests."""
+        if self._conditional_ok:
+            return
+        token = uuid.uuid4().hex
+        key = f"_cai/conditional-write-probe-{token}"
+        try:
+            first, second = self.create_only(key, b"first " + token.encode()), self.create_only(key, b"second " + token.encode())
+        finally:
+            with contextlib.suppress(StoreError):
+                self.delete(key)
+        if not first or second:
+            raise StoreError(f"{self.uri}: the S3 endpoint {self.endpoint} ignores conditional writes (PUT If-None-Match: * "
+                             "succeeded twice on one key); cai-jobs needs them for its locks and stage manifests; use AWS S3, "
+                             "a recent MinIO or SeaweedFS, or a local store")
+        self._conditional_ok = True
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(key) == data
+        except StoreError:  # deleted since (a lock released): not ours to claim
+            return False
 
     def exists(self, key: str) -> bool:
         """An object, or a directory (objects under `key/`), as the local store counts both."""

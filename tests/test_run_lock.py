@@ -139,7 +139,7 @@ def test_expired_lock_is_taken_over_after_the_grace(tmp_path):
     taker.acquire()
     rec = json.loads((tmp_path / KEY).read_text())
     assert rec["token"] == taker.token and rec["expires_at_epoch"] == 1023.0
-    assert store.exists(f"{KEY}.takeover-{holder.token}")  # the marker that let exactly one taker in
+    assert not store.exists(f"{KEY}.takeover-{holder.token}")  # the marker let exactly one taker in, then went
 
     holder.renew()  # the old holder wakes up: past its own expiry it never writes, and learns it lost
     assert holder.lost.is_set()
@@ -188,9 +188,55 @@ def test_two_takers_of_one_expired_lock_one_wins(tmp_path):
     a, b = RunLock(store, KEY, ttl_s=10, clock=clock), RunLock(store, KEY, ttl_s=10, clock=clock)
     # both read the same expired record; a gets through first
     a._take_over(expired)
-    with pytest.raises(LockHeld, match="another controller is taking it over"):
+    with pytest.raises(LockHeld, match="is locked by"):  # b finds a's fresh lock, not the expired one
         b._take_over(expired)
     assert json.loads((tmp_path / KEY).read_text())["token"] == a.token
+    # mid-takeover, a's marker keeps b out; a marker left by a taker that died is a lease old and counts for nothing
+    marker = f"{KEY}.takeover-{expired['token']}"
+    store.write_bytes(marker, json.dumps({"at_epoch": clock.t}).encode())
+    with pytest.raises(LockHeld, match="another controller is taking it over"):
+        b._take_over(expired)
+    clock.t += 13
+    store.write_bytes(KEY, json.dumps(expired).encode())
+    b._take_over(expired)
+    assert json.loads((tmp_path / KEY).read_text())["token"] == b.token and not store.exists(marker)
+
+
+def test_unreadable_locks_can_always_be_taken_over(tmp_path):
+    """An empty lock file (a power loss) twice in a row: the same content-derived token both times."""
+    store = LocalStore(tmp_path)
+    for _ in range(2):
+        store.write_bytes(KEY, b"")
+        lock = RunLock(store, KEY, ttl_s=10, sleep=no_sleep)
+        lock.acquire()
+        assert json.loads((tmp_path / KEY).read_text())["token"] == lock.token
+        lock.release()
+    assert store.list("runs/r1") == []
+
+
+def test_one_failed_read_during_renewal_is_no_evidence_of_loss(tmp_path):
+    from jobs.errors import StoreError
+
+    class Flaky(LocalStore):
+        fail = 0
+
+        def read_bytes(self, key):
+            if self.fail:
+                self.fail -= 1
+                raise StoreError(f"{key}: connection reset (injected)")
+            return super().read_bytes(key)
+
+    store = Flaky(tmp_path)
+    lock = RunLock(store, KEY, ttl_s=30)
+    lock.acquire()
+    store.fail = 1
+    with pytest.raises(StoreError):
+        lock.renew()  # the heartbeat catches this and retries within the lease
+    assert not lock.lost.is_set()
+    lock.check()
+    before = lock.expires_at
+    lock.renew()
+    assert lock.expires_at >= before and not lock.lost.is_set()
 
 
 def test_renew_notices_a_foreign_token_without_writing(tmp_path):
@@ -272,3 +318,24 @@ def test_a_holder_that_died_on_this_host_is_taken_over_at_once(tmp_path):
     alive.acquire()  # this process: alive, so a second one fails fast
     with pytest.raises(LockHeld):
         RunLock(store, "runs/r2/lock.json", sleep=no_sleep).acquire()
+
+
+def test_the_heartbeat_retries_a_failed_renewal_within_the_lease(tmp_path):
+    from jobs.errors import StoreError
+
+    class Flaky(LocalStore):
+        fail = 0
+
+        def read_bytes(self, key):
+            if self.fail:
+                self.fail -= 1
+                raise StoreError(f"{key}: timed out (injected)")
+            return super().read_bytes(key)
+
+    store = Flaky(tmp_path)
+    with RunLock(store, KEY, ttl_s=4) as lock:  # a beat every second
+        store.fail = 2
+        first = lock.expires_at
+        time.sleep(3.5)  # without the retries, two failed beats would leave 2 s of lease; with them it is renewed
+        assert not lock.lost.is_set() and store.fail == 0 and lock.expires_at > first + 1.5
+        lock.check()

@@ -490,3 +490,45 @@ def test_persistent_faults_give_up_with_one_line(s3_bucket, s3_server, monkeypat
     finally:
         store.close()
         proxy.close()
+
+
+# --- idempotent conditional writes ---------------------------------------------------------------
+
+
+def test_a_landed_create_only_put_answered_412_on_retry_is_ours(s3_store):
+    """The first attempt reaches the server and lands, its response is lost; botocore retries, the
+    retry gets 412, and the read-back finds our own bytes: success, not someone else's write."""
+    import urllib3
+    from botocore.exceptions import EndpointConnectionError
+
+    sent = []
+
+    def land_then_drop(request, **kw):
+        if request.method == "PUT" and not sent:
+            sent.append(urllib3.PoolManager().request(request.method, request.url, body=request.body, headers=dict(request.headers)).status)
+            raise EndpointConnectionError(endpoint_url=request.url)  # the response never arrives
+        return None
+
+    s3_store.client.meta.events.register("before-send.s3.PutObject", land_then_drop)
+    assert s3_store.create_only("locks/a.json", b'{"token": "mine"}') is True
+    assert sent == [200] and s3_store.read_bytes("locks/a.json") == b'{"token": "mine"}'
+    assert s3_store.create_only("locks/a.json", b'{"token": "theirs"}') is False  # another writer's bytes: refused
+
+
+def test_local_create_only_is_idempotent_too(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    assert store.create_only("k.json", b"mine") is True
+    assert store.create_only("k.json", b"mine") is True and store.create_only("k.json", b"theirs") is False
+
+
+def test_an_endpoint_that_ignores_if_none_match_is_refused(s3_store):
+    s3_store.check_conditional_writes()  # SeaweedFS honours it
+
+    def drop_condition(params, **kw):
+        params["headers"].pop("If-None-Match", None)  # what a server that ignores the header sees
+
+    ignoring = S3Store(s3_store.uri, client=s3_store._client)
+    ignoring._client.meta.events.register("before-call.s3.PutObject", drop_condition)
+    with pytest.raises(StoreError, match="ignores conditional writes"):
+        ignoring.check_conditional_writes()
+    assert not [k for k in ignoring.list("_cai") if "probe" in k]  # the probe cleans up after itself

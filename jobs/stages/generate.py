@@ -80,7 +80,7 @@ def revise_chunk(
         critiques = [clean_critique(c) for c in engine.generate(crit_convs, _params(cfg, seed, 2 * r + 1, cfg.critique_max_new_tokens, temp), desc=f"{step} critique")]
         prefills = [pick_prefill(principles[k], seed, _candidate_key(chunk[i].id, j), r) for k, (i, j) in enumerate(slots)]
         rev_convs = [revision_request(crit_convs[k], critiques[k], principles[k], prefills[k]) for k in range(len(slots))]
-        raw = engine.generate(rev_convs, _params(cfg, seed, 2 * r + 2, cfg.max_new_tokens, temp), desc=f"{step} revise")
+        raw = engine.generate(rev_convs, _params(cfg, seed, 2 * r + 2, cfg.revision_max_new_tokens or cfg.max_new_tokens, temp), desc=f"{step} revise")
         by_prompt: dict[int, list[dict[str, Any]]] = {}
         for k, (i, j) in enumerate(slots):
             raw[k] = join_prefill(prefills[k], raw[k])
