@@ -364,6 +364,10 @@ class KubernetesConfig(StrictModel):
     backoff_limit: int = Field(2, ge=0, description="Pod retries per Job for failures that are not config errors.")
     ttl_seconds_after_finished: int = Field(24 * 3600, ge=0, description="Finished Jobs are deleted after this (logs are copied to the store first).")
     poll_seconds: float = Field(10.0, gt=0, description="How often the controller checks a running Job.")
+    image_pull_grace_s: float = Field(
+        300.0, ge=0, description="How long a stage pod may fail to pull its image before the stage fails: a registry rate "
+        "limit clears within minutes, a wrong image name never does.",
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every Job and pod.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on every pod.")
     stages: dict[StageName, StageResources] = Field(default_factory=_default_stage_resources)

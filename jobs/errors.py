@@ -1,4 +1,11 @@
-"""Errors the CLI prints as one line (file, field, what to fix) instead of a traceback."""
+"""Errors the CLI prints as one line (file, field, what to fix) instead of a traceback.
+
+Exit codes: 1 a stage failed, 2 bad input (retrying cannot help), 75 (EX_TEMPFAIL) something outside
+was briefly unavailable (the store, the Kubernetes API, a lock held by a live controller): the pod
+failure policies retry 75 and fail fast on 1 and 2.
+"""
+
+EX_TEMPFAIL = 75
 
 
 class CaiError(Exception):
@@ -29,6 +36,12 @@ class StoreError(CaiError):
     """The artifact store cannot be read or written."""
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer (connection, timeout, 5xx, throttling) after the client's retries."""
+
+    exit_code = EX_TEMPFAIL
+
+
 class NotFound(StoreError):
     """The key is not in the store: an answer, unlike a transport error, which says nothing."""
 
@@ -39,3 +52,9 @@ class StageFailed(CaiError):
 
 class SubmitError(CaiError):
     """An executor could not submit or watch a stage."""
+
+
+class ApiUnavailable(SubmitError):
+    """The Kubernetes API did not answer (connection, 5xx, 429) for longer than the executor waits."""
+
+    exit_code = EX_TEMPFAIL

@@ -37,14 +37,13 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import CaiError, NotFound
+from .errors import EX_TEMPFAIL, CaiError, NotFound
 from .store import ArtifactStore
 
 TTL_S = 40.0  # a holder killed without cleanup (SIGKILL, lost node) blocks the run for this plus the grace
 HEARTBEAT_FRACTION = 0.25  # renew every 10 s: three heartbeats can be late before the lock lapses
 GRACE_FRACTION = 0.25  # takeover waits 10 s past expiry: clocks of two pods may disagree by seconds
 STALE_FRACTION = 0.5  # not renewed for 20 s (two missed heartbeats): the holder is most likely gone
-EX_TEMPFAIL = 75  # not 1 or 2, which the controller Job's podFailurePolicy treats as fatal: the pod is retried
 
 
 class LockHeld(CaiError):

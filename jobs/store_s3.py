@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .errors import NotFound, StoreError
+from .errors import NotFound, StoreError, StoreUnavailable
 from .models import _file_lock, cache_dir
 from .store import ArtifactStore, file_sha256, local_files
 
@@ -67,6 +67,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if prefix == ".." or prefix.startswith("../"):
         raise StoreError(f"{uri}: the prefix climbs out of the bucket; use s3://BUCKET/PREFIX")
     return bucket, prefix
+
+
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError", "Throttling", "ThrottlingException"}
 
 
 class S3Store(ArtifactStore):
@@ -117,7 +120,7 @@ class S3Store(ArtifactStore):
                              "AWS_PROFILE, or give the pod an IAM role") from None
         except bx.BotoCoreError as e:
             if isinstance(e, (bx.ConnectionError, bx.HTTPClientError)):  # refused, timed out, cut off: after retries
-                raise StoreError(f"{self.uri}: S3 endpoint {self.endpoint} unreachable ({type(e).__name__}); check "
+                raise StoreUnavailable(f"{self.uri}: S3 endpoint {self.endpoint} unreachable ({type(e).__name__}); check "
                                  "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and that the server is up") from None
             raise StoreError(f"{self.uri_for(key)}: S3 error: {str(e).splitlines()[0]}") from None
         except Exception as e:
@@ -142,6 +145,9 @@ class S3Store(ArtifactStore):
             return StoreError(f"{self.uri}: access denied by {self.endpoint} ({code}); check the credentials "
                               "(AWS_ACCESS_KEY_ID, AWS_PROFILE or the pod's role) and the bucket policy")
         message = str(err.get("Message", "")).splitlines()[0] if err.get("Message") else ""
+        if (status or 0) >= 500 or status == 429 or code in _TRANSIENT_CODES:  # still failing after botocore's retries
+            return StoreUnavailable(f"{self.uri_for(key) if key else self.uri}: S3 {e.operation_name} unavailable ({code or status}: "
+                                    f"{message}); retried, still failing: re-run when {self.endpoint} recovers")
         return StoreError(f"{self.uri_for(key) if key else self.uri}: S3 {e.operation_name} failed ({code or status}: {message})")
 
     # --- keys --------------------------------------------------------------------------------

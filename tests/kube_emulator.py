@@ -77,6 +77,7 @@ class PodRun:
     log: str = ""
     reason: str = ""  # terminated reason, e.g. OOMKilled
     waiting: str | None = None  # stuck before start, e.g. ImagePullBackOff
+    waiting_s: float | None = None  # ...for this long, then it starts (a registry rate limit that clears); None: forever
     seconds: float = 0.0  # how long it runs
     disrupted: bool = False  # evicted/preempted: gets the DisruptionTarget condition
 
@@ -311,7 +312,13 @@ class FakeCluster:
             self._patch(PODS, ns, pod, {"status": {"containerStatuses": [{
                 "name": container["name"], "image": container["image"], "imageID": "", "ready": False, "restartCount": 0,
                 "state": {"waiting": {"reason": behaviour.waiting, "message": f"Back-off pulling image {container['image']!r}"}}}]}})
-            return None
+            if behaviour.waiting_s is None:
+                return None
+            until = time.monotonic() + behaviour.waiting_s
+            while time.monotonic() < until:
+                if self._job(ns, meta["name"]) is None:
+                    return None
+                time.sleep(0.01)
         self._patch(PODS, ns, pod, {"status": {"phase": "Running", "containerStatuses": [{
             "name": container["name"], "image": container["image"], "imageID": "", "ready": True, "restartCount": 0,
             "state": {"running": {"startedAt": now()}}}]}})

@@ -194,9 +194,18 @@ def test_image_pull_failure_fails_fast_with_the_image_and_deletes_the_job(tmp_pa
     cluster = cluster_factory(lambda job, i, attempt: PodRun(waiting="ImagePullBackOff"))
     store = LocalStore(tmp_path / "store")
     spec, uri = planted_spec(store)
-    with pytest.raises(StageFailed, match=r"cannot pull image registry.example/cai-generate:9.9 \(ImagePullBackOff\)"):
-        executor(cluster, store, image_repository="registry.example/cai", image_tag="9.9").run("generate", uri)
-    assert cluster.objects(JOBS) == {}
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed, match=r"cannot pull image registry.example/cai-generate:9.9 \(ImagePullBackOff\).* for 1s"):
+        executor(cluster, store, image_repository="registry.example/cai", image_tag="9.9", image_pull_grace_s=1).run("generate", uri)
+    assert cluster.objects(JOBS) == {} and time.monotonic() - t0 >= 1
+
+
+def test_an_image_pull_error_that_clears_within_the_grace_is_waited_out(tmp_path, cluster_factory):
+    cluster = cluster_factory(lambda job, i, attempt: PodRun(waiting="ErrImagePull", waiting_s=0.5, log="pulled at last\n"))
+    store = LocalStore(tmp_path / "store")
+    spec, uri = planted_spec(store)
+    executor(cluster, store, image_pull_grace_s=30).run("generate", uri)
+    assert list(stored_logs(store, spec).values()) == ["pulled at last\n"]
 
 
 def test_evictions_do_not_count_as_failures(tmp_path, cluster_factory):
@@ -265,6 +274,7 @@ def test_unreachable_api_server_is_one_line(tmp_path):
     with pytest.raises(SubmitError) as e:
         ex.run("generate", uri)
     assert "cannot reach the Kubernetes API" in str(e.value) and "\n" not in str(e.value)
+    assert e.value.exit_code == 75  # the controller Job retries it and the new pod adopts the stage Jobs
 
 
 # --- `cai run --executor kubernetes`, `cai logs`, `cai submit` through the CLI ----------------------

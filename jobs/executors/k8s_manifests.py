@@ -39,8 +39,9 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PART_OF = "cai-jobs"
 # The controller only sequences stages and streams JSONL merges: small and steady.
 CONTROLLER_CPU, CONTROLLER_MEMORY = "500m", "2Gi"
-# CaiError exit codes (1: stage failed or store error, 2: config error): rerunning the controller
-# pod would fail the same way, so only infrastructure kills (OOM 137, SIGTERM 143) are retried.
+# CaiError exit codes (1: a stage failed, 2: bad input): rerunning the controller pod would fail the
+# same way. Infrastructure kills (OOM 137, SIGTERM 143) and 75 (the store or the API briefly
+# unavailable, a lock still held) are retried; the new pod adopts the stage Jobs already running.
 CONTROLLER_FATAL_EXITS = [1, EXIT_CONFIG]
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import KubernetesConfig, StageSpec
-from ..errors import StageFailed, SubmitError
+from ..errors import ApiUnavailable, StageFailed, StoreError, SubmitError
 from ..schema import parse_data
 from ..store import ArtifactStore
 from ..manifest import inputs_digest
@@ -26,7 +26,7 @@ from .local import EXIT_CONFIG
 
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 START_ERRORS = {"CreateContainerConfigError", "CreateContainerError"}  # e.g. a missing Secret
-TRANSIENT_TRIES = 5  # consecutive failed polls (API server restart, network blip) before giving up
+TRANSIENT_TRIES = 5  # consecutive failed polls (API server restart, network blip) before exiting 75 (retried)
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -39,7 +39,7 @@ def api_error(what: str, e: Exception) -> SubmitError:
     status = getattr(e, "status", None)
     if status is None:
         reason = getattr(e, "reason", None) or e
-        return SubmitError(f"{what}: cannot reach the Kubernetes API ({str(reason).splitlines()[0]}); check KUBECONFIG / the cluster")
+        return ApiUnavailable(f"{what}: cannot reach the Kubernetes API ({str(reason).splitlines()[0]}); check KUBECONFIG / the cluster")
     body = str(getattr(e, "body", "") or "")
     message = body
     try:
@@ -49,6 +49,9 @@ def api_error(what: str, e: Exception) -> SubmitError:
     except (ValueError, AttributeError):
         pass
     hint = "; the controller's ServiceAccount needs the Role that `cai render --controller` prints" if status == 403 else ""
+    if status >= 500 or status == 429:  # the API server restarting or shedding load: worth a retry of the pod
+        return ApiUnavailable(f"{what}: {status} {getattr(e, 'reason', '')}: the Kubernetes API is unavailable; the controller "
+                              "exits 75 and its Job retries it, adopting the stage Jobs already running")
     return SubmitError(f"{what}: {status} {getattr(e, 'reason', '')}: {' '.join(str(message).split())[:300]}{hint}")
 
 
@@ -252,6 +255,7 @@ class KubernetesExecutor:
         """Poll until the Job completes or fails; copy each pod's log as soon as the pod finishes."""
         logs: dict[str, str] = {}
         shown, errors = "", 0
+        blocked_since: dict[str, float] = {}  # blocker -> when first seen: pulls get a grace period
         while True:
             try:
                 job = self._read(name, strict=True)
@@ -271,8 +275,13 @@ class KubernetesExecutor:
                 return Outcome(state, job, pods, logs)
             blocker = next((b for b in map(pod_blocker, pods) if b), None)
             if blocker:
-                self._delete(name)  # it would retry the pull until the deadline; nothing to wait for
-                raise StageFailed(f"stage {spec.stage} failed: job {self.namespace}/{name}: {blocker} (job deleted)")
+                first = blocked_since.setdefault(blocker, time.monotonic())
+                if not blocker.startswith("cannot pull") or time.monotonic() - first >= self.k8s.image_pull_grace_s:
+                    self._delete(name)  # it would retry until the deadline; nothing to wait for
+                    grace = f" for {self.k8s.image_pull_grace_s:g}s (kubernetes.image_pull_grace_s)" if blocker.startswith("cannot pull") else ""
+                    raise StageFailed(f"stage {spec.stage} failed: job {self.namespace}/{name}: {blocker}{grace} (job deleted)")
+            else:
+                blocked_since.clear()
             line = progress_line(job, pods)
             if line != shown:
                 log(line)
@@ -294,8 +303,11 @@ class KubernetesExecutor:
                 if not finished:
                     continue  # never started (e.g. killed while pending): nothing to keep
                 text = f"[cai] log of pod {name} unavailable: {e.status} {e.reason}\n"
-            logs[name] = text
-            self.store.write_text(pod_log_key(spec.output, name), text)
+            logs[name] = text  # the outcome carries it whether or not the store copy lands
+            try:
+                self.store.write_text(pod_log_key(spec.output, name), text)
+            except StoreError as e:  # a copy of a log is not worth failing the stage for
+                log(f"pod {name}: could not copy its log to the store ({str(e).splitlines()[0]}); it is shown below instead")
 
     # --- API helpers --------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
