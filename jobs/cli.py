@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CaiError
+from .errors import CaiError, ConfigError
 
 
 def _config_and_store(args: argparse.Namespace):
@@ -18,6 +18,8 @@ def _config_and_store(args: argparse.Namespace):
 
     config = load_run_config(args.config)
     if args.rounds is not None:
+        if args.rounds < 1:
+            raise ConfigError(f"--rounds {args.rounds}: must be at least 1; give the number of rounds to run")
         config.rounds = args.rounds
     if args.store:
         config.store = args.store

@@ -25,7 +25,7 @@ class Principle(StrictModel):
     revision: str = Field(min_length=1, description="Revision request: rewrite the response to satisfy the principle.")
     comparison: str = Field(min_length=1, description="The judge's question, answered by choosing (A) or (B).")
     scope: Scope = Field("all", description="Prompt kind this principle is sampled for: red-team, ordinary or all.")
-    weight: float = Field(1.0, gt=0, description="Relative sampling weight.")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Relative sampling weight (a finite number above 0).")
     revision_prefill: list[str] = Field(
         default_factory=list, description="Openings a revision starts from, one drawn per candidate: the reviser continues "
         "the text (e.g. `I can't help you`). A model too small to follow the revision request still completes a started "
@@ -113,6 +113,8 @@ def sample_principle(constitution: Constitution, kind: str, seed: int, prompt_id
 def resolve_path(ref: str | Path) -> Path:
     """A file path, or the name of a shipped constitution (`default`, `telehealth`, ...)."""
     path = Path(ref)
+    if path.is_dir():
+        raise ConfigError(f"{ref}: is a directory, not a constitution file; give the YAML file's path or a shipped name")
     if path.exists():
         return path
     if re.fullmatch(NAME_RE, str(ref)):

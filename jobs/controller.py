@@ -356,6 +356,10 @@ class Controller:
     def run(self) -> dict[str, Any]:
         """Holds the run's lock (runs/<id>/lock.json) throughout: a second controller fails fast."""
         self._check_dependencies()
+        load_constitution(self.config.constitution)  # bad input is one line before the lock or run.json exist
+        local = [s for s in self.config.data.train if not s.source.startswith(("hf:", "s3://", "store:"))]
+        if local:  # bundled and local files are cheap to read twice; remote ones are checked when staged
+            load_prompts(local, self.config.data.max_prompt_chars, self.store)
         for _, where, ref in self.model_roles():
             precheck(ref, where)
         with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:

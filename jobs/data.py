@@ -247,8 +247,9 @@ def load_prompts(sources: Iterable[PromptSource], max_chars: int, store=None, fi
                 pid += "+"
             seen_ids.add(pid)
             kind = src.kind or row.get("kind") or "ordinary"
-            if kind not in ("red-team", "ordinary"):
-                kind = "ordinary"
+            if kind not in ("red-team", "ordinary"):  # a typo would silently turn red-team prompts ordinary
+                raise DataError(f"{f'{field}[{i}]' if indexed else field}: {src.source}: row {n}: kind {kind!r} is not "
+                                "`red-team` or `ordinary`; fix the row, or set `kind` on the source to override every row")
             records.append(PromptRecord(pid, msgs, kind))
             report.kept += 1
         reports.append(report)

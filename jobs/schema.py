@@ -17,6 +17,16 @@ _FIXES = {
     "missing": "add the field",
     "extra_forbidden": "remove it or check its spelling",
     "too_short": "add at least one entry",
+    "finite_number": "give a finite number",
+    "greater_than": "give a larger value",
+    "greater_than_equal": "give a larger value",
+    "less_than": "give a smaller value",
+    "less_than_equal": "give a smaller value",
+    "literal_error": "use one of the values listed",
+    "int_parsing": "give a whole number",
+    "float_parsing": "give a number",
+    "bool_parsing": "give true or false",
+    "string_type": "give a string",
 }
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .errors import NotFound, StoreError, StoreUnavailable
+from .errors import ConfigError, NotFound, StoreError, StoreUnavailable
 from .models import _file_lock, cache_dir
 from .store import ArtifactStore, file_sha256, local_files
 
@@ -48,7 +49,7 @@ def make_client(uri: str = "s3://"):
 
     attempts = os.environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_ATTEMPTS)
     if not attempts.isdigit() or int(attempts) < 1:
-        raise StoreError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a whole number >= 1 (tries per S3 request)")
+        raise ConfigError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a whole number >= 1 (tries per S3 request); set it to e.g. 5 or unset it")
     config = Config(
         retries={"mode": os.environ.get("AWS_RETRY_MODE") or "standard", "total_max_attempts": int(attempts)},
         connect_timeout=10, read_timeout=120, max_pool_connections=16,
@@ -57,12 +58,23 @@ def make_client(uri: str = "s3://"):
         return boto3.session.Session().client("s3", config=config)
     except BotoCoreError as e:  # e.g. AWS_PROFILE names a profile that does not exist
         raise StoreError(f"{uri}: cannot set up the S3 client: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # botocore: "Invalid endpoint: ..."
+        names = [n for n in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(n)]
+        where = f"{names[0]}={os.environ[names[0]]!r}" if names else "the S3 endpoint"
+        raise ConfigError(f"{uri}: {where} is not a valid endpoint ({str(e).splitlines()[0]}); give a URL such as "
+                          "https://s3.us-east-1.amazonaws.com or http://minio:9000") from None
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     if not bucket:
-        raise StoreError(f"{uri}: no bucket name; use s3://BUCKET/PREFIX")
+        raise ConfigError(f"{uri}: no bucket name; use s3://BUCKET/PREFIX")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ConfigError(f"{uri}: {bucket!r} is not a valid S3 bucket name; use 3-63 lowercase letters, digits, dots "
+                          "and hyphens, starting and ending with a letter or digit")
     prefix = posixpath.normpath(prefix.strip("/")) if prefix.strip("/") else ""
     if prefix == ".." or prefix.startswith("../"):
         raise StoreError(f"{uri}: the prefix climbs out of the bucket; use s3://BUCKET/PREFIX")

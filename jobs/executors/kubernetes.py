@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import KubernetesConfig, StageSpec
-from ..errors import ApiUnavailable, StageFailed, StoreError, SubmitError
+from ..errors import ApiUnavailable, ConfigError, StageFailed, StoreError, SubmitError
 from ..schema import parse_data
 from ..store import ArtifactStore
 from ..manifest import inputs_digest
@@ -74,6 +74,10 @@ def kube_clients(namespace: str | None = None) -> tuple[Any, Any, str]:
             ns = (active or {}).get("context", {}).get("namespace") or "default"
         except (config.ConfigException, OSError) as e:
             raise SubmitError(f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({e}); set KUBECONFIG") from None
+        except Exception as e:  # noqa: BLE001 - the client parses the file with PyYAML and lets its errors through
+            first = " ".join(str(e).split())[:200]
+            raise ConfigError(f"kubeconfig {path}: cannot be read ({type(e).__name__}: {first}); fix the file or point KUBECONFIG "
+                              "at a valid one") from None
     api = client.ApiClient(conf)
     return client.BatchV1Api(api), client.CoreV1Api(api), namespace or ns
 
