@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import StoreError
+from jobs.errors import ConfigError, StoreError
 from jobs.store import LocalStore, open_store, split_uri
 
 
@@ -441,9 +441,9 @@ def test_open_store(tmp_path):
 def test_open_store_s3(uri, bucket, prefix):
     s = open_store(uri)  # the S3 store itself is tested against a real server in test_store_s3.py
     assert (type(s).__name__, s.bucket, s.prefix, s.uri) == ("S3Store", bucket, prefix, uri.rstrip("/"))
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(ConfigError) as info:  # bad input: exit 2, not a store failure
         open_store("s3:///prefix")
-    assert "no bucket name" in str(info.value)
+    assert "no bucket name" in str(info.value) and info.value.exit_code == 2
 
 
 # --- file modes --------------------------------------------------------------------------------
