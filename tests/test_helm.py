@@ -224,6 +224,12 @@ def test_every_pod_runs_as_non_root(render: str, request: pytest.FixtureRequest)
             sc = c["securityContext"]
             assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
             assert sc["capabilities"] == {"drop": ["ALL"]}
+            # a read-only root filesystem, with every place the process writes mounted writable
+            assert sc["readOnlyRootFilesystem"] is True
+            writable = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+            mounts = {mt["mountPath"] for mt in c["volumeMounts"] if mt["name"] in writable and not mt.get("readOnly")}
+            assert {"/tmp", "/var/cache/cai"} <= mounts
+            assert {"name": "HOME", "value": "/tmp"} in c["env"]
 
 
 def test_runs_as_the_same_uid_as_cai_submit_and_the_images() -> None:

@@ -147,8 +147,9 @@ def test_pinned_fields_of_stage_jobs():
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] is True  # writes go to the two emptyDirs below (and HOME is one of them)
     assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]} == {"/var/cache/cai": "cache", "/tmp": "tmp"}
-    assert env["CAI_CACHE_DIR"]["value"] == "/var/cache/cai"
+    assert env["CAI_CACHE_DIR"]["value"] == "/var/cache/cai" and env["HOME"]["value"] == "/tmp"
     assert all("emptyDir" in v for v in pod["volumes"])
 
 

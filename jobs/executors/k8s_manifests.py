@@ -127,6 +127,7 @@ def _security() -> tuple[m.V1PodSecurityContext, m.V1SecurityContext]:
     )
     container = m.V1SecurityContext(
         run_as_non_root=True, run_as_user=RUN_AS_USER, allow_privilege_escalation=False, privileged=False,
+        read_only_root_filesystem=True,  # writes go to the store, the cache emptyDir and /tmp only
         capabilities=m.V1Capabilities(drop=["ALL"]), seccomp_profile=seccomp,
     )
     return pod, container
@@ -134,7 +135,9 @@ def _security() -> tuple[m.V1PodSecurityContext, m.V1SecurityContext]:
 
 def _store_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
     """Where the store is and how to sign in: a Secret's keys, or nothing (IRSA / instance role)."""
-    env = [m.V1EnvVar(name="CAI_CACHE_DIR", value=CACHE_DIR)]
+    # HOME on the writable /tmp: with a read-only root filesystem, libraries that write under ~ (datasets,
+    # matplotlib, torch's kernel caches) still find a place
+    env = [m.V1EnvVar(name="CAI_CACHE_DIR", value=CACHE_DIR), m.V1EnvVar(name="HOME", value="/tmp")]
     if k8s.s3_endpoint:
         env.append(m.V1EnvVar(name="AWS_ENDPOINT_URL_S3", value=k8s.s3_endpoint))
     if k8s.s3_secret:

@@ -128,6 +128,7 @@ runAsNonRoot: true
 runAsUser: {{ include "cai.uid" . }}
 allowPrivilegeEscalation: false
 privileged: false
+readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 seccompProfile:
@@ -184,6 +185,7 @@ spec:
         - {name: PYTHONUNBUFFERED, value: "1"}
         - {name: TOKENIZERS_PARALLELISM, value: "false"}
         - {name: CAI_CACHE_DIR, value: /var/cache/cai}
+        - {name: HOME, value: /tmp}
         {{- with $v.s3.endpoint }}
         - {name: AWS_ENDPOINT_URL_S3, value: {{ . | quote }}}
         {{- end }}
