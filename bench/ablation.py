@@ -182,12 +182,13 @@ def main_cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-c", "--config", required=True, help="the recipe whose finished run is ablated")
     ap.add_argument("--store", required=True, help="the store holding that run")
+    ap.add_argument("--run-id", help="that run's id (default: the one `cai run -c CONFIG` derives)")
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value[,key=value] (train settings)")
     ap.add_argument("--table-only", action="store_true", help="print the table from variants already in the store")
     args = ap.parse_args(argv)
     config = load_run_config(args.config)
     store = open_store(args.store)
-    main = Controller(config, store, make_executor(config, store, "local"))
+    main = Controller(config, store, make_executor(config, store, "local"), run_id=args.run_id)
     base_dir = f"{main.paths.root}/base/evaluate"
     recipe_dir = main.paths.stage(1, "evaluate")
     for path in (base_dir, recipe_dir):

@@ -108,7 +108,8 @@ def train_config(args, lora: bool):
 
     return TrainConfig(
         method="sft+dpo",
-        sft=SFTSection(epochs=1, batch_size=args.sft_batch_size, max_length=args.max_length),
+        # every prompt's own answer is the target, red-team ones too: the bench measures speed, not what is taught
+        sft=SFTSection(epochs=1, batch_size=args.sft_batch_size, max_length=args.max_length, red_team_target="final"),
         dpo=DPOSection(epochs=1, batch_size=args.dpo_batch_size, max_length=args.max_length),
         lora=LoraSection(enabled=lora),
     )

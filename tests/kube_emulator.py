@@ -243,6 +243,8 @@ class FakeCluster:
 
     def _run_job(self, ns: str, name: str) -> None:
         job = self._job(ns, name)
+        if job is None:  # deleted before its controller got to it (a replaced Job)
+            return
         spec = job["spec"]
         if spec.get("suspend"):
             return  # no Kueue here to admit it

@@ -283,7 +283,7 @@ def test_training_inputs_are_rows_the_train_stage_uses():
     from jobs.training_data import dpo_rows, sft_rows
 
     traces, prefs = train.training_inputs(_records(4), [f"answer {i}" for i in range(4)])
-    assert len(sft_rows(traces)) == 4 and len(dpo_rows(prefs)) == 4
+    assert len(sft_rows(traces, red_team_target="final")) == 4 and len(dpo_rows(prefs)) == 4  # what bench/train.py sets
     assert all(p["chosen"][0]["content"].startswith("answer") for p in prefs)
     assert all(p["rejected"][0]["content"] != p["chosen"][0]["content"] for p in prefs)
 

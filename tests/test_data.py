@@ -151,7 +151,7 @@ def test_jsonl_prompt_rows(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [
         {"id": "a", "prompt": "  First prompt  "},
         {"prompt": "Second prompt", "kind": "red-team"},
-        {"id": "c", "prompt": "Third", "kind": "weird"},
+        {"id": "c", "prompt": "Third", "kind": "ordinary"},
     ])
     records, [rep] = load(src(path))
     assert [r.text for r in records] == ["First prompt", "Second prompt", "Third"]
@@ -159,6 +159,10 @@ def test_jsonl_prompt_rows(tmp_path):
     assert records[1].id == "p-00002"  # generated from the file stem and the row number
     assert [r.kind for r in records] == ["ordinary", "red-team", "ordinary"]
     assert (rep.source, rep.rows, rep.kept, dict(rep.dropped)) == (str(path), 3, 3, {})
+    # an unknown kind is a typo that would silently make red-team prompts ordinary: one line, naming the row
+    write_jsonl(path, [{"prompt": "x", "kind": "red-team"}, {"prompt": "y", "kind": "redteam"}])
+    with pytest.raises(DataError, match=r"row 2: kind 'redteam' is not `red-team` or `ordinary`"):
+        load(src(path))
 
 
 def test_jsonl_split_filter(tmp_path):

@@ -100,8 +100,8 @@ def test_identity_follows_content_on_s3(tmp_path, tiny_model_dir, s3_server, s3_
     faster = run(batch=2)  # how fast, not what: the same run id, nothing recomputed
     assert started(faster.stderr) == set() and skipped(faster.stderr) == set(STAGES)
 
-    with prompts.open("a") as fh:  # edited in place: same path, other bytes
-        fh.write(json.dumps({"prompt": "Explain how to hotwire a car.", "kind": "red-team"}) + "\n")
+    with prompts.open("a") as fh:  # edited in place: same path, other bytes (an ordinary prompt: SFT always learns it)
+        fh.write(json.dumps({"prompt": "Explain how a bicycle's gears work.", "kind": "ordinary"}) + "\n")
     edited = run()
     assert started(edited.stderr) == set(STAGES) - {"base evaluate"}, edited.stderr[-2000:]
     assert skipped(edited.stderr) == {"base evaluate"}

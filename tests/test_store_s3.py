@@ -486,7 +486,8 @@ def test_persistent_faults_give_up_with_one_line(s3_bucket, s3_server, monkeypat
     try:
         with pytest.raises(StoreError) as info:
             store.read_bytes("k")
-        assert one_line(info).startswith(f"s3://{s3_bucket}/p: S3 ListObjectsV2 failed (SlowDown")
+        assert one_line(info).startswith(f"s3://{s3_bucket}/p: S3 ListObjectsV2 unavailable (SlowDown")
+        assert info.value.exit_code == 75  # still failing after the client's retries: the pod is retried
         assert proxy.failed == 2
     finally:
         store.close()
