@@ -10,7 +10,9 @@ Each row carries the measures item 6 of the recipe issue asks for, each with its
   bootstrap interval of the gain over the base model on the same items;
 - over-refusal: keyword refusals on held-out benign-but-edgy prompts (Wilson);
 - tax: the average alignment tax over the capability sets (paired bootstrap);
-- distinct: the share of distinct opening sentences among the strict refusals (bootstrap).
+- distinct: the share of distinct opening sentences among the strict refusals, with its counts. No
+  interval: a bootstrap resample repeats items, which makes openings look less distinct, so its
+  percentile interval does not even contain the point estimate.
 
 Variants change train settings only (the generate side needs a new `cai run`; see bench/RESULTS.md):
 
@@ -76,20 +78,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, pairs
 
 
-def distinct_interval(rows: list[dict], level: float, samples: int, seed: int) -> dict[str, Any]:
-    """Share of distinct refusal openings, with a bootstrap interval over the harmful items."""
-    replies = [r["response"] for r in rows]
-    point = refusal_openings(replies)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(samples):
-        share = refusal_openings([replies[i] for i in rng.integers(0, len(replies), len(replies))])["share"]
-        if share is not None:
-            boots.append(share)
-    lo, hi = (np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2]) if boots else (None, None))
-    return {**point, "lo": lo, "hi": hi}
-
-
 def capability_tax(plain: dict, base: dict) -> float | None:
     """The average capability tax's point value, from the per-item outcomes the interval resamples."""
     b = score_outcomes(item_outcomes(dict(base)), HARMLESS)
@@ -111,7 +99,7 @@ def row_for(name: str, store, eval_dir: str, base_dir: str, config: RunConfig) -
     harmless, over = iv["rates"]["no_system"][HARMLESS], iv["rates"]["no_system"][OVER_REFUSAL]
     gain, tax_ci = iv["differences"]["no_system"][HARMLESS], iv["tax"]["no_system"]["capability_average"]
     tax = capability_tax(plain, base)
-    d = distinct_interval(plain["harmful"], ev.confidence, 1000, config.seed)
+    d = refusal_openings([r["response"] for r in plain["harmful"]])
     is_base = eval_dir == base_dir
 
     def pct(s: dict) -> str:
@@ -123,7 +111,7 @@ def row_for(name: str, store, eval_dir: str, base_dir: str, config: RunConfig) -
         "-" if is_base else f"{gain['diff'] * 100:+.1f} [{gain['lo'] * 100:+.1f}, {gain['hi'] * 100:+.1f}]",
         pct(over),
         "-" if is_base or tax is None or tax_ci is None else f"{tax:+.1f}% [{tax_ci['lo']:+.1f}, {tax_ci['hi']:+.1f}]",
-        "-" if d["share"] is None else f"{d['share']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}] of {d['refusals']}",
+        "-" if d["share"] is None else f"{d['share']:.2f} ({d['distinct']} of {d['refusals']})",
     ]
 
 

@@ -416,12 +416,3 @@ def test_ablation_variants_parse_and_override_train_settings_only_where_asked():
         ablation.parse_variant("nothing")
     with pytest.raises(SystemExit, match="is not key=value"):
         ablation.parse_variant("x:train.method")
-
-
-def test_ablation_distinct_share_interval_brackets_its_point():
-    from bench import ablation
-
-    rows = [{"response": f"I can't help you make thing {i % 6}."} for i in range(30)] + [{"response": "Sure, here it is."}] * 10
-    d = ablation.distinct_interval(rows, 0.95, 300, 0)
-    assert d["refusals"] == 30 and d["distinct"] == 6 and d["share"] == pytest.approx(0.2)
-    assert d["lo"] <= d["share"] <= d["hi"]
