@@ -14,7 +14,7 @@ import pytest
 import jobs.controller
 from jobs.config import RunConfig
 from jobs.controller import Controller
-from jobs.errors import StageFailed
+from jobs.errors import StageFailed, StoreError
 from jobs.run_lock import LockHeld, LockLost, RunLock
 from jobs.store import LocalStore
 
@@ -214,19 +214,20 @@ def test_unreadable_locks_can_always_be_taken_over(tmp_path):
     assert store.list("runs/r1") == []
 
 
+class FlakyStore(LocalStore):
+    """Its next `fail` reads raise a transport error (a connection reset, a timeout)."""
+
+    fail = 0
+
+    def read_bytes(self, key):
+        if self.fail:
+            self.fail -= 1
+            raise StoreError(f"{key}: connection reset (injected)")
+        return super().read_bytes(key)
+
+
 def test_one_failed_read_during_renewal_is_no_evidence_of_loss(tmp_path):
-    from jobs.errors import StoreError
-
-    class Flaky(LocalStore):
-        fail = 0
-
-        def read_bytes(self, key):
-            if self.fail:
-                self.fail -= 1
-                raise StoreError(f"{key}: connection reset (injected)")
-            return super().read_bytes(key)
-
-    store = Flaky(tmp_path)
+    store = FlakyStore(tmp_path)
     lock = RunLock(store, KEY, ttl_s=30)
     lock.acquire()
     store.fail = 1
@@ -321,18 +322,7 @@ def test_a_holder_that_died_on_this_host_is_taken_over_at_once(tmp_path):
 
 
 def test_the_heartbeat_retries_a_failed_renewal_within_the_lease(tmp_path):
-    from jobs.errors import StoreError
-
-    class Flaky(LocalStore):
-        fail = 0
-
-        def read_bytes(self, key):
-            if self.fail:
-                self.fail -= 1
-                raise StoreError(f"{key}: timed out (injected)")
-            return super().read_bytes(key)
-
-    store = Flaky(tmp_path)
+    store = FlakyStore(tmp_path)
     with RunLock(store, KEY, ttl_s=4) as lock:  # a beat every second
         store.fail = 2
         first = lock.expires_at
