@@ -210,9 +210,10 @@ class FakeCluster:
             key = (ns, name, job["metadata"].get("uid", ""))
             if key not in self._handled and not job.get("status", {}).get("conditions"):
                 uid = str(uuid.uuid4())
-                self._patch(JOBS, ns, name, {"metadata": {"uid": uid, "creationTimestamp": now()}})
+                if not self._patch(JOBS, ns, name, {"metadata": {"uid": uid, "creationTimestamp": now()}}):
+                    continue  # deleted since the read above
                 self._handled.add((ns, name, uid))
-                threading.Thread(target=self._guarded, args=(self._run_job, ns, name), daemon=True).start()
+                threading.Thread(target=self._guarded, args=(self._run_job, ns, name, uid), daemon=True).start()
         # garbage collection: pods whose Job is gone go too
         live = {j["metadata"].get("uid") for j in self.objects(JOBS).values()}  # read after the uids above
         for (ns, pod), raw in self.objects(PODS).items():
@@ -241,9 +242,9 @@ class FakeCluster:
     def _job(self, ns: str, name: str) -> dict | None:
         return self.objects(JOBS).get((ns, name))
 
-    def _run_job(self, ns: str, name: str) -> None:
+    def _run_job(self, ns: str, name: str, uid: str) -> None:
         job = self._job(ns, name)
-        if job is None:  # deleted before its controller got to it (a replaced Job)
+        if job is None or job["metadata"].get("uid") != uid:  # deleted (and maybe recreated) before this thread started
             return
         spec = job["spec"]
         if spec.get("suspend"):
