@@ -28,13 +28,22 @@ HELM := $(VENV)/bin/helm
 $(HELM): charts/install_helm.py | $(VENV)/bin/python
 	$(VENV)/bin/python charts/install_helm.py $(HELM)
 
-install: $(STAMP) $(HELM)
+# checkov (Kubernetes misconfiguration checks, tests/test_checkov.py) in its own venv: it pins dozens of
+# packages of its own, so it never shares the main venv.
+CHECKOV_SPEC ?= checkov==3.3.30
+CHECKOV := .venv-checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install -q --upgrade pip
+	.venv-checkov/bin/python -m pip install -q --prefer-binary "$(CHECKOV_SPEC)"
+
+install: $(STAMP) $(HELM) $(CHECKOV)
 
 demo: $(STAMP)
 	@$(VENV)/bin/cai model prepare >/dev/null
 	$(VENV)/bin/cai run -c recipes/demo.yaml
 
-test: $(STAMP) $(HELM)
+test: $(STAMP) $(HELM) $(CHECKOV)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =

@@ -26,6 +26,7 @@ columns the table reads. `--table-only` prints the table from what is already in
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if not name or not body:
         raise SystemExit(f"error: --variant {text!r}: expected NAME:key=value[,key=value]")
     pairs = {}
-    for item in body.split(","):
+    for item in re.split(r",(?![^\[]*\])", body):  # commas inside [a, b] belong to a list value
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"error: --variant {text!r}: {item!r} is not key=value")

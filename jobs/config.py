@@ -155,6 +155,21 @@ class DPOSection(StrictModel):
     batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_length: int = Field(512, gt=0)
+    loss_type: list[Literal["sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sigmoid_norm", "sft"]] = Field(
+        default_factory=lambda: ["sigmoid"], min_length=1,
+        description="trl's DPO losses, summed with `loss_weights`. `[sigmoid, sft]` adds the NLL of the chosen answer (RPO): "
+        "the pair's contrast plus the chosen text itself.",
+    )
+    loss_weights: list[float] | None = Field(None, description="One weight per `loss_type` entry (default: 1 each).")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Score the reference once before training and free it: no second model in memory during DPO."
+    )
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "DPOSection":
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(self.loss_type)} loss types; give one per loss type")
+        return self
 
 
 class RewardSection(StrictModel):
@@ -348,6 +363,15 @@ class KubernetesConfig(StrictModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list)
     service_account: str | None = Field(None, description="ServiceAccount of stage pods (e.g. one with an IRSA role for S3).")
+    controller_service_account: str = Field(
+        "cai-controller", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        description="ServiceAccount of the controller Job `cai submit` creates, and the name of its Role and RoleBinding "
+        "in `cai render --controller` (the chart's is `<release fullname>-controller`).",
+    )
+    pod_security_context: dict[str, Any] | None = Field(
+        None, description="securityContext of every pod, as in a PodSpec (camelCase keys); null = non-root UID 10001 (the "
+        "images' user) with the RuntimeDefault seccomp profile. OpenShift: leave out runAsUser, runAsGroup and fsGroup.",
+    )
     s3_secret: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, passed as env; null = IRSA/instance role.")
     s3_endpoint: str | None = Field(None, description="AWS_ENDPOINT_URL_S3 for S3-compatible stores (MinIO, SeaweedFS).")
     hf_token_secret: str | None = Field(

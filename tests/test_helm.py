@@ -204,13 +204,109 @@ def test_rbac_is_namespaced_and_minimal(default_render: str) -> None:
 
 
 def test_chart_rbac_matches_cai_submit(default_render: str) -> None:
-    """`cai submit` checks for the chart's ServiceAccount and relies on its Role: same name, same rules."""
-    from jobs.executors.k8s_manifests import CONTROLLER_SA, build_role, to_dict
+    """`cai submit` checks for the chart's ServiceAccount and relies on its Role: same name (for a release
+    named cai, the default kubernetes.controller_service_account), same rules."""
+    from jobs.executors.k8s_manifests import build_role, to_dict
     from jobs.config import KubernetesConfig
 
     (role,) = by_kind(docs(default_render), "Role")
-    assert role["metadata"]["name"] == CONTROLLER_SA
+    assert role["metadata"]["name"] == KubernetesConfig().controller_service_account
     assert role["rules"] == to_dict(build_role(KubernetesConfig()))["rules"]
+
+
+def names_by_kind(objs: list[dict]) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in objs}
+
+
+def test_two_releases_in_one_namespace_do_not_collide(helm: Path, tmp_path: Path) -> None:
+    args = ["--set", "networkPolicy.enabled=true", "--set", "runOnInstall=true"]
+    a = docs(run_helm(helm, "template", "team-a", str(CHART), "-n", NS, *args).stdout)
+    b = docs(run_helm(helm, "template", "team-b", str(CHART), "-n", NS, *args).stdout)
+    assert not names_by_kind(a) & names_by_kind(b)
+    assert ("ServiceAccount", "team-a-cai-controller") in names_by_kind(a)
+    # each release's controller submits stage Jobs as its own stage ServiceAccount, labelled as its own
+    k8s = load_run_config(run_yaml(b), tmp_path).kubernetes
+    assert (k8s.service_account, k8s.controller_service_account) == ("team-b-cai-stage", "team-b-cai-controller")
+    assert k8s.labels["cai-jobs/release"] == "team-b"
+    (binding,) = by_kind(b, "RoleBinding")
+    assert binding["subjects"][0]["name"] == binding["roleRef"]["name"] == "team-b-cai-controller"
+    for spec in pod_specs(b):
+        assert spec["serviceAccountName"] == "team-b-cai-controller"
+
+
+def test_name_overrides_and_existing_service_accounts(helm: Path, tmp_path: Path) -> None:
+    objs = docs(template(helm, "--set", "fullnameOverride=align", "--set", "rbac.create=false",
+                         "--set", "serviceAccount.controller.create=false", "--set", "serviceAccount.controller.name=ops-controller",
+                         "--set", "serviceAccount.stage.name=ops-stage"))
+    assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
+    assert [sa["metadata"]["name"] for sa in by_kind(objs, "ServiceAccount")] == ["ops-stage"]
+    assert by_kind(objs, "CronJob")[0]["metadata"]["name"] == "align-realign"
+    assert by_kind(objs, "ConfigMap")[0]["metadata"]["name"] == "align-config"
+    for spec in pod_specs(objs):
+        assert spec["serviceAccountName"] == "ops-controller"
+    assert load_run_config(run_yaml(objs), tmp_path).kubernetes.service_account == "ops-stage"
+
+
+def test_stage_service_account_can_carry_its_own_role(helm: Path) -> None:
+    """s3.irsaRoleArn is both accounts' role unless one names its own: a stage role that cannot write models/."""
+    stage_role = "arn:aws:iam::123456789012:role/cai-stage-no-models"
+    objs = docs(template(helm, "--set", "s3.irsaRoleArn=arn:aws:iam::123456789012:role/cai-controller",
+                         "--set-string", f"serviceAccount.stage.annotations.eks\\.amazonaws\\.com/role-arn={stage_role}"))
+    roles = {sa["metadata"]["name"]: sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] for sa in by_kind(objs, "ServiceAccount")}
+    assert roles == {"cai-controller": "arn:aws:iam::123456789012:role/cai-controller", "cai-stage": stage_role}
+
+
+def test_openshift_leaves_the_uid_to_the_platform(helm: Path, tmp_path: Path) -> None:
+    """restricted-v2 assigns its own UID: null the UID fields and no pod, chart's or stage's, sets one."""
+    from jobs.executors.k8s_manifests import build_job, to_dict
+    from jobs.config import StageSpec
+
+    objs = docs(template(helm, "--set", "podSecurityContext.runAsUser=null", "--set", "podSecurityContext.runAsGroup=null",
+                         "--set", "podSecurityContext.fsGroup=null"))
+    for spec in pod_specs(objs):
+        assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert "runAsUser" not in spec["containers"][0]["securityContext"]
+    k8s = load_run_config(run_yaml(objs), tmp_path).kubernetes
+    spec = StageSpec(stage="generate", run_id="r", round=1, store="s3://b", model="bundled:smollm2-135m-instruct", output="runs/r/round-1/generate")
+    pod = to_dict(build_job(spec, "s3://b/spec.json", k8s))["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert "runAsUser" not in pod["containers"][0]["securityContext"]
+
+
+def test_network_policy_selects_this_releases_pods(helm: Path, tmp_path: Path) -> None:
+    """Off by default. On: no ingress anywhere; stage pods reach DNS and the store only; the controller
+    also the Hub and the API server. The policies select the labels the pods really carry."""
+    assert not by_kind(docs(template(helm)), "NetworkPolicy")
+    objs = docs(template(helm, "--set", "networkPolicy.enabled=true", "--set", "networkPolicy.store.cidrs={10.0.0.0/16}",
+                         "--set", "networkPolicy.store.ports={9000}"))
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(objs, "NetworkPolicy")}
+    controller, stage = policies["cai-controller"], policies["cai-stage"]
+    for p in (controller, stage):
+        assert p["policyTypes"] == ["Ingress", "Egress"] and p["ingress"] == []
+    assert len(controller["egress"]) == 4 and len(stage["egress"]) == 2
+    store_rule = stage["egress"][1]
+    assert store_rule["to"] == [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["169.254.169.254/32"]}}]
+    assert store_rule["ports"] == [{"protocol": "TCP", "port": 9000}]
+    assert all(peer.get("ipBlock", {}).get("except") == ["169.254.169.254/32"] for rule in controller["egress"][1:] for peer in rule["to"])
+
+    def selects(policy: dict, labels: dict[str, str]) -> bool:
+        sel = policy["podSelector"]
+        return all(labels.get(k) == v for k, v in sel["matchLabels"].items()) and all(
+            labels.get(e["key"]) in e["values"] for e in sel["matchExpressions"])
+
+    (cron,) = by_kind(objs, "CronJob")
+    assert selects(controller, cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"])
+    # a stage pod as this release's controller builds it from run.yaml
+    from jobs.executors.k8s_manifests import build_job, to_dict
+    from jobs.config import StageSpec
+
+    k8s = load_run_config(run_yaml(objs), tmp_path).kubernetes
+    spec = StageSpec(stage="train", run_id="r", round=1, store="s3://b", model="bundled:smollm2-135m-instruct", output="runs/r/round-1/train")
+    pod_labels = to_dict(build_job(spec, "s3://b/spec.json", k8s))["spec"]["template"]["metadata"]["labels"]
+    assert selects(stage, pod_labels) and not selects(controller, pod_labels)
+    other = docs(run_helm(helm, "template", "other", str(CHART), "-n", NS, "--set", "networkPolicy.enabled=true").stdout)
+    other_stage = [p["spec"] for p in by_kind(other, "NetworkPolicy") if p["metadata"]["name"].endswith("-stage")][0]
+    assert not selects(other_stage, pod_labels)  # another release's policy leaves this release's pods alone
 
 
 @pytest.mark.parametrize("render", ["default_render", "gpu_render"])
@@ -283,24 +379,29 @@ def test_hf_token_and_endpoint_reach_the_controller_only(helm: Path, tmp_path: P
     submitted = to_dict(build_controller_job("r", "s3://cai-jobs/cai", k8s, namespace=NS))["spec"]["template"]["spec"]
     for pod in pod_specs(objs):
         env = container_env(pod)
-        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+        # the token as a read-only file huggingface_hub reads (HF_TOKEN_PATH), never as an env value
+        assert "HF_TOKEN" not in env and env["HF_TOKEN_PATH"]["value"] == "/var/run/secrets/cai/hf/token"
+        (vol,) = [v for v in pod["volumes"] if v["name"] == "hf-token"]
+        assert vol["secret"] == {"secretName": "hf-token", "items": [{"key": "HF_TOKEN", "path": "token"}], "defaultMode": 0o440}
+        assert {"name": "hf-token", "mountPath": "/var/run/secrets/cai/hf", "readOnly": True} in pod["containers"][0]["volumeMounts"]
         assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.example.com"
         assert env["HF_HOME"]["value"] == "/var/cache/cai/hf"
         assert "HF_HUB_OFFLINE" not in env
         assert pod["containers"][0]["env"] == submitted["containers"][0]["env"]  # the same env as `cai submit`'s controller
+        assert vol in submitted["volumes"] and submitted["containers"][0]["volumeMounts"] == pod["containers"][0]["volumeMounts"]
     for stage in ("generate", "judge", "train", "evaluate"):
         spec = StageSpec(stage=stage, run_id="r", round=1, store="s3://cai-jobs/cai", output=f"runs/r/round-1/{stage}", model="m")
         job = to_dict(build_job(spec, f"s3://cai-jobs/cai/runs/r/round-1/{stage}/spec.json", k8s, namespace=NS))
         env = container_env(job["spec"]["template"]["spec"])
         assert env["HF_HUB_OFFLINE"]["value"] == "1"
-        assert not {"HF_TOKEN", "HF_ENDPOINT", "HF_HOME"} & set(env) and "hf-token" not in json.dumps(job)
+        assert not {"HF_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT", "HF_HOME"} & set(env) and "hf-token" not in json.dumps(job)
 
 
 def test_controller_pods_are_online_and_anonymous_by_default(default_render: str) -> None:
     for pod in pod_specs(docs(default_render)):
         env = container_env(pod)
         assert env["HF_HOME"]["value"] == "/var/cache/cai/hf"
-        assert not {"HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"} & set(env)
+        assert not {"HF_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT", "HF_HUB_OFFLINE"} & set(env)
 
 
 # --- the rendered run config ---------------------------------------------------------------------
@@ -331,7 +432,7 @@ def test_gpu_run_yaml_carries_stage_resources(gpu_render: str, tmp_path: Path) -
     assert k8s.stages["generate"].node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert k8s.stages["judge"].image == "123456789012.dkr.ecr.us-east-1.amazonaws.com/cai-judge:0.1.0"
     assert (k8s.queue, k8s.priority_class, k8s.backoff_limit, k8s.ttl_seconds_after_finished) == ("gpu-queue", "batch-high", 3, 172800)
-    assert (k8s.image_pull_policy, k8s.image_pull_secrets, k8s.labels) == ("Always", ["ecr-pull"], {"team": "alignment"})
+    assert (k8s.image_pull_policy, k8s.image_pull_secrets, k8s.labels) == ("Always", ["ecr-pull"], {"team": "alignment", "cai-jobs/release": "cai"})
 
 
 def test_stage_jobs_from_the_rendered_config_request_gpus(gpu_render: str, tmp_path: Path) -> None:

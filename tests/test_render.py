@@ -252,7 +252,10 @@ def test_hf_token_and_endpoint_reach_the_controller_job_only():
     jobs = [d for d in out if d["kind"] == "Job"]
     controller = next(j for j in jobs if j["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
     env = {e["name"]: e for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+    assert "HF_TOKEN" not in env and env["HF_TOKEN_PATH"]["value"] == "/var/run/secrets/cai/hf/token"
+    pod = controller["spec"]["template"]["spec"]
+    assert {"name": "hf-token", "secret": {"secretName": "hf-token", "items": [{"key": "HF_TOKEN", "path": "token"}],
+                                           "defaultMode": 0o440}} in pod["volumes"]
     assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.example.com" and env["HF_HOME"]["value"] == "/var/cache/cai/hf"
     assert "HF_HUB_OFFLINE" not in env
     stages = [j for j in jobs if j is not controller]
@@ -260,7 +263,7 @@ def test_hf_token_and_endpoint_reach_the_controller_job_only():
     for job in stages:
         stage_env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert stage_env["HF_HUB_OFFLINE"]["value"] == "1"
-        assert not {"HF_TOKEN", "HF_ENDPOINT", "HF_HOME"} & set(stage_env) and "hf-token" not in yaml.safe_dump(job)
+        assert not {"HF_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT", "HF_HOME"} & set(stage_env) and "hf-token" not in yaml.safe_dump(job)
     (cm,) = [d for d in out if d["kind"] == "ConfigMap"]
     pod_k8s = RunConfig.model_validate(yaml.safe_load(cm["data"]["run.yaml"])).kubernetes
     assert (pod_k8s.hf_token_secret, pod_k8s.hf_endpoint) == ("hf-token", "https://hf-mirror.example.com")

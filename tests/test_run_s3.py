@@ -82,10 +82,30 @@ def run_until(args: list[str], env: dict[str, str], cwd: Path, marker: str, time
     return "".join(seen)
 
 
+PLANTED_HF_TOKEN = "hf_PlantedSecretThatMustNeverLeak0123"
+
+
+def assert_no_secret(secrets: list[str], s3, bucket: str, outputs: list[str], local: Path) -> None:
+    """No secret the run was given appears in any object of the store (logs, stage.json manifests,
+    spec.json, run.json, data, models), in what it printed, or in a file it wrote locally."""
+    bodies = {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in objects(s3, bucket, "")}
+    assert any(k.endswith("/run.json") for k in bodies) and any(k.endswith(".log") for k in bodies), sorted(bodies)
+    for secret in secrets:
+        raw = secret.encode()
+        for key, body in bodies.items():
+            assert raw not in body, f"a secret leaked into s3://{bucket}/{key}"
+        for text in outputs:
+            assert secret not in text, "a secret leaked into the run's output"
+        for path in local.rglob("*"):
+            if path.is_file():
+                assert raw not in path.read_bytes(), f"a secret leaked into {path}"
+
+
 def test_run_on_s3_killed_mid_stage_resumes(tmp_path, tiny_model_dir, s3_server, s3_bucket):
     config = tmp_path / "run.yaml"
     config.write_text(CONFIG.format(model=tiny_model_dir))
-    env = {**os.environ, **s3_server.env, "CAI_CACHE_DIR": str(tmp_path / "cache")}
+    # the S3 keys are real (the server checks them); the HF token is planted: offline, nothing uses it
+    env = {**os.environ, **s3_server.env, "CAI_CACHE_DIR": str(tmp_path / "cache"), "HF_TOKEN": PLANTED_HF_TOKEN}
     store = f"s3://{s3_bucket}/{PREFIX}"
     args = ["-c", str(config), "--store", store]
     s3 = s3_server.admin()
@@ -125,4 +145,6 @@ def test_run_on_s3_killed_mid_stage_resumes(tmp_path, tiny_model_dir, s3_server,
     last = cai_run(args, env, tmp_path)
     assert last.returncode == 0, last.stderr[-3000:]
     assert last.stderr.count("already complete, skipped") == 5 and "starting" not in last.stderr
+    outputs = [first, again.stdout, again.stderr, last.stdout, last.stderr]
+    assert_no_secret([s3_server.secret_key, PLANTED_HF_TOKEN], s3, s3_bucket, outputs, tmp_path / "cache")
     assert objects(s3, s3_bucket, f"{run_root}/round-1/") == {k: v for k, v in after.items() if k.startswith(f"{run_root}/round-1/")}

@@ -30,15 +30,16 @@ CONFIG_DIR = "/etc/cai"  # the controller's ConfigMap (run.yaml, constitution.ya
 HF_HOME = f"{CACHE_DIR}/hf"  # the controller's Hub downloads, in its cache emptyDir
 HUB_OFFLINE = "HF_HUB_OFFLINE"  # in every stage pod's env (pod_env); never in the controller's
 HF_TOKEN_KEY = "HF_TOKEN"  # the key in kubernetes.hf_token_secret
-CONTROLLER_SA = "cai-controller"  # same name as the chart's ServiceAccount, Role and RoleBinding
+HF_TOKEN_DIR = "/var/run/secrets/cai/hf"  # where the controller pod mounts it, read-only
 SPEC_HASH = "cai-jobs/spec-hash"
 INPUTS_HASH = "cai-jobs/inputs-hash"  # the spec and its inputs' content digests: a Job is adopted only with both equal
 SPEC_URI = "cai-jobs/spec-uri"
 JOB_LABEL = "cai-jobs/job"  # on every pod of a Job: how the executor finds a Job's pods
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PART_OF = "cai-jobs"
-# The controller only sequences stages and streams JSONL merges: small and steady.
-CONTROLLER_CPU, CONTROLLER_MEMORY = "500m", "2Gi"
+# The controller only sequences stages and streams JSONL merges: small and steady. Its CPU limit leaves
+# room for hashing a Hub model on its way into the store.
+CONTROLLER_CPU, CONTROLLER_CPU_LIMIT, CONTROLLER_MEMORY = "500m", "2", "2Gi"
 # CaiError exit codes (1: a stage failed, 2: bad input): rerunning the controller pod would fail the
 # same way. Infrastructure kills (OOM 137, SIGTERM 143) and 75 (the store or the API briefly
 # unavailable, a lock still held) are retried; the new pod adopts the stage Jobs already running.
@@ -120,17 +121,38 @@ def _k8s_model(cls: type, data: Any, field: str) -> Any:
         raise ConfigError(f"config: {field}{'.' + where if where else ''}: {err['msg']}; write it as in a Kubernetes PodSpec (camelCase keys)") from None
 
 
-def _security() -> tuple[m.V1PodSecurityContext, m.V1SecurityContext]:
+def _security(k8s: KubernetesConfig) -> tuple[m.V1PodSecurityContext, m.V1SecurityContext]:
+    """The pod's securityContext (the config's, or non-root UID 10001) and the container's. The container
+    never sets a UID, so the pod's applies, or the platform's where a policy assigns one (OpenShift)."""
     seccomp = m.V1SeccompProfile(type="RuntimeDefault")
-    pod = m.V1PodSecurityContext(
-        run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER, seccomp_profile=seccomp
-    )
+    if k8s.pod_security_context is not None:
+        pod = _k8s_model(m.V1PodSecurityContext, k8s.pod_security_context, "kubernetes.pod_security_context")
+    else:
+        pod = m.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER, seccomp_profile=seccomp
+        )
     container = m.V1SecurityContext(
-        run_as_non_root=True, run_as_user=RUN_AS_USER, allow_privilege_escalation=False, privileged=False,
+        run_as_non_root=True, allow_privilege_escalation=False, privileged=False,
         read_only_root_filesystem=True,  # writes go to the store, the cache emptyDir and /tmp only
         capabilities=m.V1Capabilities(drop=["ALL"]), seccomp_profile=seccomp,
     )
     return pod, container
+
+
+def checkov_skips(image: str, k8s: KubernetesConfig, *, cpu_limit: bool, api_token: bool) -> dict[str, str]:
+    """checkov's skip annotations where the product is right, each with its reason (tests/test_checkov.py
+    runs checkov over `cai render --controller` and the chart; the chart's cai.checkovSkips says the same)."""
+    reasons = []
+    if api_token:
+        reasons.append("CKV_K8S_38=the controller calls the Kubernetes API (create, get and delete stage Jobs), so it mounts its token")
+    if not cpu_limit:
+        reasons.append("CKV_K8S_11=no CPU limit on purpose: throttling a tokenizer or data loader only leaves the GPU idle")
+    if "@sha256:" not in image:
+        reasons.append("CKV_K8S_43=pinned by tag (the package version by default); give the image as repository@sha256:... to pin by digest")
+    if k8s.image_pull_policy != "Always":
+        reasons.append(f"CKV_K8S_15={k8s.image_pull_policy}: release tags are immutable and images are large; "
+                       "set kubernetes.image_pull_policy to Always if you retag")
+    return {f"checkov.io/skip{i}": r for i, r in enumerate(reasons, 1)}
 
 
 def _store_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
@@ -153,10 +175,18 @@ def _hub_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
     env = [m.V1EnvVar(name="HF_HOME", value=HF_HOME)]
     if k8s.hf_endpoint:
         env.append(m.V1EnvVar(name="HF_ENDPOINT", value=k8s.hf_endpoint))
-    if k8s.hf_token_secret:
-        ref = m.V1SecretKeySelector(name=k8s.hf_token_secret, key=HF_TOKEN_KEY)
-        env.append(m.V1EnvVar(name="HF_TOKEN", value_from=m.V1EnvVarSource(secret_key_ref=ref)))
+    if k8s.hf_token_secret:  # a mounted file, not an env var: no process listing or crash dump shows it
+        env.append(m.V1EnvVar(name="HF_TOKEN_PATH", value=f"{HF_TOKEN_DIR}/token"))
     return env
+
+
+def _hub_token_volume(k8s: KubernetesConfig) -> tuple[list[m.V1Volume], list[m.V1VolumeMount]]:
+    """The HF token Secret as a read-only file (huggingface_hub reads HF_TOKEN_PATH), controller only."""
+    if not k8s.hf_token_secret:
+        return [], []
+    source = m.V1SecretVolumeSource(secret_name=k8s.hf_token_secret, items=[m.V1KeyToPath(key=HF_TOKEN_KEY, path="token")],
+                                    default_mode=0o440)
+    return [m.V1Volume(name="hf-token", secret=source)], [m.V1VolumeMount(name="hf-token", mount_path=HF_TOKEN_DIR, read_only=True)]
 
 
 def controller_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
@@ -205,7 +235,7 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
     field = f"kubernetes.stages.{spec.stage}"
     labels = stage_labels(spec, k8s)
     name = job_name(spec, spec_uri)
-    pod_security, container_security = _security()
+    pod_security, container_security = _security(k8s)
     volumes, mounts = _scratch_volumes()
     container = m.V1Container(
         name=CONTAINER,
@@ -236,7 +266,9 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         api_version="batch/v1",
         kind="Job",
         metadata=m.V1ObjectMeta(
-            name=name, namespace=namespace, labels=labels, annotations={SPEC_HASH: spec.spec_hash(), SPEC_URI: spec_uri, **({INPUTS_HASH: inputs_hash} if inputs_hash else {})}
+            name=name, namespace=namespace, labels=labels,
+            annotations={SPEC_HASH: spec.spec_hash(), SPEC_URI: spec_uri, **({INPUTS_HASH: inputs_hash} if inputs_hash else {}),
+                         **checkov_skips(container.image, k8s, cpu_limit=False, api_token=False)},
         ),
         spec=m.V1JobSpec(
             completion_mode="Indexed" if shards > 1 else "NonIndexed",
@@ -275,13 +307,16 @@ def controller_command(run_id: str, store: str) -> list[str]:
 
 
 def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespace: str | None = None) -> m.V1Job:
-    """The Job that runs `cai run --executor kubernetes` in the cluster, as ServiceAccount cai-controller."""
+    """The Job that runs `cai run --executor kubernetes` in the cluster, as kubernetes.controller_service_account."""
     job, config_map = controller_names(run_id)
     labels = common_labels(run_id, "controller", k8s)
-    pod_security, container_security = _security()
+    pod_security, container_security = _security(k8s)
     volumes, mounts = _scratch_volumes()
     volumes.append(m.V1Volume(name="config", config_map=m.V1ConfigMapVolumeSource(name=config_map)))
     mounts.append(m.V1VolumeMount(name="config", mount_path=CONFIG_DIR, read_only=True))
+    token_volumes, token_mounts = _hub_token_volume(k8s)
+    volumes += token_volumes
+    mounts += token_mounts
     downward = [  # who holds the run lock, and where stage Jobs go by default
         m.V1EnvVar(name=n, value_from=m.V1EnvVarSource(field_ref=m.V1ObjectFieldSelector(field_path=f)))
         for n, f in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"))
@@ -295,7 +330,7 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
         resources=m.V1ResourceRequirements(
             requests={"cpu": CONTROLLER_CPU, "memory": CONTROLLER_MEMORY,
                       **({"ephemeral-storage": k8s.controller_ephemeral_storage} if k8s.controller_ephemeral_storage else {})},
-            limits={"memory": CONTROLLER_MEMORY}
+            limits={"cpu": CONTROLLER_CPU_LIMIT, "memory": CONTROLLER_MEMORY}
         ),
         security_context=container_security,
         volume_mounts=mounts,
@@ -303,7 +338,7 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
     pod = m.V1PodSpec(
         restart_policy="Never",
         containers=[container],
-        service_account_name=CONTROLLER_SA,
+        service_account_name=k8s.controller_service_account,
         image_pull_secrets=[m.V1LocalObjectReference(name=s) for s in k8s.image_pull_secrets] or None,
         security_context=pod_security,
         volumes=volumes,
@@ -311,7 +346,8 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
     return m.V1Job(
         api_version="batch/v1",
         kind="Job",
-        metadata=m.V1ObjectMeta(name=job, namespace=namespace, labels=labels, annotations={"cai-jobs/store": store}),
+        metadata=m.V1ObjectMeta(name=job, namespace=namespace, labels=labels, annotations={
+            "cai-jobs/store": store, **checkov_skips(container.image, k8s, cpu_limit=True, api_token=True)}),
         spec=m.V1JobSpec(
             completions=1,
             parallelism=1,
@@ -326,7 +362,7 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
 def build_service_account(k8s: KubernetesConfig, namespace: str | None = None) -> m.V1ServiceAccount:
     return m.V1ServiceAccount(
         api_version="v1", kind="ServiceAccount",
-        metadata=m.V1ObjectMeta(name=CONTROLLER_SA, namespace=namespace, labels=_rbac_labels(k8s)),
+        metadata=m.V1ObjectMeta(name=k8s.controller_service_account, namespace=namespace, labels=_rbac_labels(k8s)),
     )
 
 
@@ -349,7 +385,7 @@ def _rbac_labels(k8s: KubernetesConfig) -> dict[str, str]:
 def build_role(k8s: KubernetesConfig, namespace: str | None = None) -> m.V1Role:
     return m.V1Role(
         api_version="rbac.authorization.k8s.io/v1", kind="Role",
-        metadata=m.V1ObjectMeta(name=CONTROLLER_SA, namespace=namespace, labels=_rbac_labels(k8s)),
+        metadata=m.V1ObjectMeta(name=k8s.controller_service_account, namespace=namespace, labels=_rbac_labels(k8s)),
         rules=controller_rules(),
     )
 
@@ -357,9 +393,9 @@ def build_role(k8s: KubernetesConfig, namespace: str | None = None) -> m.V1Role:
 def build_role_binding(k8s: KubernetesConfig, namespace: str | None = None) -> m.V1RoleBinding:
     return m.V1RoleBinding(
         api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding",
-        metadata=m.V1ObjectMeta(name=CONTROLLER_SA, namespace=namespace, labels=_rbac_labels(k8s)),
-        role_ref=m.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=CONTROLLER_SA),
-        subjects=[m.RbacV1Subject(kind="ServiceAccount", name=CONTROLLER_SA, namespace=namespace)],
+        metadata=m.V1ObjectMeta(name=k8s.controller_service_account, namespace=namespace, labels=_rbac_labels(k8s)),
+        role_ref=m.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=k8s.controller_service_account),
+        subjects=[m.RbacV1Subject(kind="ServiceAccount", name=k8s.controller_service_account, namespace=namespace)],
     )
 
 

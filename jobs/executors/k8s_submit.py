@@ -21,7 +21,7 @@ from ..errors import SubmitError
 from ..store import open_store
 from ..uploads import upload_local_inputs
 from .k8s_manifests import (
-    CONFIG_DIR, CONTROLLER_SA, build_config_map, build_controller_job, build_job, build_role, build_role_binding,
+    CONFIG_DIR, build_config_map, build_controller_job, build_job, build_role, build_role_binding,
     build_service_account, controller_image, to_yaml,
 )
 from .kubernetes import KubernetesExecutor, api_error, job_state, log
@@ -82,7 +82,7 @@ def render(config: RunConfig, store_uri: str, run_id: str | None = None, namespa
     if not store_uri.startswith("s3://"):
         notes.append("warning: the store is a local directory, which pods cannot read; use --store s3://bucket/prefix")
     if controller:
-        notes.append(f"controller: image {controller_image(config.kubernetes)}, ServiceAccount {CONTROLLER_SA} (RBAC below)")
+        notes.append(f"controller: image {controller_image(config.kubernetes)}, ServiceAccount {config.kubernetes.controller_service_account} (RBAC below)")
         k8s = config.kubernetes
         run_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         objs += [build_service_account(k8s, ns), build_role(k8s, ns), build_role_binding(k8s, ns),
@@ -108,15 +108,17 @@ def submit(config: RunConfig, store_uri: str, batch_api: Any, core_api: Any, nam
     pod_config, constitution = controller_config(config, store_uri)
     run_id = run_id or default_run_id(pod_config)
     k8s = pod_config.kubernetes
+    sa = k8s.controller_service_account
     try:
-        core_api.read_namespaced_service_account(CONTROLLER_SA, namespace)
+        core_api.read_namespaced_service_account(sa, namespace)
     except ApiException as e:
         if e.status == 404:
-            raise SubmitError(f"serviceaccount {namespace}/{CONTROLLER_SA}: not found; install the chart (helm install cai charts/cai -n {namespace}) "
+            raise SubmitError(f"serviceaccount {namespace}/{sa}: not found; install the chart (helm install cai charts/cai -n {namespace}), "
+                              f"set kubernetes.controller_service_account to its <release>-controller, "
                               f"or apply the RBAC from `cai render --controller -n {namespace}`") from None
-        raise api_error(f"read serviceaccount {namespace}/{CONTROLLER_SA}", e) from None
+        raise api_error(f"read serviceaccount {namespace}/{sa}", e) from None
     except Exception as e:
-        raise api_error(f"read serviceaccount {namespace}/{CONTROLLER_SA}", e) from None
+        raise api_error(f"read serviceaccount {namespace}/{sa}", e) from None
 
     run_yaml = yaml.safe_dump(pod_config.model_dump(mode="json"), sort_keys=False)
     cm = build_config_map(run_id, run_yaml, constitution, k8s, namespace)

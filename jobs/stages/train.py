@@ -147,6 +147,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
         tok.pad_token = tok.eos_token
     with tempfile.TemporaryDirectory(prefix="cai-train-") as tmp:
         work, model, ref_dir = Path(tmp), None, start
+        own_reference = cfg.lora.enabled or cfg.dpo.precompute_ref_log_probs  # no second model in memory
         if "sft" in phases:
             args = _args(SFTConfig, "sft", cfg.sft, work, spec.seed, completion_only_loss=True)
             # prompt/completion rows: the loss covers the assistant answer only, whatever the chat template
@@ -155,19 +156,22 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
                                  peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[_metrics_log("sft", metrics)])
             model = _fit("sft", trainer, metrics, counts, timings)
             counts["sft_loss_on"] = "assistant answer (prompt/completion)"
-            if "dpo" in phases:  # the reference must be the SFT model, loaded from disk as its own copy
+            if "dpo" in phases and not own_reference:  # the reference is the SFT model, loaded from disk as its own copy
                 ref_dir = work / "sft-model"
                 _save(model, tok, ref_dir, {"phase": "sft"})
         if "dpo" in phases:
-            # LoRA: trl scores the reference with the adapters disabled, i.e. the merged SFT model itself,
-            # so no second copy is loaded; full fine-tuning loads the reference explicitly.
-            ref = None if cfg.lora.enabled else _load_lm(ref_dir)
-            args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, beta=cfg.dpo.beta)
+            # The reference is the model DPO starts from. LoRA: trl scores it with the adapters disabled.
+            # precompute_ref_log_probs: trl scores every pair with the untrained model once, before step 1.
+            # Either way no second copy is loaded; otherwise the reference is loaded as its own copy.
+            ref = None if own_reference else _load_lm(ref_dir)
+            args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, beta=cfg.dpo.beta, loss_type=list(cfg.dpo.loss_type),
+                         loss_weights=cfg.dpo.loss_weights, precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
             trainer = DPOTrainer(model=model if model is not None else _load_lm(start), ref_model=ref, args=args,
                                  train_dataset=Dataset.from_list(pref_data), processing_class=tok,
                                  peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[_metrics_log("dpo", metrics)])
             model = _fit("dpo", trainer, metrics, counts, timings)
-            counts["dpo_reference"] = "sft model" if ref_dir != start else "start model"
+            counts["dpo_reference"] = ("sft model" if "sft" in phases else "start model") + (
+                ", log-probs precomputed" if cfg.dpo.precompute_ref_log_probs else "")
             del ref, trainer
         if "reward" in phases:
             set_seed(spec.seed)  # the new score head is random-initialised
