@@ -252,3 +252,31 @@ def test_the_stage_drops_a_guessing_judges_pairs(tmp_path, tiny_model_dir):
     c = manifest["counts"]
     assert c["judge_trusted"] is False and "guessing" in c["judge_trust"]
     assert c["dpo_rows"] == 2 and c["dpo_by_source"] == {"helpful": 1, "verified": 1} and c["dpo_skipped_untrusted_judge"] == 4
+
+
+def test_precomputed_reference_trains_the_same_model_without_a_second_copy(tmp_path, tiny_model_dir, start_weights):
+    """precompute_ref_log_probs scores every pair with the start model once, before step 1, and frees it:
+    the same DPO update as a loaded reference model, with one model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    def dpo(root: Path, **dpo_kw) -> tuple[dict, dict]:
+        cfg = TrainConfig(method="dpo", dpo=DPOSection(**FAST, learning_rate=1e-4, **dpo_kw))
+        store, spec, manifest = run_train(root, tiny_model_dir, cfg)
+        return weights(AutoModelForCausalLM.from_pretrained(store.local_dir(f"{spec.output}/model"))), manifest["counts"]
+
+    loaded, loaded_counts = dpo(tmp_path / "loaded")
+    pre, pre_counts = dpo(tmp_path / "pre", precompute_ref_log_probs=True)
+    assert loaded_counts["dpo_reference"] == "start model"
+    assert pre_counts["dpo_reference"] == "start model, log-probs precomputed"
+    assert changed(start_weights, pre)
+    for k in loaded:
+        torch.testing.assert_close(pre[k], loaded[k], atol=1e-4, rtol=1e-3)
+
+
+def test_dpo_loss_mix_with_the_chosen_answers_nll(tmp_path, tiny_model_dir):
+    """loss_type [sigmoid, sft] (RPO): trl sums the pair loss and the chosen answer's NLL, weighted."""
+    cfg = TrainConfig(method="dpo", dpo=DPOSection(**FAST, learning_rate=1e-4, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))
+    store, spec, manifest = run_train(tmp_path / "store", tiny_model_dir, cfg)
+    assert manifest["counts"]["phases_run"] == ["dpo"] and manifest["counts"]["dpo_final_loss"] > 0
+    with pytest.raises(ValueError, match="one per loss type"):
+        DPOSection(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
