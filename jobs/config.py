@@ -85,7 +85,9 @@ class GenerateConfig(StrictModel):
         "revision; `verifier` keeps one. The seed's small-model fix when no stronger critic is at hand.",
     )
     candidate_temperature: float = Field(
-        0.8, ge=0, description="Sampling temperature of the critiques and revisions when `best_of` > 1 (candidates must differ).",
+        0.8, ge=0, description="Sampling temperature of the critiques and revisions when `best_of` > 1 (candidates must differ). "
+        "Samples are reproducible for the same config; the transformers engine seeds each batch, so a different "
+        "`engine.batch_size` or shard count draws different (equally valid) samples.",
     )
     verifier: Literal["refusal", "none"] = Field(
         "none", description="Which revision a round keeps. `none`: the first usable one (the textbook loop). `refusal`: a red-team "

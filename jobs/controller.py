@@ -68,6 +68,7 @@ class Controller:
         self.state: dict[str, Any] = {}
         self.models: dict[str, ResolvedModel] = {}  # configured reference -> what it resolved to
         self._lock: RunLock | None = None
+        self._prompts: tuple[list, list] | None = None  # the training prompts, when read before the lock
 
     # --- run.json -----------------------------------------------------------------------------
     def _load_or_init_state(self) -> None:
@@ -157,7 +158,7 @@ class Controller:
         keys = self.input_keys()
         ckey, pkey, rkey = keys["constitution"], keys["prompts"], self.paths.inputs("data_report.json")
         self.store.write_bytes(ckey, cpath.read_bytes())
-        records, reports = load_prompts(self.config.data.train, self.config.data.max_prompt_chars, self.store)
+        records, reports = self._prompts or load_prompts(self.config.data.train, self.config.data.max_prompt_chars, self.store)
         for r in reports:
             log(r.summary())
         if not records:
@@ -353,13 +354,24 @@ class Controller:
             if stage in stages and not deps <= stages:
                 raise ConfigError(f"config: stages: {stage} needs {sorted(deps)} in the same round; add them or drop {stage}")
 
+    def _precheck_prompts(self) -> None:
+        """Read the bundled and local prompt files before the lock, so bad data is one line and nothing is
+        written. All local: read once, and staging uses what was read. Remote sources (hf:, s3://, store:)
+        are read when staged; the local ones among them are checked one by one, under their own index."""
+        sources, max_chars = self.config.data.train, self.config.data.max_prompt_chars
+        local = [not s.source.startswith(("hf:", "s3://", "store:")) for s in sources]
+        if all(local):
+            self._prompts = load_prompts(sources, max_chars, self.store)
+            return
+        for i, (src, is_local) in enumerate(zip(sources, local)):
+            if is_local:
+                load_prompts([src], max_chars, self.store, field=f"data.train[{i}]", indexed=False)
+
     def run(self) -> dict[str, Any]:
         """Holds the run's lock (runs/<id>/lock.json) throughout: a second controller fails fast."""
         self._check_dependencies()
         load_constitution(self.config.constitution)  # bad input is one line before the lock or run.json exist
-        local = [s for s in self.config.data.train if not s.source.startswith(("hf:", "s3://", "store:"))]
-        if local:  # bundled and local files are cheap to read twice; remote ones are checked when staged
-            load_prompts(local, self.config.data.max_prompt_chars, self.store)
+        self._precheck_prompts()
         for _, where, ref in self.model_roles():
             precheck(ref, where)
         with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:

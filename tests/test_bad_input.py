@@ -47,6 +47,8 @@ def case(tmp_path: Path, name: str):
         cfg["data"] = {"train": [{"source": str(write(tmp_path / "p.jsonl", '{"prompt": "hi", "kind": "redteam"}\n'))}]}
     elif name == "data-missing":
         cfg["data"] = {"train": [{"source": str(tmp_path / "nope.jsonl")}]}
+    elif name == "data-missing-after-remote":  # a remote source first: the local one is still checked, under its own index
+        cfg["data"] = {"train": [{"source": "store:prompts/extra.jsonl"}, {"source": str(tmp_path / "nope.jsonl")}]}
     elif name == "model-missing":
         cfg["model"] = str(tmp_path / "no-such-model")
     elif name == "unknown-key":
@@ -74,6 +76,7 @@ CASES = {
     "weight-negative": "weight",
     "unknown-kind": "row 1: kind 'redteam' is not `red-team` or `ordinary`",
     "data-missing": "data.train[0]",
+    "data-missing-after-remote": "data.train[1]",
     "model-missing": "no such directory",
     "unknown-key": "revison_rounds",
     "partial-kubernetes-stages": "kubeconfig",

@@ -33,11 +33,11 @@ from ..critique import (
 from ..data import PromptRecord
 from ..engines import Engine, SamplingParams, load_engine
 from ..models import resolve_model
-from ..refusal import is_strict_refusal
 from ..manifest import StageManifest
 from ..schema import parse_data
 from ..sharding import chunks, concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
+from ..training_data import red_team_verdict
 from . import StageResult, log
 
 
@@ -145,7 +145,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
                 counts["final_differs_from_initial"] += trace["final"] != trace["initial"]
                 for rd in trace["rounds"]:
                     principle_use[rd["principle"]] += 1
-                    counts["revision_rounds_run"] += 1
+                    counts["revisions"] += 1
                     counts["revisions_empty"] += rd["empty"]
                     counts["revisions_unchanged"] += rd["unchanged"]
                     counts["revisions_copy_critique"] += rd["copies_critique"]
@@ -153,7 +153,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
                     counts["revisions_kept"] += rd.get("kept", True)
                     counts["candidates"] += len(rd.get("candidates", [rd]))
                 if trace["kind"] == "red-team":
-                    counts["red_team_final_refusals"] += is_strict_refusal(trace["final"]) and trace["final"] != trace["initial"]
+                    counts["red_team_final_refusals"] += red_team_verdict(trace, "refusal") is None and bool(trace["final"].strip())
             done += len(chunk)
             rate = (engine.stats.generated_tokens - tokens0) / max(engine.stats.seconds - seconds0, 1e-9)
             log("generate", f"chunk {c + 1}/{-(-n // cfg.chunk_size)}: {done}/{n} prompts, {rate:.0f} tok/s")
@@ -163,7 +163,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     timings["engine_s"] = gen_seconds
     out_counts = {
         "prompts": n,
-        "revisions": counts.get("revision_rounds_run", 0),
+        "revisions": 0,
         **dict(counts),
         "principles": dict(sorted(principle_use.items())),
         "generated_tokens": generated,

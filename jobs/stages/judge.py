@@ -22,11 +22,12 @@ from ..constitution import Constitution, sample_principle
 from ..engines import Engine, SamplingParams, load_engine
 from ..judging import ANSWER_PREFIX, LABELS, comparison_messages, verdict
 from ..models import resolve_model
-from ..refusal import is_refusal, is_strict_refusal
+from ..refusal import is_refusal
 from ..manifest import StageManifest
 from ..schema import parse_data
 from ..sharding import chunks, concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
+from ..training_data import red_team_verdict
 from . import StageResult, log
 
 # Written for cai-jobs: what a needlessly cautious assistant says to a harmless request.
@@ -70,9 +71,9 @@ def helpful_pair(trace: dict[str, Any], seed: int) -> dict[str, Any] | None:
 def verified_pair(trace: dict[str, Any]) -> dict[str, Any] | None:
     """Red-team prompt whose revision opens with a refusal and whose first answer does not ->
     (revision, first answer): a preference the refusal detector vouches for, whatever the judge says."""
-    if trace["kind"] != "red-team" or trace["final"] == trace["initial"]:
+    if trace["kind"] != "red-team" or not trace["final"].strip():
         return None
-    if not is_strict_refusal(trace["final"]) or is_refusal(trace["initial"]):
+    if red_team_verdict(trace, "refusal") is not None or is_refusal(trace["initial"]):  # the rule SFT's targets follow
         return None
     return {"x": trace["final"], "y": trace["initial"], "source": "verified"}
 
