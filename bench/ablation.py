@@ -14,7 +14,8 @@ Each row carries the measures item 6 of the recipe issue asks for, each with its
   interval: a bootstrap resample repeats items, which makes openings look less distinct, so its
   percentile interval does not even contain the point estimate.
 
-Variants change train settings only (the generate side needs a new `cai run`; see bench/RESULTS.md):
+Variants change train or judge settings (a judge setting labels the run's traces again first); the
+generate side needs a new `cai run` (see bench/RESULTS.md):
 
     python bench/ablation.py -c recipes/smollm2-135m/default.yaml --store /tmp/recipe-store \\
         --variant sft-only:train.method=sft --variant teach-unrevised:train.sft.red_team_target=final
@@ -152,14 +153,18 @@ def data_table(store, traces_key: str) -> str:
 
 
 def run_variant(name: str, overrides: dict[str, Any], config: RunConfig, store, main: Controller) -> str:
-    """Train + evaluate with the variant's settings on the main run's traces and preferences."""
+    """(Judge +) train + evaluate with the variant's settings on the main run's traces (and preferences)."""
     vconfig = with_overrides(config, {**overrides, **EVAL_ONLY_PLAIN})
     ctl = Controller(vconfig, store, make_executor(vconfig, store, "local"), run_id=f"{main.paths.run_id}-{name}")
     ctl._load_or_init_state()
     inputs = ctl.prepare()
     gen, judge = main.paths.stage(1, "generate"), main.paths.stage(1, "judge")
-    train_inputs = {"traces": f"{gen}/traces.jsonl", "prefs": f"{judge}/prefs.jsonl", "judge_summary": f"{judge}/summary.json"}
     slot: dict[str, Any] = {}
+    if any(k.startswith("judge.") for k in overrides):  # a judge lever: label the same traces again first
+        jspec = ctl.plan("judge", 1, vconfig.model, {"constitution": inputs["constitution"], "traces": f"{gen}/traces.jsonl"})
+        ctl.run_spec(jspec, slot)
+        judge = jspec.output
+    train_inputs = {"traces": f"{gen}/traces.jsonl", "prefs": f"{judge}/prefs.jsonl", "judge_summary": f"{judge}/summary.json"}
     spec = ctl.plan("train", 1, vconfig.model, train_inputs)
     ctl.run_spec(spec, slot)
     ev = ctl.plan("evaluate", 1, f"store:{spec.output}/model", ctl._eval_inputs(inputs))
@@ -172,7 +177,7 @@ def main_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--config", required=True, help="the recipe whose finished run is ablated")
     ap.add_argument("--store", required=True, help="the store holding that run")
     ap.add_argument("--run-id", help="that run's id (default: the one `cai run -c CONFIG` derives)")
-    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value[,key=value] (train settings)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value[,key=value] (train or judge settings)")
     ap.add_argument("--table-only", action="store_true", help="print the table from variants already in the store")
     args = ap.parse_args(argv)
     config = load_run_config(args.config)

@@ -123,6 +123,11 @@ class JudgeConfig(StrictModel):
     helpful_pairs: bool = Field(
         True, description="Add pairs for ordinary prompts: the helpful answer (chosen) vs a needless refusal (rejected)."
     )
+    helpful_rejected: Literal["template", "policy"] = Field(
+        "template", description="Where a helpful pair's needless refusal comes from. `template`: a fixed sentence. `policy`: the "
+        "policy itself continues a refusal opening of the constitution (`revision_prefill`) for the harmless prompt, so DPO sees "
+        "the very refusals it rewards on harmful prompts rejected on harmless ones: the request decides, not the wording.",
+    )
     verified_pairs: bool = Field(
         False, description="Add pairs for red-team prompts whose final revision opens with a refusal and whose first answer "
         "does not: the revision (chosen) over the first answer (rejected), by the refusal detector, not by the judge.",

@@ -1,31 +1,35 @@
 """A lease in the artifact store: one controller drives a run (and one realign tick the pointer) at a time.
 
-The lock is a create-only object (`runs/<id>/lock.json`, `models/realign.lock`) naming its holder and
-an expiry; a heartbeat thread pushes the expiry forward while the holder runs, and the holder deletes
-it at the end, also when it crashes (context manager; SIGTERM becomes an interrupt so pods release
-too). A second controller fails fast with the holder's name and the expiry, unless the holder has
-stopped renewing: then it waits for the expiry and takes over (a restarted controller pod whose
-predecessor was killed outright). Only create-only writes are
-needed, so it works the same on a local directory (link) and on S3 (PUT If-None-Match: *).
+The lock is an object (`runs/<id>/lock.json`, `models/realign.lock`) naming its holder and a token. The
+holder creates it create-only, a heartbeat thread renews it every quarter lease, and the holder deletes
+it at the end, also when it crashes (context manager; SIGTERM becomes an interrupt so pods release too).
+Every write after the first is a compare-and-swap by content (`replace_if`: PUT If-Match on S3, a flock
+on a local directory), so a renewal or a takeover lands only on the exact record its writer read.
 
-Taking over an expired lock cannot be one atomic compare-and-swap with these primitives, so it is
-fenced in steps, each narrowing the race:
-  1. expired means `expires_at + grace` has passed by the taker's clock (grace absorbs clock skew);
-  2. the taker first wins a create-only marker `<key>.takeover-<token of the expired lock>`: of many
-     takers of one expired lock exactly one goes on, the others fail fast like any second controller;
-  3. it re-reads the lock, and only if the same expired token is still there deletes it and creates
-     its own, create-only again (a newcomer that slipped in between wins and the taker fails fast);
-  4. the old holder never renews past its own expiry, and every heartbeat checks the token, so a
-     holder that stalled past its expiry learns it lost the lock and `check()` raises LockLost.
-What is left: a holder stalled (or skewed) by more than `grace` that wakes between the taker's
-re-read and delete, or renews between the taker's checks. Then two controllers can overlap until the
-next heartbeat; stage manifests are create-only and specs are content-addressed, so the work both
-do is identical and only one copy of each stage's outputs is kept.
+- **Fail fast.** A second controller that finds a record renewed recently by the wall-clock fields in
+  it fails at once with the holder's name. Failing is always safe, so skewed clocks can only make it
+  fail when it might have waited.
+- **Expiry by the taker's own clock.** Taking over is the dangerous decision, so it never compares two
+  machines' wall clocks: the taker watches the record on its own monotonic clock, and takes over only
+  when the record stayed byte for byte the same for a full lease plus a grace. A holder that is alive
+  renews within a quarter lease, the record changes and the taker fails fast.
+- **The holder's own lease** is also on its monotonic clock: it never renews past it, and `check()`
+  raises LockLost once it has passed without a renewal landing. So a holder that stalled longer than
+  its lease stops before a taker (who waited longer still) can have started.
+- **One taker.** The takeover is one compare-and-swap of the stale record for ours: of many takers one
+  wins, the others see a changed record and fail fast. An unreadable record (an empty file after a
+  power loss) is replaced the same way, so it never wedges the run.
+- **Transient store errors are no evidence.** A failed renewal is retried within the lease (1, 2, 4 s
+  ...); only another token in the record, or the lease passing, means the lock is lost.
+- **The lease is sized from the store** (`ArtifactStore.worst_call_s`): at least twice the longest one
+  call may take with its retries. On S3 the lock has its own client with short timeouts and 3 tries
+  (~51 s worst case, a 102 s lease); the heartbeat retries a failed renewal rather than botocore.
+
+If the store cannot compare-and-swap, the lock refuses to start (`check_conditional_writes`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -40,10 +44,16 @@ from typing import Any
 from .errors import EX_TEMPFAIL, CaiError, NotFound
 from .store import ArtifactStore
 
-TTL_S = 40.0  # a holder killed without cleanup (SIGKILL, lost node) blocks the run for this plus the grace
-HEARTBEAT_FRACTION = 0.25  # renew every 10 s: three heartbeats can be late before the lock lapses
-GRACE_FRACTION = 0.25  # takeover waits 10 s past expiry: clocks of two pods may disagree by seconds
-STALE_FRACTION = 0.5  # not renewed for 20 s (two missed heartbeats): the holder is most likely gone
+TTL_S = 40.0  # the shortest lease: a holder killed without cleanup blocks the run for about this plus the grace
+HEARTBEAT_FRACTION = 0.25  # renew every quarter lease: three heartbeats can fail before the lease lapses
+GRACE_FRACTION = 0.25  # the taker waits this much longer than a lease: clock rates and scheduling differ a little
+STALE_FRACTION = 0.5  # a record not renewed for half a lease (two heartbeats) by its own timestamps: watch it
+CALLS_PER_LEASE = 2  # the lease covers two worst-case store calls: one renewal may fail outright and its retry still land
+
+
+def lease_for(store: ArtifactStore, floor_s: float = TTL_S) -> float:
+    """The lease: TTL_S, or longer where two store calls with their retries could outlast it."""
+    return max(floor_s, CALLS_PER_LEASE * store.worst_call_s())
 
 
 class LockHeld(CaiError):
@@ -89,138 +99,135 @@ def describe_owner(owner: dict[str, Any]) -> str:
 class RunLock:
     """`with RunLock(store, key):` holds the lease for the block; `check()` raises if it was lost."""
 
-    def __init__(self, store: ArtifactStore, key: str, ttl_s: float = TTL_S, purpose: str = "run",
-                 clock=time.time, sleep=time.sleep):
-        self.store, self.key, self.ttl_s, self.purpose = store, key, ttl_s, purpose
-        self.clock, self.sleep = clock, sleep
-        self.grace_s = ttl_s * GRACE_FRACTION
+    def __init__(self, store: ArtifactStore, key: str, ttl_s: float | None = None, purpose: str = "run",
+                 clock=time.time, sleep=time.sleep, monotonic=time.monotonic):
+        self.store, self.key, self.purpose = store.for_control(), key, purpose
+        self.ttl_s = ttl_s if ttl_s is not None else lease_for(self.store)
+        self.clock, self.sleep, self.monotonic = clock, sleep, monotonic
+        self.grace_s = self.ttl_s * GRACE_FRACTION
         self.token = uuid.uuid4().hex
         self.owner = owner_info()
         self.acquired_at: float | None = None
-        self.expires_at = 0.0
+        self.deadline = 0.0  # our lease's end, on our monotonic clock
+        self._record = b""  # the bytes we last wrote: what our next compare-and-swap expects
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._old_sigterm = None
 
     # --- the lock object ----------------------------------------------------------------------
-    def _write(self, create: bool) -> bool:
-        """Our record, create-only or replacing; the expiry counts from before the write, and is
-        believed only once the write has landed."""
-        now = self.clock()
-        expires = now + self.ttl_s
-        data = json.dumps({
+    def _record_bytes(self) -> bytes:
+        now = self.clock()  # wall clock: for people reading the record and for the fail-fast hint only
+        return json.dumps({
             "token": self.token, "owner": self.owner, "purpose": self.purpose, "ttl_s": self.ttl_s,
             "acquired_at": _iso(self.acquired_at or now), "renewed_at": _iso(now),
-            "expires_at": _iso(expires), "expires_at_epoch": expires, "renewed_at_epoch": now,
+            "expires_at": _iso(now + self.ttl_s), "expires_at_epoch": now + self.ttl_s, "renewed_at_epoch": now,
         }, indent=2, sort_keys=True).encode() + b"\n"
-        if create:
-            if not self.store.create_only(self.key, data):
-                return False
-        else:
-            self.store.write_bytes(self.key, data)
-        self.expires_at = expires
-        return True
 
-    def _read(self, key: str | None = None) -> dict[str, Any] | None:
-        """The record, or None when it is not there. A transport error raises: it is no evidence either way."""
+    def _write(self, expected: bytes | None) -> bool:
+        """Our record, create-only (`expected` None) or in place of `expected`. The lease counts from
+        before the write, and is believed only once the write has landed."""
+        started = self.monotonic()
+        data = self._record_bytes()
+        ok = self.store.create_only(self.key, data) if expected is None else self.store.replace_if(self.key, data, expected)
+        if ok:
+            self._record, self.deadline = data, started + self.ttl_s
+        return ok
+
+    def _read_raw(self) -> bytes | None:
+        """The record's bytes, or None when it is not there. A transport error raises: no evidence either way."""
         try:
-            data = self.store.read_bytes(key or self.key)
+            return self.store.read_bytes(self.key)
         except NotFound:
-            return None  # gone between our create attempt and this read: try again
+            return None
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict[str, Any] | None:
+        """The record, or None if it is not one (empty, cut short): such a record can always be replaced."""
         try:
-            return json.loads(data)
-        except json.JSONDecodeError:  # not ours to interpret: treat as expired, under a token of its content
-            return {"token": "unreadable-" + hashlib.sha256(data).hexdigest()[:16], "owner": {}, "expires_at_epoch": 0.0}
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return rec if isinstance(rec, dict) and "token" in rec else None
 
     def _held_error(self, rec: dict[str, Any], why: str = "") -> LockHeld:
         return LockHeld(
             f"{self.store.uri_for(self.key)}: {self.purpose} is locked by {describe_owner(rec.get('owner', {}))} "
-            f"since {rec.get('acquired_at', '?')}, until {rec.get('expires_at', '?')} unless renewed{why}; "
-            "wait for it to finish, or re-run after that time if it has died"
+            f"since {rec.get('acquired_at', '?')}, renewed {rec.get('renewed_at', '?')}{why}; "
+            "wait for it to finish, or re-run in a minute if it has died"
         )
 
     def acquire(self) -> None:
-        """Fails fast while the holder renews; waits out a stale lock (a pod restarted after its
-        predecessor was killed finds its lock) and takes over an expired one."""
+        """Create the lock; or fail fast while its holder renews; or watch a stale one for a full lease on
+        our own clock and take it over; or replace an unreadable one at once."""
         for _ in range(5):  # a lock that vanishes between our create and read: retry a few times
             self.acquired_at = self.clock()
-            if self._write(create=True):
+            if self._write(None):
                 return
-            rec = self._read()
-            if rec is None:
+            raw = self._read_raw()
+            if raw is None:
                 continue
-            now, takeover_at = self.clock(), float(rec.get("expires_at_epoch", 0.0)) + self.grace_s
-            if now < takeover_at and holder_is_dead_here(rec.get("owner", {})):
-                takeover_at = now  # killed on this very host (Ctrl-C, SIGKILL): no need to wait out its lease
-            if now < takeover_at:
-                if now - float(rec.get("renewed_at_epoch", now)) < self.ttl_s * STALE_FRACTION:
-                    raise self._held_error(rec)
-                print(f"[cai] {self.store.uri_for(self.key)}: {describe_owner(rec.get('owner', {}))} stopped renewing its lock; "
-                      f"taking it over in {takeover_at - now:.0f}s", file=sys.stderr, flush=True)
-                self.sleep(takeover_at - now)
-                continue  # look again: a holder that came back has renewed, and then we fail fast
-            self._take_over(rec)
-            return
+            rec = self._parse(raw)
+            if rec is None or holder_is_dead_here(rec.get("owner", {})):
+                if self._take_over(raw, rec):  # unreadable, or its holder died on this very host (Ctrl-C, SIGKILL)
+                    return
+                continue
+            if self.clock() - float(rec.get("renewed_at_epoch", 0.0)) < self.ttl_s * STALE_FRACTION:
+                raise self._held_error(rec)
+            if self._watch(raw, rec) and self._take_over(raw, rec):
+                return
         raise LockHeld(f"{self.store.uri_for(self.key)}: {self.purpose} lock keeps changing hands; retry later")
 
-    def _take_over(self, expired: dict[str, Any]) -> None:
-        marker = f"{self.key}.takeover-{expired.get('token', 'unknown')}"
-        if not self._claim(marker):
-            raise self._held_error(expired, " (expired; another controller is taking it over)")
-        try:
-            current = self._read()
-            if current is not None and current.get("token") != expired.get("token"):
-                raise self._held_error(current)
-            self.store.delete(self.key)
-            self.acquired_at = self.clock()
-            if not self._write(create=True):
-                raise self._held_error(self._read() or expired)
-        finally:
-            # the marker has done its job (one taker of this lock): left behind, it would block the next
-            # takeover of a lock with the same token, which unreadable locks share (an empty file twice)
-            self.store.delete(marker)
+    def _watch(self, raw: bytes, rec: dict[str, Any]) -> bool:
+        """True once `raw` stayed unchanged for a lease plus the grace, by our monotonic clock; raises
+        LockHeld as soon as the record changes (its holder renewed, or someone else took it)."""
+        wait = self.ttl_s + self.grace_s
+        print(f"[cai] {self.store.uri_for(self.key)}: {describe_owner(rec.get('owner', {}))} has not renewed its lock since "
+              f"{rec.get('renewed_at', '?')}; taking it over if it stays unchanged for {wait:.0f}s", file=sys.stderr, flush=True)
+        start = self.monotonic()
+        while (left := start + wait - self.monotonic()) > 0:
+            self.sleep(min(self.ttl_s * HEARTBEAT_FRACTION, left))
+            now_raw = self._read_raw()
+            if now_raw is None:
+                return False  # released meanwhile: try to create it
+            if now_raw != raw:
+                raise self._held_error(self._parse(now_raw) or rec, " (it renewed while we waited)")
+        return True
 
-    def _claim(self, marker: str) -> bool:
-        """Win the takeover marker; one left by a taker that died mid-takeover counts once it is a lease old."""
-        now = self.clock()
-        body = json.dumps({"by": self.owner, "at": _iso(now), "at_epoch": now, "token": self.token}).encode()
-        if self.store.create_only(marker, body):
+    def _take_over(self, raw: bytes, rec: dict[str, Any] | None) -> bool:
+        """One compare-and-swap of the stale record for ours. False: it is gone (create it instead)."""
+        self.acquired_at = self.clock()
+        if self._write(raw):
             return True
-        try:
-            left = json.loads(self.store.read_bytes(marker))
-        except NotFound:
-            return self.store.create_only(marker, body)
-        except json.JSONDecodeError:
-            left = {}
-        if float(left.get("at_epoch", 0.0)) + self.ttl_s + self.grace_s > now:
+        now_raw = self._read_raw()
+        if now_raw is None:
             return False
-        self.store.delete(marker)
-        return self.store.create_only(marker, body)
+        raise self._held_error(self._parse(now_raw) or rec or {}, " (another controller took it over first)")
 
     def renew(self) -> None:
-        """Push the expiry forward, unless the lock is no longer ours (then mark it lost)."""
-        if self.clock() >= self.expires_at:  # never renew a lock that may already have been taken
+        """Push the lease forward, in place of our own last record only (else mark it lost)."""
+        if self.monotonic() >= self.deadline:  # never renew a lease that may already have been taken
             self.lost.set()
             return
-        rec = self._read()
+        if self._write(self._record):
+            return
+        raw = self._read_raw()
+        rec = self._parse(raw) if raw is not None else None
         if rec is None or rec.get("token") != self.token:
             self.lost.set()
-            return
-        self._write(create=False)
 
     def release(self) -> None:
-        rec = self._read()
-        if rec is not None and rec.get("token") == self.token:
+        """Delete our record, while our lease lasts: after it, a taker may already hold the key."""
+        if self.monotonic() < self.deadline and self._read_raw() == self._record:
             self.store.delete(self.key)
 
     def check(self) -> None:
         """Raise if the lock was taken over or, by our own clock, has lapsed (whatever the heartbeat did)."""
-        if self.lost.is_set() or self.clock() >= self.expires_at:
+        if self.lost.is_set() or self.monotonic() >= self.deadline:
             self.lost.set()
             raise LockLost(
                 f"{self.store.uri_for(self.key)}: this controller's {self.purpose} lock expired or was taken over "
-                f"(heartbeat missed for {self.ttl_s:g}s); another controller may be driving it, so this one stops"
+                f"(no renewal landed within its {self.ttl_s:g}s lease); another controller may be driving it, so this one stops"
             )
 
     # --- heartbeat and context manager --------------------------------------------------------
@@ -238,7 +245,7 @@ class RunLock:
                 failures += 1
                 wait = min(interval, 2.0 ** (failures - 1))
                 print(f"[cai] {self.store.uri_for(self.key)}: lock renewal failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                      f"retrying in {wait:.0f}s, {max(self.expires_at - self.clock(), 0):.0f}s of the lease left", file=sys.stderr, flush=True)
+                      f"retrying in {wait:.0f}s, {max(self.deadline - self.monotonic(), 0):.0f}s of the lease left", file=sys.stderr, flush=True)
             if self.lost.is_set():
                 return
 

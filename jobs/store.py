@@ -116,8 +116,22 @@ class ArtifactStore(ABC):
         promotion entries all do) so that another writer's object never matches byte for byte.
         """
 
+    @abstractmethod
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Compare-and-swap by content: replace `key` with `data` only if it holds exactly `expected` now;
+        False if it holds anything else, or nothing. Idempotent as create_only is: an object that already
+        holds `data` is our own write that landed (lock renewals and takeovers)."""
+
     def check_conditional_writes(self) -> None:
         """Raise StoreError if create-only writes are not enforced (a local directory always is: link(2))."""
+
+    def worst_call_s(self) -> float:
+        """The longest one call may take before it fails (a lock's lease is sized from it)."""
+        return 5.0  # a local filesystem call; an NFS stall longer than this is beyond a lease anyway
+
+    def for_control(self) -> "ArtifactStore":
+        """A view of this store for small control objects (locks): short timeouts, few retries."""
+        return self
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -272,6 +286,31 @@ class LocalStore(ArtifactStore):
             return False
         finally:
             os.unlink(tmp)
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Under an exclusive flock of the key's directory (every writer of a local store is on this
+        host), compare, then replace atomically."""
+        import fcntl
+
+        path = self._path(key)
+        if not path.parent.is_dir():
+            return False
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if current == data:
+                return True
+            if current != expected:
+                return False
+            with self._atomic(key, "wb") as f:
+                f.write(data)
+            return True
+        finally:
+            os.close(fd)  # releases the flock
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()

@@ -29,6 +29,17 @@ from .store import ArtifactStore, file_sha256, local_files
 MIB = 1 << 20
 SHA_META = "cai-sha256"  # x-amz-meta-cai-sha256: the object's sha256, written with it
 DEFAULT_ATTEMPTS = 6  # tries in all; standard mode backs off exponentially (up to 20 s): rides out ~30 s of 5xx/throttling
+CONTROL_ATTEMPTS = 3  # lock calls: a lease renews every quarter, so a slow call is retried by the heartbeat instead
+MAX_BACKOFF_S = 20.0  # botocore's standard retry mode: sleep up to min(20, 2**n) s before try n + 1
+
+
+def worst_call_s(client) -> float:
+    """The longest one call of `client` can take before it raises: every try timing out on connect and
+    read, plus the longest backoff between tries."""
+    cfg = client.meta.config
+    tries = int((cfg.retries or {}).get("total_max_attempts") or (cfg.retries or {}).get("max_attempts", 4) + 1)
+    backoff = sum(min(MAX_BACKOFF_S, 2.0 ** n) for n in range(1, tries))
+    return tries * (float(cfg.connect_timeout) + float(cfg.read_timeout)) + backoff
 _CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"}
 
 
@@ -41,18 +52,21 @@ def _boto3():
     return boto3, Config
 
 
-def make_client(uri: str = "s3://"):
+def make_client(uri: str = "s3://", control: bool = False):
     """An S3 client from the standard chain, with bounded timeouts and retries with backoff on 5xx,
-    throttling and dropped connections (AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override the defaults)."""
+    throttling and dropped connections (AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override the defaults).
+    `control`: for small control objects (locks), short timeouts and at most CONTROL_ATTEMPTS tries, so
+    one call's worst case (`worst_call_s`) stays well inside a lock's lease."""
     boto3, Config = _boto3()
     from botocore.exceptions import BotoCoreError
 
     attempts = os.environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_ATTEMPTS)
     if not attempts.isdigit() or int(attempts) < 1:
         raise ConfigError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a whole number >= 1 (tries per S3 request); set it to e.g. 5 or unset it")
+    tries, connect, read = (min(int(attempts), CONTROL_ATTEMPTS), 5, 10) if control else (int(attempts), 10, 120)
     config = Config(
-        retries={"mode": os.environ.get("AWS_RETRY_MODE") or "standard", "total_max_attempts": int(attempts)},
-        connect_timeout=10, read_timeout=120, max_pool_connections=16,
+        retries={"mode": os.environ.get("AWS_RETRY_MODE") or "standard", "total_max_attempts": tries},
+        connect_timeout=connect, read_timeout=read, max_pool_connections=16,
     )
     try:
         return boto3.session.Session().client("s3", config=config)
@@ -90,6 +104,7 @@ class S3Store(ArtifactStore):
     def __init__(self, uri: str, client=None, multipart_threshold: int = 8 * MIB, cache_root: Path | None = None):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self._own_client = client is None
         self._client = client or make_client(self.uri)
         self._checked = False
         self._conditional_ok = False
@@ -116,6 +131,17 @@ class S3Store(ArtifactStore):
 
     def close(self) -> None:
         self._client.close()
+
+    def worst_call_s(self) -> float:
+        return worst_call_s(self._client)
+
+    def for_control(self) -> "S3Store":
+        """The same bucket and prefix through a client with short timeouts and few tries (locks)."""
+        if not self._own_client:  # a client given from outside (tests) is used as it is
+            return self
+        view = S3Store(self.uri, client=make_client(self.uri, control=True), cache_root=self.cache_root)
+        view._conditional_ok = self._conditional_ok
+        return view
 
     # --- errors ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -213,15 +239,56 @@ class S3Store(ArtifactStore):
             time.sleep(0.1 * 2**attempt)  # 409 ConditionalRequestConflict: a racing write is in flight; ask again
         raise StoreError(f"{self.uri_for(key)}: concurrent conditional writes kept conflicting (409); retry the command")
 
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Read the object and its ETag; if it holds `expected`, PUT `data` with If-Match on that ETag. A
+        412 means it changed since, unless it now holds our bytes (the PUT landed, its response was lost
+        and botocore retried it)."""
+        from botocore.exceptions import ClientError
+
+        full, client = self._k(key), self.client
+        for attempt in range(6):
+            try:
+                with self._errors(key):
+                    obj = client.get_object(Bucket=self.bucket, Key=full)
+                    current, etag = obj["Body"].read(), obj["ETag"]
+            except NotFound:
+                return False
+            if current == data:
+                return True
+            if current != expected:
+                return False
+            with self._errors(key):
+                try:
+                    client.put_object(Bucket=self.bucket, Key=full, Body=data, IfMatch=etag, **_sha_metadata(hashlib.sha256(data).hexdigest()))
+                    return True
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if status in (404, 412):
+                        return self._holds(key, data)
+                    if status != 409:
+                        raise
+            time.sleep(0.1 * 2**attempt)  # 409: a racing conditional write is in flight; look again
+        raise StoreError(f"{self.uri_for(key)}: concurrent conditional writes kept conflicting (409); retry the command")
+
     def check_conditional_writes(self) -> None:
         """Once per store: a second create-only PUT of one key must be refused (412). An endpoint that
         ignores If-None-Match would let two controllers both win a lock and overwrite manifests."""
         if self._conditional_ok:
             return
+        from botocore.exceptions import ClientError
+
         token = uuid.uuid4().hex
         key = f"_cai/conditional-write-probe-{token}"
+        stale_match = True
         try:
             first, second = self.create_only(key, b"first " + token.encode()), self.create_only(key, b"second " + token.encode())
+            with self._errors(key):
+                try:  # an If-Match on an ETag the object does not have must be refused
+                    self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=b"third", IfMatch='"' + "0" * 32 + '"')
+                except ClientError as e:
+                    if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 412:
+                        raise
+                    stale_match = False
         finally:
             with contextlib.suppress(StoreError):
                 self.delete(key)
@@ -229,6 +296,10 @@ class S3Store(ArtifactStore):
             raise StoreError(f"{self.uri}: the S3 endpoint {self.endpoint} ignores conditional writes (PUT If-None-Match: * "
                              "succeeded twice on one key); cai-jobs needs them for its locks and stage manifests; use AWS S3, "
                              "a recent MinIO or SeaweedFS, or a local store")
+        if stale_match:
+            raise StoreError(f"{self.uri}: the S3 endpoint {self.endpoint} ignores conditional writes (a PUT If-Match on a "
+                             "wrong ETag succeeded); cai-jobs renews and takes over its locks with them; use AWS S3, a recent "
+                             "MinIO or SeaweedFS, or a local store")
         self._conditional_ok = True
 
     def _holds(self, key: str, data: bytes) -> bool:

@@ -112,3 +112,42 @@ def test_verified_pairs_need_a_revised_refusal_over_a_compliant_answer():
     assert verified_pair(tr("red-team", "Step one.", "Step one, carefully.")) is None  # revised, still complies
     assert verified_pair(tr("red-team", "I won't help with that.", "I can't help with that.")) is None  # both refuse
     assert verified_pair(tr("ordinary", "Rice: rinse it.", "I can't help with that.")) is None
+
+
+class PrefillEchoPolicy(LongerIsBetterJudge):
+    """A policy that continues a prefilled refusal with the prompt's own words (and records what it got)."""
+
+    def __init__(self, reply: str = "with {prompt} today. Maybe ask someone else."):
+        self.reply, self.seen = reply, []
+
+    def generate(self, conversations, params, desc=""):
+        self.seen.extend(conversations)
+        return [self.reply.format(prompt=c[0]["content"].rstrip("?").lower()) for c in conversations]
+
+
+def test_policy_written_needless_refusals_start_from_the_constitutions_openings(tmp_path):
+    """helpful_rejected: policy: the rejected answer of a helpful pair is the policy's own refusal of the
+    harmless prompt, continued from a refusal opening of the constitution, cut to two sentences."""
+    from jobs.constitution import load_constitution
+
+    openings = load_constitution("default").principles[0].revision_prefill
+    store = LocalStore(tmp_path)
+    spec = make_spec(store, "unused", min_margin=0.5, helpful_rejected="policy")
+    policy = PrefillEchoPolicy()
+    run_stage("judge", store.uri_for(spec.spec_key), engine=policy)
+    helpful = {r["id"]: r for r in read(store, "runs/t/round-1/judge/prefs.jsonl") if r["source"] == "helpful"}
+    assert set(helpful) == {"o1", "o2"} and len(policy.seen) == 2
+    for conv in policy.seen:  # the harmless prompt, then the opening as a prefilled assistant turn
+        assert conv[-1]["role"] == "assistant" and conv[-1]["content"] in openings
+    rejected = helpful["o1"]["rejected"][0]["content"]
+    assert rejected.startswith(tuple(openings)) and "with how do i boil an egg today." in rejected
+    assert rejected.endswith("Maybe ask someone else.")
+    summary = json.loads((Path(store.root) / "runs/t/round-1/judge/summary.json").read_text())
+    assert summary["helpful_rejected_by_policy"] == 2
+
+    # a "refusal" that is not one after all falls back to the fixed sentences
+    from jobs.stages.judge import NEEDLESS_REFUSALS, helpful_pair
+
+    assert helpful_pair(TRACES[1], 0, "Sure, boil it for nine minutes.")["y"] in NEEDLESS_REFUSALS
+    assert helpful_pair(TRACES[1], 0, "I can't help you with eggs.")["y"] == "I can't help you with eggs."
+    assert helpful_pair(TRACES[0], 0, "I can't help you.") is None  # red-team prompts get no helpful pair

@@ -534,3 +534,54 @@ def test_an_endpoint_that_ignores_if_none_match_is_refused(s3_store):
     with pytest.raises(StoreError, match="ignores conditional writes"):
         ignoring.check_conditional_writes()
     assert not [k for k in ignoring.list("_cai") if "probe" in k]  # the probe cleans up after itself
+
+
+def test_replace_if_is_a_compare_and_swap_on_both_stores(s3_store, tmp_path):
+    for store in (s3_store, LocalStore(tmp_path / "s")):
+        assert store.replace_if("cas/k", b"new", expected=b"old") is False  # nothing there: nothing to replace
+        store.write_bytes("cas/k", b"old")
+        assert store.replace_if("cas/k", b"new", expected=b"other") is False and store.read_bytes("cas/k") == b"old"
+        assert store.replace_if("cas/k", b"new", expected=b"old") is True and store.read_bytes("cas/k") == b"new"
+        assert store.replace_if("cas/k", b"new", expected=b"old") is True  # already ours: a retry of a landed write
+
+
+def test_a_landed_replace_if_put_answered_412_on_retry_is_ours(s3_store):
+    """A renewal's PUT If-Match lands, its response is lost, the retry gets 412 (the ETag moved on, to
+    ours): the read-back finds our bytes, so the renewal succeeded."""
+    import urllib3
+    from botocore.exceptions import EndpointConnectionError
+
+    s3_store.write_bytes("locks/b.json", b'{"n": 1}')
+    sent = []
+
+    def land_then_drop(request, **kw):
+        if request.method == "PUT" and not sent:
+            sent.append(urllib3.PoolManager().request(request.method, request.url, body=request.body, headers=dict(request.headers)).status)
+            raise EndpointConnectionError(endpoint_url=request.url)
+        return None
+
+    s3_store.client.meta.events.register("before-send.s3.PutObject", land_then_drop)
+    assert s3_store.replace_if("locks/b.json", b'{"n": 2}', expected=b'{"n": 1}') is True
+    assert sent == [200] and s3_store.read_bytes("locks/b.json") == b'{"n": 2}'
+
+
+def test_an_endpoint_that_ignores_if_match_is_refused(s3_store):
+    def drop_if_match(params, **kw):
+        params["headers"].pop("If-Match", None)
+
+    ignoring = S3Store(s3_store.uri, client=s3_store._client)
+    ignoring._client.meta.events.register("before-call.s3.PutObject", drop_if_match)
+    with pytest.raises(StoreError, match="a PUT If-Match on a wrong ETag succeeded"):
+        ignoring.check_conditional_writes()
+
+
+def test_the_lock_client_has_a_short_worst_case(s3_server, s3_bucket, tmp_path, monkeypatch):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "6")  # the default
+    store = S3Store(f"s3://{s3_bucket}/p", cache_root=tmp_path)
+    control = store.for_control()
+    # data calls: 6 tries x (10 s + 120 s) + backoff; lock calls: 3 tries x (5 s + 10 s) + 2 + 4 s
+    assert store.worst_call_s() == 830.0 and control.worst_call_s() == 51.0
+    control.write_bytes("x", b"1")
+    assert store.read_bytes("x") == b"1"

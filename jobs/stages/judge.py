@@ -19,6 +19,7 @@ import yaml
 
 from ..config import JudgeConfig, StageSpec
 from ..constitution import Constitution, sample_principle
+from ..critique import first_sentences, join_prefill
 from ..engines import Engine, SamplingParams, load_engine
 from ..judging import ANSWER_PREFIX, LABELS, comparison_messages, verdict
 from ..models import resolve_model
@@ -57,15 +58,43 @@ def candidate_pairs(trace: dict[str, Any], cfg: JudgeConfig, samples: list[str],
     return pairs
 
 
-def helpful_pair(trace: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """Ordinary prompt with a non-refusing answer -> (that answer, a needless refusal)."""
+def helpful_answer(trace: dict[str, Any]) -> str | None:
+    """An ordinary prompt's answer that does not refuse (the first answer, else the revision)."""
     if trace["kind"] != "ordinary":
         return None
-    answer = next((t for t in (trace["initial"], trace["final"]) if t.strip() and not is_refusal(t)), None)
+    return next((t for t in (trace["initial"], trace["final"]) if t.strip() and not is_refusal(t)), None)
+
+
+def helpful_pair(trace: dict[str, Any], seed: int, refusal: str | None = None) -> dict[str, Any] | None:
+    """Ordinary prompt with a non-refusing answer -> (that answer, a needless refusal: `refusal` when
+    given and it is one, else a fixed sentence)."""
+    answer = helpful_answer(trace)
     if answer is None:
         return None
-    refusal = random.Random(f"refusal:{seed}:{trace['id']}").choice(NEEDLESS_REFUSALS)
+    if not refusal or not is_refusal(refusal):
+        refusal = random.Random(f"refusal:{seed}:{trace['id']}").choice(NEEDLESS_REFUSALS)
     return {"x": answer, "y": refusal, "source": "helpful"}
+
+
+def refusal_openings_of(constitution: Constitution) -> list[str]:
+    """The refusal openings the constitution's revisions start from (`revision_prefill`), in order."""
+    return list(dict.fromkeys(o for p in constitution.principles for o in p.revision_prefill))
+
+
+def policy_refusals(traces: list[dict], constitution: Constitution, policy: Engine, seed: int) -> list[str | None]:
+    """For each ordinary trace with a helpful answer, the policy's own needless refusal: it continues one
+    of the constitution's refusal openings for that harmless prompt (greedy, its first two sentences)."""
+    openings = refusal_openings_of(constitution)
+    want = [i for i, tr in enumerate(traces) if openings and helpful_answer(tr) is not None]
+    out: list[str | None] = [None] * len(traces)
+    if not want:
+        return out
+    starts = [random.Random(f"needless:{seed}:{traces[i]['id']}").choice(openings) for i in want]
+    convs = [[*traces[i]["messages"], {"role": "assistant", "content": start}] for i, start in zip(want, starts)]
+    texts = policy.generate(convs, SamplingParams(max_new_tokens=40, temperature=0.0, seed=seed), desc="needless refusals")
+    for i, start, text in zip(want, starts, texts):
+        out[i] = first_sentences(join_prefill(start, text), 2)
+    return out
 
 
 def verified_pair(trace: dict[str, Any]) -> dict[str, Any] | None:
@@ -122,8 +151,10 @@ def judge_chunk(traces: list[dict], cfg: JudgeConfig, constitution: Constitution
         per_trace[i].append(pref_row(traces[i], chosen, rejected, principle=pair["principle"].name, p_chosen=round(p, 4),
                                      order_agreement=v.order_agreement, margin=round(v.margin, 4), source=pair["source"]))
     if cfg.helpful_pairs:
+        own = policy_refusals(traces, constitution, policy, seed) if cfg.helpful_rejected == "policy" else [None] * len(traces)
         for i, tr in enumerate(traces):
-            pair = helpful_pair(tr, seed)
+            pair = helpful_pair(tr, seed, own[i])
+            counts["helpful_rejected_by_policy"] += bool(pair and own[i] and pair["y"] == own[i])
             if pair:
                 counts["pairs_helpful"] += 1
                 per_trace[i].append(pref_row(tr, pair["x"], pair["y"], principle="helpful-by-construction", p_chosen=None,
@@ -154,6 +185,7 @@ def summarize(counts: dict[str, Any], prompts: int, kept: int, judge_ref: str, m
         "position_consistency_rate": round(counts.get("order_agreements", 0) / n_judged, 4) if n_judged else None,
         "revision_win_rate": round(counts.get("revision_wins", 0) / counts["pairs_revision"], 4) if counts.get("pairs_revision") else None,
         "min_margin": min_margin,
+        "helpful_rejected_by_policy": counts.get("helpful_rejected_by_policy", 0),
     }
 
 
@@ -195,6 +227,7 @@ def merge(spec: StageSpec, store: ArtifactStore, parts: list[StageSpec], manifes
     counts = sum_counts([
         {"pairs_judged": m.counts["pairs_judged"], "dropped_low_margin": m.counts["pairs_dropped_low_margin"],
          "order_agreements": m.counts["order_agreements"], "revision_wins": m.counts["revision_wins"], "prompts": m.counts["prompts"],
+         "helpful_rejected_by_policy": m.counts.get("helpful_rejected_by_policy", 0),
          **{f"pairs_{k}": v for k, v in m.counts["pairs_by_source"].items()}}
         for m in manifests
     ])
