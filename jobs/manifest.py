@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from .config import StageSpec, canonical_hash
-from .errors import StageFailed, StoreError
+from .errors import NotFound, StageFailed, StoreError
 from .schema import StrictModel
 from .store import MANIFEST, ArtifactStore
 
@@ -27,6 +27,8 @@ class StageManifest(StrictModel):
     spec_hash: str
     input_hashes: dict[str, str]
     outputs: dict[str, str] = Field(description="Output key -> sha256.")
+    output_sizes: dict[str, int] = Field(default_factory=dict, description="Output key -> size in bytes: what completeness "
+                                         "checks compare where re-hashing is not cheap (large local files).")
     counts: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
@@ -82,10 +84,25 @@ def inputs_digest(store: ArtifactStore, spec: StageSpec) -> str:
     return canonical_hash({"spec": spec.spec_hash(), "inputs": input_hashes(store, spec)})
 
 
+def outputs_intact(store: ArtifactStore, m: StageManifest) -> bool:
+    """Every recorded output is there with its recorded size, and its recorded sha256 where the store
+    knows it cheaply (S3: the object's metadata; local: files up to 16 MiB). A later writer's bytes (a
+    losing attempt that wrote after the winner) make the stage incomplete, so it runs again instead of
+    being read with hashes that no longer describe it."""
+    for key, sha in m.outputs.items():
+        try:
+            size, cheap = store.describe(key)
+        except NotFound:
+            return False
+        if (key in m.output_sizes and size != m.output_sizes[key]) or (cheap is not None and cheap != sha):
+            return False
+    return True
+
+
 def is_complete(store: ArtifactStore, spec: StageSpec) -> bool:
-    """Finished with this exact spec and these exact inputs, and every recorded output still present."""
+    """Finished with this exact spec and these exact inputs, and every recorded output still as recorded."""
     m = read_manifest(store, spec)
-    if m is None or m.spec_hash != spec.spec_hash() or not all(store.exists(k) for k in m.outputs):
+    if m is None or m.spec_hash != spec.spec_hash() or not outputs_intact(store, m):
         return False
     return all(store.exists(k) for k in spec.inputs.values()) and m.input_hashes == input_hashes(store, spec)
 
@@ -111,6 +128,7 @@ def build_manifest(spec: StageSpec, store: ArtifactStore, outputs: list[str], co
         spec_hash=spec.spec_hash(),
         input_hashes=input_hashes(store, spec),
         outputs={k: store.sha256(k) for k in outputs},
+        output_sizes={k: store.describe(k)[0] for k in outputs},
         counts=counts,
         timings={k: round(v, 3) for k, v in timings.items()},
         versions=package_versions(),

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 from .errors import NotFound, StoreError
 
 MANIFEST = "stage.json"
+CHEAP_HASH_BYTES = 16 << 20  # local files up to this size are re-hashed by completeness checks; larger ones by size
 
 
 def _current_umask() -> int:
@@ -201,6 +202,12 @@ class ArtifactStore(ABC):
     def sha256(self, key: str) -> str:
         return hashlib.sha256(self.read_bytes(key)).hexdigest()
 
+    def describe(self, key: str) -> tuple[int, str | None]:
+        """(size, sha256 where it is cheap to know, else None) of the object at `key`; NotFound if absent.
+        Completeness checks compare these with what a stage's manifest recorded."""
+        data = self.read_bytes(key)
+        return len(data), hashlib.sha256(data).hexdigest()
+
     def digest(self, key: str) -> str | None:
         """Content identity of what is at `key`: a file's sha256, a directory's tree digest (a model),
         or None when nothing is there. Stage identities are made of these."""
@@ -311,6 +318,15 @@ class LocalStore(ArtifactStore):
             return True
         finally:
             os.close(fd)  # releases the flock
+
+    def describe(self, key: str) -> tuple[int, str | None]:
+        """The size from stat; the sha256 only up to CHEAP_HASH_BYTES (a model's weights are checked by size)."""
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"{self.uri_for(key)}: not found") from None
+        return size, (file_sha256(path) if size <= CHEAP_HASH_BYTES else None)
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()

@@ -387,6 +387,17 @@ class S3Store(ArtifactStore):
                     digest.update(chunk)
         return digest.hexdigest()
 
+    def describe(self, key: str) -> tuple[int, str | None]:
+        """One HEAD: the size, and the sha256 cai-jobs recorded as metadata (or uploaded itself)."""
+        full = self._k(key)
+        with self._errors(key):
+            head = self.client.head_object(Bucket=self.bucket, Key=full)
+        if full in self._hashes and head["ETag"] == self._hashes[full][0]:
+            return int(head["ContentLength"]), self._hashes[full][1]
+        recorded = next((v for k, v in (head.get("Metadata") or {}).items() if k.lower() == SHA_META), "")
+        ok = len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded)
+        return int(head["ContentLength"]), recorded if ok else None
+
     def _etag(self, full: str) -> str:
         return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"]
 

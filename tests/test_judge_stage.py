@@ -151,3 +151,52 @@ def test_policy_written_needless_refusals_start_from_the_constitutions_openings(
     assert helpful_pair(TRACES[1], 0, "Sure, boil it for nine minutes.")["y"] in NEEDLESS_REFUSALS
     assert helpful_pair(TRACES[1], 0, "I can't help you with eggs.")["y"] == "I can't help you with eggs."
     assert helpful_pair(TRACES[0], 0, "I can't help you.") is None  # red-team prompts get no helpful pair
+
+
+class ShorterIsBetterJudge(LongerIsBetterJudge):
+    def __init__(self, during=None):
+        self.during = during
+
+    def option_logprobs(self, conversations, prefix, options, desc=""):
+        if self.during:
+            self.during, during = None, self.during
+            during()  # another attempt of the same stage runs to the end meanwhile
+        return [[b, a] for a, b in super().option_logprobs(conversations, prefix, options, desc)]
+
+
+def test_a_losing_attempt_never_overwrites_the_winners_outputs(tmp_path):
+    """Attempt B starts, attempt A (a retry that was faster) finishes meanwhile; B's writes are refused,
+    it steps back, and A's published prefs, summary and manifest stand."""
+    from jobs.manifest import is_complete, manifest_key
+
+    store = LocalStore(tmp_path)
+    spec = make_spec(store, "unused", min_margin=0.5)
+    uri = store.uri_for(spec.spec_key)
+    published = {}
+
+    def winner_finishes():
+        assert run_stage("judge", uri, engine=LongerIsBetterJudge()) is True
+        published.update({k: store.read_bytes(k) for k in store.list(spec.output)})
+
+    assert run_stage("judge", uri, engine=ShorterIsBetterJudge(during=winner_finishes)) is False  # B: superseded
+    assert {k: store.read_bytes(k) for k in store.list(spec.output)} == published
+    assert manifest_key(spec) in published and is_complete(store, spec)
+
+
+def test_outputs_changed_after_the_manifest_make_the_stage_incomplete(tmp_path, monkeypatch):
+    import jobs.store
+    from jobs.manifest import is_complete
+
+    store = LocalStore(tmp_path)
+    spec = make_spec(store, "unused", min_margin=0.5)
+    run_stage("judge", store.uri_for(spec.spec_key), engine=LongerIsBetterJudge())
+    assert is_complete(store, spec)
+    prefs = f"{spec.output}/prefs.jsonl"
+    original = store.read_bytes(prefs)
+    store.write_bytes(prefs, original.replace(b"nine", b"NINE"))  # same size, other bytes: the hash tells
+    assert not is_complete(store, spec)
+    store.write_bytes(prefs, original)
+    assert is_complete(store, spec)
+    monkeypatch.setattr(jobs.store, "CHEAP_HASH_BYTES", 10)  # as for a model's weights: checked by size
+    store.write_bytes(prefs, original + b"\n")
+    assert not is_complete(store, spec)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
 
+from ..attempts import AttemptStore, Superseded
 from ..config import StageSpec
 from ..errors import ConfigError, StageFailed
 from ..manifest import StageManifest, build_manifest, is_complete, manifest_key, now_iso, read_manifest, write_manifest
@@ -64,9 +65,9 @@ def run_stage(name: str, spec_uri: str, engine=None, shard: int | None = None) -
             return False
         store.delete(manifest_key(part))
         log(name, f"shard {index + 1}/{count}")
-        return _execute(name, part, store, lambda: module.run(part, store, engine=engine, shard=(index, count)))
+        return _execute(name, part, store, lambda: module.run(part, AttemptStore(store, part), engine=engine, shard=(index, count)))
     store.delete(manifest_key(spec))  # a stale manifest from another spec must not outlive a crash
-    return _execute(name, spec, store, lambda: module.run(spec, store, engine=engine))
+    return _execute(name, spec, store, lambda: module.run(spec, AttemptStore(store, spec), engine=engine))
 
 
 def merge_stage(name: str, spec_uri: str) -> bool:
@@ -84,7 +85,7 @@ def merge_stage(name: str, spec_uri: str) -> bool:
     module = import_module(f"{__name__}.{name}")
 
     def merged() -> StageResult:
-        result: StageResult = module.merge(spec, store, parts, manifests)
+        result: StageResult = module.merge(spec, AttemptStore(store, spec), parts, manifests)
         shard_timings = sum_counts([m.timings for m in manifests])
         shard_timings["peak_rss_mb"] = max(m.timings.get("peak_rss_mb", 0.0) for m in manifests)  # per process, not a sum
         result.timings = {**{f"shards_{k}": v for k, v in shard_timings.items()}, **result.timings, "shards": count}
@@ -95,7 +96,11 @@ def merge_stage(name: str, spec_uri: str) -> bool:
 
 def _execute(name: str, spec: StageSpec, store: ArtifactStore, work) -> bool:
     started, t0 = now_iso(), time.perf_counter()
-    result: StageResult = work()
+    try:
+        result: StageResult = work()
+    except Superseded as e:  # another attempt published this stage while we worked: its outputs stand
+        log(name, str(e))
+        return False
     result.timings["total_s"] = time.perf_counter() - t0
     result.timings["peak_rss_mb"] = peak_rss_mb()
     write_manifest(store, spec, build_manifest(spec, store, result.outputs, result.counts, result.timings, started))
