@@ -76,19 +76,43 @@ def test_a_log_that_looks_like_json_is_kept_verbatim(tmp_path, cluster_factory):
     assert list(stored_logs(store, spec).values()) == [text]
 
 
+def wait_for(condition, timeout: float = 20.0) -> None:
+    """Until the emulated cluster gets there (a busy machine is slow, never wrong)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the emulated cluster did not get there"
+        time.sleep(0.01)
+
+
 def test_restarted_controller_adopts_the_running_job(tmp_path, cluster_factory):
-    cluster = cluster_factory(lambda job, i, attempt: PodRun(log="only once\n", seconds=0.5))
+    cluster = cluster_factory(lambda job, i, attempt: PodRun(log="only once\n", seconds=2.0))
     store = LocalStore(tmp_path / "store")
     spec, uri = planted_spec(store)
     k8s = k8s_config()
-    # the Job an earlier controller created before it died
+    # the Job an earlier controller created before it died, its pod running
     cluster.put(JOBS, to_dict(build_job(spec, uri, k8s, namespace=NS, inputs_hash=inputs_digest(store, spec))))
-    time.sleep(0.1)
+    wait_for(lambda: cluster.pods_started)
     executor(cluster, store).run("generate", uri)
     assert len(cluster.objects(JOBS)) == 1
     assert len(cluster.pods_started) == 1  # the work ran once
     assert list(stored_logs(store, spec).values()) == ["only once\n"]
     assert cluster.requests(kmock.action.CREATE, JOBS) == 1  # the executor's create, answered 409
+
+
+def test_restarted_controller_adopts_a_partly_finished_indexed_job(tmp_path, cluster_factory):
+    """Shard 0 of 2 finished, shard 1 running when the controller died: the new one adopts the Job, and
+    no shard runs twice."""
+    cluster = cluster_factory(lambda job, i, attempt: PodRun(log=f"shard {i}\n", seconds=0.2 if i == 0 else 2.0))
+    store = LocalStore(tmp_path / "store")
+    spec, uri = planted_spec(store, shards=2)
+    cluster.put(JOBS, to_dict(build_job(spec, uri, k8s_config(), namespace=NS, inputs_hash=inputs_digest(store, spec))))
+    wait_for(lambda: len(cluster.pods_started) == 2)  # index 0 done, index 1 running
+    (job,) = cluster.objects(JOBS).values()
+    assert job["status"].get("succeeded") == 1 and len(cluster.pods_started) == 2
+    executor(cluster, store).run("generate", uri)
+    assert len(cluster.pods_started) == 2  # each index once, across both controllers
+    assert sorted(stored_logs(store, spec).values()) == ["shard 0\n", "shard 1\n"]
+    assert cluster.requests(kmock.action.CREATE, JOBS) == 1  # the executor's create, answered 409: adopted
 
 
 def test_a_failed_job_of_the_same_spec_is_replaced(tmp_path, cluster_factory):
