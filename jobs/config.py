@@ -194,6 +194,14 @@ class LoraSection(StrictModel):
     target_modules: str | list[str] = Field("all-linear", description="peft target modules.")
 
 
+class DistributedSection(StrictModel):
+    """How one train stage spreads over processes (torchrun): one per GPU, or per CPU slot (gloo)."""
+
+    processes: int = Field(1, ge=1, le=64, description="Processes per node: the stage's GPU count on a cluster; on CPU, gloo "
+                           "processes (for tests). Each takes 1/processes of every batch: the global batch stays `batch_size`.")
+    strategy: Literal["ddp"] = Field("ddp", description="`ddp`: each process holds the whole model and gradients are averaged.")
+
+
 class TrainConfig(StrictModel):
     method: Literal["sft+dpo", "sft", "dpo", "reward"] = Field(
         "sft+dpo", description="`sft+dpo` (SFT then DPO with the SFT model as reference), one of them, or a reward model."
@@ -202,11 +210,21 @@ class TrainConfig(StrictModel):
     dpo: DPOSection = Field(default_factory=DPOSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     min_judge_consistency: float = Field(
         0.6, ge=0, le=1, description="Judged pairs train DPO or a reward model only when the lower bound of the judge's position consistency "
         "(Wilson, 95%) reaches this; below it the judge is guessing and only pairs built by construction (verified, helpful) "
         "are kept. 0 = always trust the judge.",
     )
+
+    @model_validator(mode="after")
+    def _batches_split(self) -> "TrainConfig":
+        n = self.distributed.processes
+        for name in ("sft", "dpo", "reward"):
+            b = getattr(self, name).batch_size
+            if b % n:
+                raise ValueError(f"{name}.batch_size {b} does not split over {n} processes; make it a multiple of distributed.processes")
+        return self
 
 
 class ClassifierGrader(StrictModel):

@@ -129,8 +129,8 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> S3Server:
+def start_server() -> S3Server:
+    """Start `weed mini` on free loopback ports with real SigV4 credentials; returns once it answers S3."""
     # a short path of our own: weed puts unix sockets under it, and those are limited to ~100 bytes
     work = Path(tempfile.mkdtemp(prefix="cai-s3-"))
     (work / "data").mkdir()
@@ -159,12 +159,26 @@ def s3_server() -> S3Server:
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", ACCESS_KEY, SECRET_KEY, proc, log)
     try:
         _wait_ready(server)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: S3Server) -> None:
+    for c in server.clients:  # close connections first: weed waits on open keep-alive sockets
+        c.close()
+    _stop(server.proc)
+    shutil.rmtree(server.log.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    server = start_server()
+    try:
         yield server
     finally:
-        for c in server.clients:  # close connections first: weed waits on open keep-alive sockets
-            c.close()
-        _stop(proc)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_server(server)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections import deque
 
+from ..distributed import launcher
 from ..errors import StageFailed
 
 # Exit codes shared with the Kubernetes podFailurePolicy: config errors are not worth retrying.
@@ -45,7 +46,13 @@ class LocalExecutor:
         from ..sharding import INDEX_ENV, shard_count
         from ..stages import load_spec
 
-        shards = shard_count(load_spec(spec_uri)[0].params)
+        params = load_spec(spec_uri)[0].params
+        processes = int((params.get("distributed") or {}).get("processes", 1)) if stage == "train" else 1
+        if processes > 1:  # torchrun on this machine, gloo between the processes, the cores split between them
+            env = stage_env()
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+            return self._run_one(stage, spec_uri, env, prefix="", launcher=launcher(processes))
+        shards = shard_count(params)
         if shards == 1:
             return self._run_one(stage, spec_uri, stage_env(), prefix="")
         # Shards run side by side like an Indexed Job's pods; each gets its share of the cores.
@@ -71,10 +78,12 @@ class LocalExecutor:
             raise failed[0]
         return "".join(r for r in results if isinstance(r, str))
 
-    def _run_one(self, stage: str, spec_uri: str, env: dict[str, str], prefix: str) -> str:
+    def _run_one(self, stage: str, spec_uri: str, env: dict[str, str], prefix: str, launcher: list[str] | None = None) -> str:
         cmd = stage_command(stage, spec_uri)
         # `cai` resolved through this interpreter, so a venv's console script and `python -m` agree
         argv = [self.python, "-m", "jobs.cli", *cmd[1:]]
+        if launcher:
+            argv = [self.python, "-m", "torch.distributed.run", *launcher, "-m", "jobs.cli", *cmd[1:]]
         tail: deque[str] = deque(maxlen=40)
         lines: list[str] = []
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..attempts import AttemptStore, Superseded
 from ..config import StageSpec
+from ..distributed import is_main
 from ..errors import ConfigError, StageFailed
 from ..manifest import StageManifest, build_manifest, is_complete, manifest_key, now_iso, read_manifest, write_manifest
 from ..schema import parse_data
@@ -103,6 +104,8 @@ def _execute(name: str, spec: StageSpec, store: ArtifactStore, work) -> bool:
         return False
     result.timings["total_s"] = time.perf_counter() - t0
     result.timings["peak_rss_mb"] = peak_rss_mb()
+    if not is_main():  # a torchrun worker: rank 0 writes the outputs and the manifest
+        return True
     write_manifest(store, spec, build_manifest(spec, store, result.outputs, result.counts, result.timings, started))
     log(name, f"done in {result.timings['total_s']:.1f}s (peak memory {result.timings['peak_rss_mb']:.0f} MB) -> {store.uri_for(spec.output)}")
     return True

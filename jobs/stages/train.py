@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoraSection, StageSpec, TrainConfig
+from ..distributed import is_main, world_size
 from ..models import resolve_model
 from ..schema import parse_data
 from ..store import ArtifactStore
@@ -54,9 +55,10 @@ def _device_args() -> dict[str, Any]:
 
 
 def _args(cls, phase: str, section, work: Path, seed: int, **extra):
+    # under torchrun each process takes its share of the batch: the global batch is the configured one
     return cls(
         output_dir=str(work / phase), num_train_epochs=section.epochs, learning_rate=section.learning_rate,
-        per_device_train_batch_size=section.batch_size,
+        per_device_train_batch_size=section.batch_size // world_size(),
         gradient_accumulation_steps=getattr(section, "gradient_accumulation_steps", 1),
         max_length=section.max_length, seed=seed, data_seed=seed, logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, **_device_args(), **extra,
@@ -186,6 +188,9 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             model = _load_lm(start)
             counts["model_unchanged"] = True
         counts.setdefault("model_kind", "policy (AutoModelForCausalLM)")
+        if not is_main():  # every process holds the same weights; rank 0 alone writes them and the manifest
+            return StageResult(outputs=[], counts=counts, timings=timings)
+        counts["processes"] = world_size()
         t = time.perf_counter()
         out_dir = work / "model"
         record = {"start_model": spec.model, "seed": spec.seed, "config": cfg.model_dump(mode="json"),

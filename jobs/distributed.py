@@ -1,0 +1,31 @@
+"""Where this process sits in a distributed stage: torchrun's RANK / WORLD_SIZE, and the launcher command.
+
+A train stage with more than one process runs under `torchrun` (one process per GPU, or per CPU slot
+for the gloo tests); trl's trainers pick the process group up from the environment. Only rank 0
+writes to the store: the saved model, the metrics and the stage manifest.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launcher(processes: int, nodes: int = 1, rendezvous: str | None = None) -> list[str]:
+    """The torchrun arguments before `-m jobs.cli ...`: standalone on one node, else c10d rendezvous
+    at `rendezvous` (host:port of node 0) with this node's rank from the Indexed Job's index."""
+    if nodes <= 1:
+        return ["--standalone", f"--nproc-per-node={processes}"]
+    return [f"--nnodes={nodes}", f"--nproc-per-node={processes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
+            "--node-rank=$(JOB_COMPLETION_INDEX)"]
