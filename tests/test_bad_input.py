@@ -57,6 +57,10 @@ def case(tmp_path: Path, name: str):
         cfg["kubernetes"] = {"stages": {"judge": {"gpus": 1}}}
         args = ["--executor", "kubernetes"]
         env = {"KUBECONFIG": str(write(tmp_path / "kc.yaml", "apiVersion: v1\nclusters: [\n  - bad"))}
+    elif name == "train-processes-vs-gpus":  # 2 training processes on a 4-GPU pod: one per GPU, before anything runs
+        cfg["train"] = {"distributed": {"processes": 2}}
+        cfg["kubernetes"] = {"stages": {"train": {"gpus": 4}}}
+        args = ["--executor", "kubernetes"]
     elif name == "endpoint-invalid":
         args, env = ["--store", "s3://bucket/p"], {"AWS_ENDPOINT_URL_S3": "not a url"}
     elif name == "bucket-invalid":
@@ -80,6 +84,7 @@ CASES = {
     "model-missing": "no such directory",
     "unknown-key": "revison_rounds",
     "partial-kubernetes-stages": "kubeconfig",
+    "train-processes-vs-gpus": "train.distributed.processes: 2 processes on 4 GPU(s) per pod",
     "endpoint-invalid": "AWS_ENDPOINT_URL_S3='not a url' is not a valid endpoint",
     "bucket-invalid": "'Bad_Bucket!' is not a valid S3 bucket name",
     "attempts-invalid": "AWS_MAX_ATTEMPTS='many'",

@@ -55,3 +55,24 @@ def test_the_launcher_command():
     assert launcher(2) == ["--standalone", "--nproc-per-node=2"]
     assert launcher(8, nodes=2, rendezvous="train-0.svc:29500") == [
         "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=train-0.svc:29500", "--node-rank=$(JOB_COMPLETION_INDEX)"]
+
+
+def test_a_multi_gpu_train_job_runs_torchrun_one_process_per_gpu():
+    import kubernetes_validate
+
+    from jobs.config import KubernetesConfig, StageSpec
+    from jobs.errors import ConfigError
+    from jobs.executors.k8s_manifests import build_job, to_dict
+
+    k8s = KubernetesConfig(stages={"train": {"gpus": 4, "cpu": "16", "memory": "200Gi"}})
+    params = TrainConfig(distributed={"processes": 4}).model_dump(mode="json")
+    spec = StageSpec(stage="train", run_id="r", round=1, store="s3://b", output="runs/r/round-1/train", model="m", params=params)
+    job = to_dict(build_job(spec, "s3://b/runs/r/round-1/train/spec.json", k8s, namespace="ml"))
+    kubernetes_validate.validate(job, "1.31.0", strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "jobs.cli", "stage", "train",
+                                    "--spec", "s3://b/runs/r/round-1/train/spec.json"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    wrong = spec.model_copy(update={"params": TrainConfig(distributed={"processes": 2}).model_dump(mode="json")})
+    with pytest.raises(ConfigError, match="2 processes on 4 GPU"):
+        build_job(wrong, "s3://b/spec.json", k8s)

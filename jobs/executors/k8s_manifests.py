@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from ..config import KubernetesConfig, StageResources, StageSpec, canonical_hash
 from ..errors import ConfigError
+from ..distributed import launcher
 from ..sharding import shard_count
 from .local import EXIT_CONFIG, pod_env, stage_command
 
@@ -227,6 +228,22 @@ def _pod_failure_policy(fatal_exit_codes: list[int]) -> m.V1PodFailurePolicy:
     )
 
 
+def check_train_layout(processes: int, gpus: int) -> None:
+    """One training process per GPU of the pod (CPU pods: any number of gloo processes)."""
+    if processes > 1 and gpus and processes != gpus:
+        raise ConfigError(f"config: train.distributed.processes: {processes} processes on {gpus} GPU(s) per pod; "
+                          f"set it to kubernetes.stages.train.gpus ({gpus}), one process per GPU")
+
+
+def pod_command(spec: StageSpec, spec_uri: str, res: StageResources) -> list[str]:
+    """`cai stage ...`, or for a train stage of several processes torchrun with one process per GPU."""
+    processes = int((spec.params.get("distributed") or {}).get("processes", 1)) if spec.stage == "train" else 1
+    check_train_layout(processes, res.gpus)
+    if processes == 1:
+        return stage_command(spec.stage, spec_uri)
+    return ["torchrun", *launcher(processes), "-m", "jobs.cli", *stage_command(spec.stage, spec_uri)[1:]]
+
+
 def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: str | None = None, inputs_hash: str | None = None) -> m.V1Job:
     """The batch/v1 Job that runs one StageSpec; sharded specs become Indexed Jobs (one pod per shard).
     `inputs_hash` (the spec with its inputs' content digests) is what an existing Job of the same name
@@ -241,7 +258,7 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         name=CONTAINER,
         image=stage_image(spec.stage, k8s),
         image_pull_policy=k8s.image_pull_policy,
-        command=stage_command(spec.stage, spec_uri),
+        command=pod_command(spec, spec_uri, res),
         # the local executor's env, then the plumbing; Indexed Jobs add JOB_COMPLETION_INDEX themselves
         env=[m.V1EnvVar(name=k, value=v) for k, v in pod_env().items()] + _store_env(k8s),
         resources=_resources(res),
