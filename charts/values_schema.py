@@ -76,6 +76,7 @@ def image_ref(desc: str) -> dict[str, Any]:
 def stage_resources(name: str) -> dict[str, Any]:
     return _obj({
         "gpus": _int("nvidia.com/gpu request and limit per pod (0 = CPU only)."),
+        "gpuMemoryGiB": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "Memory of one GPU (GiB); null = no fit check."},
         "cpu": _quantity("CPU request."),
         "memory": _quantity("Memory request and limit."),
         "ephemeralStorage": _quantity("Scratch space request; null = none.", nullable=True),

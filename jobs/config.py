@@ -366,6 +366,10 @@ class StageResources(StrictModel):
 
     image: str | None = Field(None, description="Full image reference; null = `<image_repository>-<stage>:<image_tag>`.")
     gpus: int = Field(1, ge=0, description="`nvidia.com/gpu` request and limit per pod.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory of one of those GPUs (80 for an H100 80GB). Set, a model that cannot fit fails at plan time "
+        "with one line (jobs/memory.py estimates it from config.json); null = not checked.",
+    )
     cpu: str = Field("4", description="CPU request (Kubernetes quantity).")
     memory: str = Field("32Gi", description="Memory request and limit (Kubernetes quantity).")
     ephemeral_storage: str | None = Field("50Gi", description="Scratch space for the model cache; null = no request.")

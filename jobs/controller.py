@@ -6,6 +6,7 @@ runs them, the store keeps everything, and run.json records what happened and wh
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from . import eval_sets
 from .data import load_prompts
 from .errors import CaiError, ConfigError, StageFailed
 from .model_sources import ResolvedModel, bundled_digest, planned_ref, precheck, resolve_source
+from .models import resolve_model
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
 from .report import headline_intervals, headline_scores
@@ -148,7 +150,28 @@ class Controller:
     def prepare(self) -> dict[str, str]:
         """Everything planning needs, in the store: the models resolved and imported, the data copied."""
         self.resolve_models()
+        check = getattr(self.executor, "check_fits", None)  # the Kubernetes executor knows each stage's GPUs
+        if check:
+            check(self.config, self.model_config(self.config.model))
         return self.stage_inputs()
+
+    @staticmethod
+    def _local_model_config(ref: str) -> dict[str, Any] | None:
+        """config.json of a bundled model or a local directory, without touching the store; else None."""
+        if ref.startswith("bundled:"):
+            path = Path(resolve_model(ref)) / "config.json"
+        elif "://" not in ref and not ref.startswith(("hf:", "store:")) and (Path(ref).expanduser() / "config.json").is_file():
+            path = Path(ref).expanduser() / "config.json"
+        else:
+            return None
+        return json.loads(path.read_text())
+
+    def model_config(self, ref: str) -> dict[str, Any]:
+        """A resolved model's config.json, read from the store (or the bundled copy): no weights fetched."""
+        stage_ref = self.stage_ref(ref)
+        if stage_ref.startswith("store:"):
+            return self.store.read_json(f"{stage_ref.split(':', 1)[1]}/config.json")
+        return json.loads((Path(resolve_model(stage_ref, self.store)) / "config.json").read_text())
 
     def stage_inputs(self) -> dict[str, str]:
         """Copy the constitution, the cleaned prompts and the evaluation sets into the run, with the
@@ -374,6 +397,10 @@ class Controller:
         self._precheck_prompts()
         for _, where, ref in self.model_roles():
             precheck(ref, where)
+        check = getattr(self.executor, "check_fits", None)
+        local_config = self._local_model_config(self.config.model)
+        if check and local_config is not None:  # a bundled or local model: its fit is known before the lock
+            check(self.config, local_config)
         with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:
             return self._run_locked()
 

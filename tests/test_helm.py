@@ -426,6 +426,7 @@ def test_gpu_run_yaml_carries_stage_resources(gpu_render: str, tmp_path: Path) -
     assert config.store == "s3://ml-artifacts/cai/prod"
     train = k8s.stages["train"]
     assert (train.gpus, train.cpu, train.memory, train.ephemeral_storage) == (4, "32", "256Gi", "500Gi")
+    assert train.gpu_memory_gib == 80 and k8s.stages["generate"].gpu_memory_gib is None
     assert train.image == "123456789012.dkr.ecr.us-east-1.amazonaws.com/cai-train:0.1.0-cu126"
     assert train.tolerations[1] == {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"}
     assert train.affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
@@ -441,10 +442,12 @@ def test_stage_jobs_from_the_rendered_config_request_gpus(gpu_render: str, tmp_p
     from jobs.executors.k8s_manifests import build_job, to_dict
 
     config = load_run_config(run_yaml(docs(gpu_render)), tmp_path)
-    spec = StageSpec(stage="train", run_id="prod-abc", round=1, store=config.store, output="runs/prod-abc/round-1/train", model=config.model)
+    spec = StageSpec(stage="train", run_id="prod-abc", round=1, store=config.store, output="runs/prod-abc/round-1/train",
+                     model=config.model, params=config.train.model_dump(mode="json"))
     job = to_dict(build_job(spec, f"{config.store}/runs/prod-abc/round-1/train/spec.json", config.kubernetes, namespace=NS))
     pod = job["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert pod["containers"][0]["command"][:3] == ["torchrun", "--standalone", "--nproc-per-node=4"]  # one process per GPU
     assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert (pod["serviceAccountName"], pod["priorityClassName"]) == ("cai-stage", "batch-high")
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"

@@ -203,6 +203,23 @@ class KubernetesExecutor:
             raise StageFailed(f"stage {stage} failed: job {self.namespace}/{job.metadata.name} was deleted before it finished; re-run to submit it again")
         return ""  # pod logs are in the store already, one file per pod
 
+    # --- plan-time checks --------------------------------------------------------------------------
+    def check_fits(self, config: Any, model_config: dict[str, Any]) -> None:
+        """Each stage's estimated GPU memory against its pods' GPUs (where kubernetes.stages.*.gpu_memory_gib is set)."""
+        from ..memory import check_fits, dtype_bytes, needed_gib, parameter_count
+
+        try:
+            params = parameter_count(model_config)
+        except (KeyError, TypeError, ValueError):
+            return  # not a decoder-only transformer config we can count: no estimate, no check
+        weight = dtype_bytes(config.engine.dtype, model_config)
+        train = config.train
+        reference = train.method in ("sft+dpo", "dpo") and not train.dpo.precompute_ref_log_probs
+        for stage in config.stages:
+            res = self.k8s.stages[stage]
+            need, how = needed_gib(stage, params, weight, lora=train.lora.enabled, dpo_reference=reference)
+            check_fits(stage, need, how, res.gpus, res.gpu_memory_gib)
+
     # --- submit / adopt ---------------------------------------------------------------------------
     def submit(self, job: Any, spec: StageSpec) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -114,6 +114,7 @@ values, in RunConfig's own keys, so the controller submits stage Jobs with these
 {{- $_ := set $stages $name (dict
     "image" (include "cai.image" (dict "ctx" $ "name" $name))
     "gpus" $s.gpus
+    "gpu_memory_gib" ($s.gpuMemoryGiB | default nil)
     "cpu" (toString $s.cpu)
     "memory" (toString $s.memory)
     "ephemeral_storage" (ternary nil (toString $s.ephemeralStorage) (kindIs "invalid" $s.ephemeralStorage))
