@@ -58,6 +58,10 @@ class EngineConfig(StrictModel):
         "auto", description="`auto`: bfloat16 on GPU, float32 on CPU (faster there with both engines, and exact)."
     )
     device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1` ...")
+    tensor_parallel: int | Literal["auto"] = Field(
+        "auto", description="vLLM: GPUs one model is split over (tensor parallel). `auto`: every GPU the process sees, i.e. "
+        "the pod's `kubernetes.stages.<stage>.gpus`; 1 on CPU. More pods (data parallel) come from `shards`.",
+    )
     batch_size: int = Field(32, gt=0, description="Sequences per forward pass; 32 keeps 2 CPU cores busy without swapping.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code (off: safer).")
     prefix_cache_gb: float = Field(

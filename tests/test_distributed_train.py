@@ -76,3 +76,14 @@ def test_a_multi_gpu_train_job_runs_torchrun_one_process_per_gpu():
     wrong = spec.model_copy(update={"params": TrainConfig(distributed={"processes": 2}).model_dump(mode="json")})
     with pytest.raises(ConfigError, match="2 processes on 4 GPU"):
         build_job(wrong, "s3://b/spec.json", k8s)
+
+
+def test_vllm_tensor_parallel_follows_the_pods_gpus():
+    from jobs.engines import tensor_parallel_size
+    from jobs.errors import ConfigError
+
+    assert tensor_parallel_size("auto", visible=4) == 4  # a 4-GPU pod: one model over all four
+    assert tensor_parallel_size("auto", visible=0) == 1  # CPU
+    assert tensor_parallel_size(2, visible=4) == 2
+    with pytest.raises(ConfigError, match="8 GPUs asked, 4 visible"):
+        tensor_parallel_size(8, visible=4)

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigError
 from .base import Conversation, Engine, EngineStats, SamplingParams
 
 if TYPE_CHECKING:  # not at run time: the engines import on a machine without pydantic (bench/gpu.py on a GPU box)
@@ -25,6 +26,22 @@ def choose_backend(config: EngineConfig, model_path: str) -> tuple[str, str]:
     return ("hf", why) if why else ("vllm", "vllm is installed and supports the model")
 
 
+def tensor_parallel_size(setting: int | str, visible: int | None = None) -> int:
+    """`auto`: every GPU this process sees (the pod's GPU request), else the number given; 1 without GPUs."""
+    if visible is None:
+        try:
+            import torch
+
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except ImportError:
+            visible = 0
+    if setting == "auto":
+        return max(1, visible)
+    if visible and int(setting) > visible:
+        raise ConfigError(f"engine.tensor_parallel: {setting} GPUs asked, {visible} visible; set it to at most {visible} or `auto`")
+    return int(setting)
+
+
 def load_engine(config: EngineConfig, model_path: str) -> Engine:
     backend, why = choose_backend(config, model_path)
     if config.backend == "auto":
@@ -32,7 +49,8 @@ def load_engine(config: EngineConfig, model_path: str) -> Engine:
     if backend == "vllm":
         from .vllm import VLLMEngine
 
-        return VLLMEngine(model_path, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+        return VLLMEngine(model_path, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code,
+                          tensor_parallel=tensor_parallel_size(config.tensor_parallel))
     from .hf import HFEngine
 
     return HFEngine(

@@ -144,6 +144,7 @@ class VLLMEngine:
         show_progress: bool = True,
         max_model_len: int | None = None,
         seed: int = 0,
+        tensor_parallel: int = 1,
     ):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("engine.backend: vllm but vllm is not installed; run `make install-vllm` "
@@ -177,6 +178,7 @@ class VLLMEngine:
                 enable_prefix_caching=True,  # critique/revision requests share the conversation so far
                 block_size=CPU_BLOCK_SIZE if platform_device == "cpu" else None,  # None: vLLM's own
                 skip_tokenizer_init=True,  # we tokenize and decode (same ids and text as the HF engine)
+                **({"tensor_parallel_size": tensor_parallel} if tensor_parallel > 1 else {}),  # the pod's GPUs, one model
             )
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -186,6 +188,7 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(self.tokenizer)
         compiled = os.environ.get("VLLM_CPU_CI_ENV", "0") in ("", "0")
         print(f"[engine] vllm {vllm.__version__}: {Path(model_path).name}, {self.dtype} on {self.device}"
+              f"{f' x{tensor_parallel} (tensor parallel)' if tensor_parallel > 1 else ''}"
               f"{' (compiled)' if compiled and self.device == 'cpu' else ''}, ready in {self.start_seconds:.1f}s",
               file=sys.stderr, flush=True)
 
