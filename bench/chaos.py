@@ -1,7 +1,7 @@
 """Chaos: a real pipeline on the bundled model against a real S3 server, killed again and again.
 
-One uninterrupted `cai run` into one bucket is the reference. Then the same config runs into a second
-bucket while this script SIGKILLs, at random moments, the controller (its stage process, orphaned,
+One uninterrupted `cai run` is the reference; its outputs are kept and the bucket emptied. Then the same
+config runs into the same store again while this script SIGKILLs, at random moments, the controller (its stage process, orphaned,
 runs on) or, separately, the stage process it is waiting for, and once stops the S3 server (SIGSTOP)
 for longer than a lock lease. After each kill or exit it starts `cai run` again, as a controller Job's
 retry would, until the run finishes. Then:
@@ -114,17 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(CONFIG)
     env = {**os.environ, **server.env, "AWS_MAX_ATTEMPTS": "1", "CAI_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
     s3 = server.admin()
-    for b in ("reference", "chaos"):
-        s3.create_bucket(Bucket=b)
+    s3.create_bucket(Bucket="chaos")
+    store = "s3://chaos/cai"  # both runs use the same store URI, so the same run id: their bytes compare as they are
     try:
         log("reference run (uninterrupted)")
         t0 = time.monotonic()
         with open(work / "reference.log", "wb") as f:
-            ref = cai_run("s3://reference/cai", config, env, f)
+            ref = cai_run(store, config, env, f)
             if ref.wait() != 0:
                 raise SystemExit(f"error: the reference run failed; see {work / 'reference.log'}")
         ref_s = time.monotonic() - t0
         log(f"reference: {ref_s:.0f}s")
+        root = run_root(s3, "chaos")
+        reference = {rel: s3.get_object(Bucket="chaos", Key=f"{root}/{rel}")["Body"].read() for rel in COMPARED}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="chaos"):  # then start again from nothing
+            for o in page.get("Contents", []):
+                s3.delete_object(Bucket="chaos", Key=o["Key"])
 
         kills = {"controller": 0, "stage": 0}
         starts, exits, paused, orphans = 0, {}, False, []
@@ -136,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 for key, writer in manifests(s3, "chaos").items():  # no finished stage may be written again
                     if seen.setdefault(key, writer) != writer:
                         rewritten.add(key)
-                proc = cai_run("s3://chaos/cai", config, env, f)
+                proc = cai_run(store, config, env, f)
                 starts += 1
                 total = sum(kills.values())
                 pause_now = not args.no_pause and not paused and starts == 3
                 if total < args.kills or pause_now:
-                    deadline = time.monotonic() + rng.uniform(3.0, max(6.0, 0.5 * ref_s))
+                    deadline = time.monotonic() + rng.uniform(3.0, max(6.0, 0.35 * ref_s))
                     while proc.poll() is None and time.monotonic() < deadline:
                         time.sleep(0.2)
                     if proc.poll() is None and pause_now:
@@ -172,12 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             if seen.setdefault(key, writer) != writer:
                 rewritten.add(key)
 
-        ref_root, chaos_root = run_root(s3, "reference"), run_root(s3, "chaos")
-        diffs = {}
-        for rel in COMPARED:
-            a = s3.get_object(Bucket="reference", Key=f"{ref_root}/{rel}")["Body"].read()
-            b = s3.get_object(Bucket="chaos", Key=f"{chaos_root}/{rel}")["Body"].read()
-            diffs[rel] = differing_bytes(a, b)
+        assert run_root(s3, "chaos") == root
+        diffs = {rel: differing_bytes(reference[rel], s3.get_object(Bucket="chaos", Key=f"{root}/{rel}")["Body"].read())
+                 for rel in COMPARED}
         rows = [
             ["SIGKILLs of the controller", kills["controller"], ""],
             ["SIGKILLs of a stage", kills["stage"], ""],
