@@ -100,8 +100,11 @@ def test_runs_as_numeric_non_root_user_matching_the_chart(name: str) -> None:
 def test_uid_is_the_chart_and_executor_run_as_user() -> None:
     from jobs.executors.k8s_manifests import RUN_AS_USER
 
-    helpers = (REPO / "charts" / "cai" / "templates" / "_helpers.tpl").read_text(encoding="utf-8")
-    assert re.search(r'define "cai\.uid" -}}(\d+){{', helpers).group(1) == str(UID)
+    import yaml
+
+    values = yaml.safe_load((REPO / "charts" / "cai" / "values.yaml").read_text(encoding="utf-8"))
+    ctx = values["podSecurityContext"]  # the chart's default pod securityContext, every pod's
+    assert ctx["runAsUser"] == ctx["runAsGroup"] == ctx["fsGroup"] == UID
     assert RUN_AS_USER == UID
 
 
