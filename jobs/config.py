@@ -370,6 +370,8 @@ class StageResources(StrictModel):
 
     image: str | None = Field(None, description="Full image reference; null = `<image_repository>-<stage>:<image_tag>`.")
     gpus: int = Field(1, ge=0, description="`nvidia.com/gpu` request and limit per pod.")
+    nodes: int = Field(1, ge=1, le=256, description="train only: pods (nodes) of one training run, an Indexed Job whose pods meet "
+                       "through torchrun's c10d rendezvous at pod 0 (a headless Service); one failed pod fails them all.")
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="Memory of one of those GPUs (80 for an H100 80GB). Set, a model that cannot fit fails at plan time "
         "with one line (jobs/memory.py estimates it from config.json); null = not checked.",
@@ -433,6 +435,9 @@ class KubernetesConfig(StrictModel):
     @classmethod
     def _every_stage(cls, value: dict[str, StageResources]) -> dict[str, StageResources]:
         """Tuning one stage keeps the defaults of the others, so a Job can be built for every stage a run has."""
+        for name, res in value.items():
+            if res.nodes > 1 and name != "train":
+                raise ValueError(f"{name}.nodes: only train spans nodes; {name} scales out with {name}.shards (data parallel)")
         return {**_default_stage_resources(), **value}
 
 

@@ -22,10 +22,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launcher(processes: int, nodes: int = 1, rendezvous: str | None = None) -> list[str]:
-    """The torchrun arguments before `-m jobs.cli ...`: standalone on one node, else c10d rendezvous
-    at `rendezvous` (host:port of node 0) with this node's rank from the Indexed Job's index."""
+def launcher(processes: int, nodes: int = 1, rendezvous: str | None = None, rendezvous_id: str = "cai") -> list[str]:
+    """The torchrun arguments before `-m jobs.cli ...`: standalone on one node; on several, c10d
+    rendezvous at `rendezvous` (host:port of node 0's pod), which assigns every process its rank."""
     if nodes <= 1:
         return ["--standalone", f"--nproc-per-node={processes}"]
     return [f"--nnodes={nodes}", f"--nproc-per-node={processes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
-            "--node-rank=$(JOB_COMPLETION_INDEX)"]
+            f"--rdzv-id={rendezvous_id}"]

@@ -251,6 +251,9 @@ class FakeCluster:
             return  # no Kueue here to admit it
         deadline = time.monotonic() + spec.get("activeDeadlineSeconds", 10**9)
         indexed = spec.get("completionMode") == "Indexed"
+        if indexed and spec["template"]["spec"].get("subdomain"):  # a gang (multi-node train): every index at once
+            self._run_gang(job, ns, name, deadline)
+            return
         counts = {"failed": 0, "succeeded": 0}
         outcome: tuple[str, str] | None = None
         for index in range(spec.get("completions", 1)):
@@ -286,6 +289,28 @@ class FakeCluster:
         if ttl is not None:
             time.sleep(ttl)
             self._delete(JOBS, ns, name)
+
+    def _run_gang(self, job: dict, ns: str, name: str, deadline: float) -> None:
+        """All pods of an Indexed Job side by side, as the Job controller starts them with parallelism =
+        completions; the first that fails a FailJob rule fails the Job (the others are left to end)."""
+        n = job["spec"].get("completions", 1)
+        results: list = [None] * n
+
+        def one(i: int) -> None:
+            results[i] = self._run_pod(job, i, 0, deadline)
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if any(r is None for r in results):  # deleted meanwhile
+            return
+        failed = [r for r in results if r[0] != 0]
+        self._patch(JOBS, ns, name, {"status": {"succeeded": n - len(failed), "failed": len(failed)}})
+        ctype, reason = ("Failed", "PodFailurePolicy") if failed else ("Complete", None)
+        self._patch(JOBS, ns, name, {"status": {"active": 0, "conditions": [
+            {"type": ctype, "status": "True", "reason": reason, "message": None, "lastTransitionTime": now()}]}})
 
     @staticmethod
     def _fail_job_rule(spec: dict, code: int) -> bool:
@@ -364,9 +389,31 @@ class FakeCluster:
             for path in [*mounts.values(), env["HOME"]]:
                 os.makedirs(path, exist_ok=True)
             cmd = container["command"]
-            assert cmd[0] == "cai"  # the image's console script
-            proc = subprocess.run([sys.executable, "-m", "jobs.cli", *cmd[1:]], env=env, capture_output=True, text=True, timeout=600)
+            if cmd[0] == "torchrun":  # the image's launcher; the rendezvous Service's pod-0 name is this host
+                argv = [sys.executable, "-m", "torch.distributed.run", *(_on_loopback(a) for a in cmd[1:])]
+            else:
+                assert cmd[0] == "cai"  # the image's console script
+                argv = [sys.executable, "-m", "jobs.cli", *cmd[1:]]
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
             return proc.returncode, proc.stdout + proc.stderr
+
+
+RENDEZVOUS_PORTS: dict[str, int] = {}  # rendezvous endpoint -> the loopback port standing in for it
+
+
+def _on_loopback(arg: str) -> str:
+    """`--rdzv-endpoint=<job>-0.<job>:29500` -> `127.0.0.1:<a free port, the same for every pod of the Job>`:
+    what the headless Service's DNS name resolves to for pods that all run on this machine."""
+    if not arg.startswith("--rdzv-endpoint="):
+        return arg
+    endpoint = arg.split("=", 1)[1]
+    if endpoint not in RENDEZVOUS_PORTS:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            RENDEZVOUS_PORTS[endpoint] = sock.getsockname()[1]
+    return f"--rdzv-endpoint=127.0.0.1:{RENDEZVOUS_PORTS[endpoint]}"
 
 
 # --- shared by the executor and RBAC tests -------------------------------------------------------

@@ -14,6 +14,7 @@ from jobs.distributed import launcher
 from jobs.executors.local import LocalExecutor
 from jobs.manifest import manifest_key
 from jobs.stages import run_stage
+from kube_emulator import cluster_factory  # noqa: F401 - a fixture
 from test_train_stage import PREFS, changed, plan_train, start_weights, weights  # noqa: F401 - start_weights is a fixture
 
 
@@ -53,8 +54,8 @@ def test_batch_must_split_over_the_processes():
 
 def test_the_launcher_command():
     assert launcher(2) == ["--standalone", "--nproc-per-node=2"]
-    assert launcher(8, nodes=2, rendezvous="train-0.svc:29500") == [
-        "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=train-0.svc:29500", "--node-rank=$(JOB_COMPLETION_INDEX)"]
+    assert launcher(8, nodes=2, rendezvous="train-0.svc:29500", rendezvous_id="train") == [
+        "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=train-0.svc:29500", "--rdzv-id=train"]
 
 
 def test_a_multi_gpu_train_job_runs_torchrun_one_process_per_gpu():
@@ -87,3 +88,66 @@ def test_vllm_tensor_parallel_follows_the_pods_gpus():
     assert tensor_parallel_size(2, visible=4) == 2
     with pytest.raises(ConfigError, match="8 GPUs asked, 4 visible"):
         tensor_parallel_size(8, visible=4)
+
+
+def test_a_two_node_train_job_meets_at_pod_0_and_trains_the_same_model(tmp_path, tiny_model_dir, cluster_factory):
+    """nodes: 2 -> an Indexed Job of 2 pods with a headless Service; each pod runs torchrun, and the two
+    meet through c10d rendezvous at pod 0 (the Service's name on loopback in the emulator). The saved
+    model equals one process's, and the Service is gone afterwards."""
+    import kmock
+    from kube_emulator import EXECUTE, JOBS
+    from kube_emulator import executor as make_executor
+    from transformers import AutoModelForCausalLM
+
+    one, _ = trained(tmp_path / "one", tiny_model_dir, 1)
+    cluster = cluster_factory(lambda job, i, attempt: EXECUTE)
+    cfg = TrainConfig(method="sft", sft=SFTSection(epochs=1, batch_size=4, max_length=128, learning_rate=1e-4))
+    store, spec = plan_train(tmp_path / "two", tiny_model_dir, cfg, prefs=PREFS[:4])
+
+    make_executor(cluster, store, stages={"train": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "4Gi"}}).run("train", store.uri_for(spec.spec_key))
+
+    (job,) = cluster.objects(JOBS).values()
+    name = job["metadata"]["name"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == name
+    assert pod["containers"][0]["command"][:6] == ["torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                                                   f"--rdzv-endpoint={name}-0.{name}:29500", f"--rdzv-id={name}"]
+    services = kmock.resource("", "v1", "services")
+    assert cluster.requests(kmock.action.CREATE, services) == 1 and not cluster.objects(services)  # created, then deleted
+    manifest = json.loads((Path(store.root) / manifest_key(spec)).read_text())
+    assert manifest["counts"]["processes"] == 2
+    two = weights(AutoModelForCausalLM.from_pretrained(store.local_dir(f"{spec.output}/model")))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4)
+
+
+def test_cai_render_shows_the_multi_node_job_and_its_service(tmp_path):
+    """`cai render`: the launcher command, the headless Service, the GPU requests; strict-valid."""
+    import kubernetes_validate
+    import yaml
+
+    from jobs.config import RunConfig
+    from jobs.executors.k8s_submit import render
+
+    config = RunConfig.model_validate({"stages": ["generate", "train"], "train": {
+        "distributed": {"processes": 8}, "sft": {"batch_size": 64}, "dpo": {"batch_size": 32}, "reward": {"batch_size": 16}},
+                                       "kubernetes": {"stages": {"train": {"gpus": 8, "nodes": 2, "memory": "1000Gi"}}}})
+    docs = [d for d in yaml.safe_load_all(render(config, "s3://bucket/cai", namespace="ml")) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.31.0", strict=True)
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    train = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"]["cai-jobs/stage"] == "train")
+    name = train["metadata"]["name"]
+    assert service["metadata"]["name"] == name and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"cai-jobs/job": name} and service["spec"]["publishNotReadyAddresses"] is True
+    spec = train["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["podFailurePolicy"]["rules"][0] == {"action": "FailJob", "onExitCodes": {
+        "containerName": "stage", "operator": "NotIn", "values": [0]}}  # one failed pod fails the run
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"][:6] == ["torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                                        f"--rdzv-endpoint={name}-0.{name}:29500", f"--rdzv-id={name}"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and spec["template"]["spec"]["subdomain"] == name
+    with pytest.raises(ValueError, match="only train spans nodes"):
+        RunConfig.model_validate({"kubernetes": {"stages": {"generate": {"nodes": 2}}}})

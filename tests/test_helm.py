@@ -193,6 +193,7 @@ def test_rbac_is_namespaced_and_minimal(default_render: str) -> None:
         ("batch", "jobs"): ["create", "delete", "get"],
         ("", "pods"): ["list"],
         ("", "pods/log"): ["get"],
+        ("", "services"): ["create", "delete"],
     }
     (binding,) = by_kind(objs, "RoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cai-controller"}

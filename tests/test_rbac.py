@@ -43,6 +43,8 @@ CONTROLLER_NEEDS = {
     ("batch", "jobs", "delete"): "replace a failed Job of the same spec; remove a Job whose image cannot be pulled",
     ("", "pods", "list"): "find a Job's pods by the cai-jobs/job label",
     ("", "pods/log", "get"): "copy each pod's log into the store",
+    ("", "services", "create"): "a multi-node train Job's headless Service (its pods' rendezvous)",
+    ("", "services", "delete"): "remove that Service once the Job has finished",
 }
 # `cai submit`, with the caller's own credentials (README, "On a cluster").
 SUBMITTER = {
@@ -56,6 +58,8 @@ CONTROLLER_REQUESTS = {
     ("DELETE", "/apis/batch/v1/namespaces/{ns}/jobs/{name}"): ("batch", "jobs", "delete"),
     ("GET", "/api/v1/namespaces/{ns}/pods"): ("", "pods", "list"),
     ("GET", "/api/v1/namespaces/{ns}/pods/{name}/log"): ("", "pods/log", "get"),
+    ("POST", "/api/v1/namespaces/{ns}/services"): ("", "services", "create"),
+    ("DELETE", "/api/v1/namespaces/{ns}/services/{name}"): ("", "services", "delete"),
 }
 REALIGN_CONFIG = """
 name: rbac
@@ -84,6 +88,14 @@ def run_succeeds(store: LocalStore) -> list[HttpRequest]:
     with recording(lambda job, i, attempt: PodRun(log=f"shard {i}\n", seconds=0.2)) as (cluster, seen):
         _, uri = planted_spec(store, shards=2)
         executor(cluster, store).run("generate", uri)
+    return seen
+
+
+def multi_node_train(store: LocalStore) -> list[HttpRequest]:
+    """A 2-node train Job: its headless Service first, the Job, then the Service removed."""
+    with recording(lambda job, i, attempt: PodRun(log=f"node {i}\n", seconds=0.2)) as (cluster, seen):
+        _, uri = planted_spec(store, stage="train")
+        executor(cluster, store, stages={"train": {"gpus": 0, "nodes": 2}}).run("train", uri)
     return seen
 
 
@@ -166,6 +178,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[HttpReq
     scenarios: dict[str, Callable[[], list[HttpRequest]]] = {
         "executor: create, wait, copy logs": lambda: run_succeeds(store("ok")),
         "executor: job fails": lambda: run_fails(store("fail")),
+        "executor: multi-node train": lambda: multi_node_train(store("nodes")),
         "executor: adopt a running job": lambda: adopts_running_job(store("adopt")),
         "executor: replace a failed job": lambda: replaces_failed_job(store("replace")),
         "executor: image pull failure": lambda: image_pull_fails(store("pull")),

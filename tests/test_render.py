@@ -222,7 +222,7 @@ def test_render_controller_prints_rbac_config_map_and_controller_job(tmp_path, c
         by_kind.setdefault(d["kind"], []).append(d)
     role = by_kind["Role"][0]
     assert {(tuple(r["apiGroups"]), tuple(r["resources"])) for r in role["rules"]} == {
-        (("batch",), ("jobs",)), (("",), ("pods",)), (("",), ("pods/log",))}
+        (("batch",), ("jobs",)), (("",), ("pods",)), (("",), ("pods/log",)), (("",), ("services",))}
     assert all("*" not in r["verbs"] for r in role["rules"])
     binding = by_kind["RoleBinding"][0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cai-controller", "namespace": "ml"}]

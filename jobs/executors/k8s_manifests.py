@@ -32,6 +32,7 @@ HF_HOME = f"{CACHE_DIR}/hf"  # the controller's Hub downloads, in its cache empt
 HUB_OFFLINE = "HF_HUB_OFFLINE"  # in every stage pod's env (pod_env); never in the controller's
 HF_TOKEN_KEY = "HF_TOKEN"  # the key in kubernetes.hf_token_secret
 HF_TOKEN_DIR = "/var/run/secrets/cai/hf"  # where the controller pod mounts it, read-only
+RDZV_PORT = 29500  # torchrun's c10d rendezvous on pod 0 of a multi-node train Job
 SPEC_HASH = "cai-jobs/spec-hash"
 INPUTS_HASH = "cai-jobs/inputs-hash"  # the spec and its inputs' content digests: a Job is adopted only with both equal
 SPEC_URI = "cai-jobs/spec-uri"
@@ -235,13 +236,47 @@ def check_train_layout(processes: int, gpus: int) -> None:
                           f"set it to kubernetes.stages.train.gpus ({gpus}), one process per GPU")
 
 
-def pod_command(spec: StageSpec, spec_uri: str, res: StageResources) -> list[str]:
-    """`cai stage ...`, or for a train stage of several processes torchrun with one process per GPU."""
+def train_nodes(spec: StageSpec, res: StageResources) -> int:
+    return res.nodes if spec.stage == "train" else 1
+
+
+def rendezvous_endpoint(job: str) -> str:
+    """Pod 0 of an Indexed Job is `<job>-0`; with the Job's headless Service as subdomain it resolves."""
+    return f"{job}-0.{job}:{RDZV_PORT}"
+
+
+def pod_command(spec: StageSpec, spec_uri: str, res: StageResources, job: str = "") -> list[str]:
+    """`cai stage ...`; for a train stage of several processes torchrun, one process per GPU, and over
+    several nodes c10d rendezvous at pod 0."""
     processes = int((spec.params.get("distributed") or {}).get("processes", 1)) if spec.stage == "train" else 1
     check_train_layout(processes, res.gpus)
-    if processes == 1:
+    nodes = train_nodes(spec, res)
+    if processes == 1 and nodes == 1:
         return stage_command(spec.stage, spec_uri)
-    return ["torchrun", *launcher(processes), "-m", "jobs.cli", *stage_command(spec.stage, spec_uri)[1:]]
+    args = launcher(processes, nodes, rendezvous_endpoint(job), rendezvous_id=job)
+    return ["torchrun", *args, "-m", "jobs.cli", *stage_command(spec.stage, spec_uri)[1:]]
+
+
+def build_rendezvous_service(job: m.V1Job) -> m.V1Service:
+    """The headless Service of a multi-node train Job: DNS names for its pods (`<job>-<index>.<job>`),
+    published before they are ready, so pod 0's rendezvous is reachable while the others start."""
+    name = job.metadata.name
+    return m.V1Service(
+        api_version="v1", kind="Service",
+        metadata=m.V1ObjectMeta(name=name, namespace=job.metadata.namespace, labels=dict(job.metadata.labels)),
+        spec=m.V1ServiceSpec(cluster_ip="None", selector={JOB_LABEL: name}, publish_not_ready_addresses=True,
+                             ports=[m.V1ServicePort(name="rendezvous", port=RDZV_PORT, target_port=RDZV_PORT)]),
+    )
+
+
+def _gang_failure_policy() -> m.V1PodFailurePolicy:
+    """One pod of a multi-node run failing fails the whole attempt: the others cannot go on without it."""
+    return m.V1PodFailurePolicy(rules=[
+        m.V1PodFailurePolicyRule(
+            action="FailJob", on_exit_codes=m.V1PodFailurePolicyOnExitCodesRequirement(container_name=CONTAINER, operator="NotIn", values=[0])),
+        m.V1PodFailurePolicyRule(
+            action="Ignore", on_pod_conditions=[m.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
+    ])
 
 
 def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: str | None = None, inputs_hash: str | None = None) -> m.V1Job:
@@ -254,11 +289,13 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
     name = job_name(spec, spec_uri)
     pod_security, container_security = _security(k8s)
     volumes, mounts = _scratch_volumes()
+    nodes = train_nodes(spec, res)
     container = m.V1Container(
         name=CONTAINER,
         image=stage_image(spec.stage, k8s),
         image_pull_policy=k8s.image_pull_policy,
-        command=pod_command(spec, spec_uri, res),
+        command=pod_command(spec, spec_uri, res, name),
+        ports=[m.V1ContainerPort(name="rendezvous", container_port=RDZV_PORT)] if nodes > 1 else None,
         # the local executor's env, then the plumbing; Indexed Jobs add JOB_COMPLETION_INDEX themselves
         env=[m.V1EnvVar(name=k, value=v) for k, v in pod_env().items()] + _store_env(k8s),
         resources=_resources(res),
@@ -277,8 +314,9 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         affinity=_k8s_model(m.V1Affinity, res.affinity, f"{field}.affinity") if res.affinity else None,
         security_context=pod_security,
         volumes=volumes,
+        subdomain=name if nodes > 1 else None,  # `<job>-<index>.<job>`: the rendezvous Service's DNS names
     )
-    shards = shard_count(spec.params)
+    shards = max(shard_count(spec.params), nodes)  # a multi-node train Job: one pod per node, indexed like shards
     return m.V1Job(
         api_version="batch/v1",
         kind="Job",
@@ -292,7 +330,7 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
             completions=shards,
             parallelism=shards,
             backoff_limit=k8s.backoff_limit,
-            pod_failure_policy=_pod_failure_policy([EXIT_CONFIG]),
+            pod_failure_policy=_gang_failure_policy() if nodes > 1 else _pod_failure_policy([EXIT_CONFIG]),
             active_deadline_seconds=res.active_deadline_seconds,
             ttl_seconds_after_finished=k8s.ttl_seconds_after_finished,
             suspend=True if k8s.queue else None,  # Kueue admits (unsuspends) queued Jobs itself
@@ -385,12 +423,14 @@ def build_service_account(k8s: KubernetesConfig, namespace: str | None = None) -
 
 def controller_rules() -> list[m.V1PolicyRule]:
     """What the controller sends, nothing more (tests/test_rbac.py records it): create, poll and
-    delete stage Jobs, list their pods, read pod logs. It polls, so no watch; the kubelet mounts its
+    delete stage Jobs, list their pods, read pod logs, create and delete a multi-node train Job's
+    headless Service. It polls, so no watch; the kubelet mounts its
     ConfigMap and the run lock lives in the store, so no configmaps or leases."""
     return [
         m.V1PolicyRule(api_groups=["batch"], resources=["jobs"], verbs=["create", "get", "delete"]),
         m.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["list"]),
         m.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
+        m.V1PolicyRule(api_groups=[""], resources=["services"], verbs=["create", "delete"]),  # multi-node train rendezvous
     ]
 
 

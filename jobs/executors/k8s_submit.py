@@ -21,7 +21,7 @@ from ..errors import SubmitError
 from ..store import open_store
 from ..uploads import upload_local_inputs
 from .k8s_manifests import (
-    CONFIG_DIR, build_config_map, build_controller_job, build_job, build_role, build_role_binding,
+    CONFIG_DIR, build_config_map, build_rendezvous_service, build_controller_job, build_job, build_role, build_role_binding,
     build_service_account, controller_image, to_yaml,
 )
 from .kubernetes import KubernetesExecutor, api_error, job_state, log
@@ -87,7 +87,11 @@ def render(config: RunConfig, store_uri: str, run_id: str | None = None, namespa
         run_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         objs += [build_service_account(k8s, ns), build_role(k8s, ns), build_role_binding(k8s, ns),
                  build_config_map(run_id, run_yaml, constitution, k8s, ns), build_controller_job(run_id, store_uri, k8s, ns)]
-    objs += [build_job(spec, uri, config.kubernetes, ns) for spec, uri in specs]
+    for spec, uri in specs:
+        job = build_job(spec, uri, config.kubernetes, ns)
+        if job.spec.template.spec.subdomain:  # a multi-node train Job: the executor creates its Service first
+            objs.append(build_rendezvous_service(job))
+        objs.append(job)
     return to_yaml(objs, notes)
 
 

@@ -21,7 +21,7 @@ from ..errors import ApiUnavailable, ConfigError, StageFailed, StoreError, Submi
 from ..schema import parse_data
 from ..store import ArtifactStore
 from ..manifest import inputs_digest
-from .k8s_manifests import CONTAINER, INPUTS_HASH, JOB_LABEL, SPEC_HASH, build_job
+from .k8s_manifests import CONTAINER, INPUTS_HASH, JOB_LABEL, SPEC_HASH, build_job, build_rendezvous_service
 from .local import EXIT_CONFIG
 
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -191,12 +191,17 @@ class KubernetesExecutor:
     def run(self, stage: str, spec_uri: str) -> str:
         spec = self._load_spec(spec_uri)
         job = build_job(spec, spec_uri, self.k8s, namespace=self.namespace, inputs_hash=inputs_digest(self.store, spec))
+        gang = job.spec.template.spec.subdomain is not None  # a multi-node train Job: its pods meet at pod 0
+        if gang:
+            self._create_service(build_rendezvous_service(job))
         self.submit(job, spec)
         try:
             outcome = self.wait(job.metadata.name, spec)
         except KeyboardInterrupt:
             log(f"job {self.namespace}/{job.metadata.name} left running; re-run to watch it again")
             raise
+        if gang:
+            self._delete_service(job.metadata.name)
         if outcome.state == "failed":
             raise StageFailed(failure_message(spec, outcome.job, outcome.pods, outcome.logs, self.k8s))
         if outcome.state == "gone" and not self._outputs_complete(spec):
@@ -255,6 +260,31 @@ class KubernetesExecutor:
             self._call(f"create {what}", self.batch.create_namespaced_job, self.namespace, job)
         else:
             log(f"{what}: already {'finished' if state else 'running'} (submitted by an earlier controller); watching it")
+
+    def _create_service(self, service: Any) -> None:
+        """The rendezvous Service, before the Job's pods look their peers up; one left by an earlier controller is reused."""
+        from kubernetes.client.exceptions import ApiException
+
+        what = f"service {self.namespace}/{service.metadata.name}"
+        try:
+            self.core.create_namespaced_service(self.namespace, service)
+            log(f"{what}: created (headless, the rendezvous of {service.metadata.name}'s pods)")
+        except ApiException as e:
+            if e.status != 409:
+                raise api_error(f"create {what}", e) from None
+        except Exception as e:
+            raise api_error(f"create {what}", e) from None
+
+    def _delete_service(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_namespaced_service(name, self.namespace)
+        except ApiException as e:
+            if e.status != 404:
+                log(f"service {self.namespace}/{name}: not deleted ({e.status}); delete it by hand (kubectl delete service -n {self.namespace} {name})")
+        except Exception:  # noqa: BLE001 - a leftover Service is harmless: the next run reuses it
+            log(f"service {self.namespace}/{name}: not deleted (API unreachable); the next run reuses it")
 
     def _delete(self, name: str) -> None:
         """Delete a Job and its pods, and wait until it is gone, so its name can be reused."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import LoraSection, StageSpec, TrainConfig
 from ..distributed import is_main, world_size
+from ..errors import ConfigError
 from ..models import resolve_model
 from ..schema import parse_data
 from ..store import ArtifactStore
@@ -56,6 +57,9 @@ def _device_args() -> dict[str, Any]:
 
 def _args(cls, phase: str, section, work: Path, seed: int, **extra):
     # under torchrun each process takes its share of the batch: the global batch is the configured one
+    if section.batch_size % world_size():
+        raise ConfigError(f"train.{phase}.batch_size: {section.batch_size} does not split over {world_size()} processes "
+                          f"(nodes x processes per node); make it a multiple of {world_size()}")
     return cls(
         output_dir=str(work / phase), num_train_epochs=section.epochs, learning_rate=section.learning_rate,
         per_device_train_batch_size=section.batch_size // world_size(),

@@ -115,6 +115,7 @@ values, in RunConfig's own keys, so the controller submits stage Jobs with these
     "image" (include "cai.image" (dict "ctx" $ "name" $name))
     "gpus" $s.gpus
     "gpu_memory_gib" ($s.gpuMemoryGiB | default nil)
+    "nodes" ($s.nodes | default 1)
     "cpu" (toString $s.cpu)
     "memory" (toString $s.memory)
     "ephemeral_storage" (ternary nil (toString $s.ephemeralStorage) (kindIs "invalid" $s.ephemeralStorage))
