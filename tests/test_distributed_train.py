@@ -36,7 +36,7 @@ def trained(root: Path, model_dir: Path, processes: int, method: str = "sft") ->
     return weights(model), manifest
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])  # DPO: ~55 s more, `-m slow`
 def test_two_gloo_processes_train_the_same_model_as_one(tmp_path, tiny_model_dir, start_weights, method):
     one, m1 = trained(tmp_path / "one", tiny_model_dir, 1, method)
     two, m2 = trained(tmp_path / "two", tiny_model_dir, 2, method)
