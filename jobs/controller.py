@@ -17,7 +17,7 @@ from .constitution import load_constitution, resolve_path
 from . import eval_sets
 from .data import load_prompts
 from .errors import CaiError, ConfigError, StageFailed
-from .model_sources import ResolvedModel, bundled_digest, planned_ref, precheck, resolve_source
+from .model_sources import ResolvedModel, bundled_digest, model_kind, planned_ref, precheck, resolve_source
 from .models import resolve_model
 from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
@@ -59,6 +59,9 @@ class RunPaths:
 def default_run_id(config: RunConfig) -> str:
     """Same config -> same id, so re-running the same command resumes the same run."""
     return f"{config.name}-{config.fingerprint()[:10]}"
+
+
+KNOWN_BEFORE_LOCK = ("bundled", "local")  # model kinds whose config.json is on disk before anything is resolved
 
 
 class Controller:
@@ -150,25 +153,23 @@ class Controller:
     def prepare(self) -> dict[str, str]:
         """Everything planning needs, in the store: the models resolved and imported, the data copied."""
         self.resolve_models()
-        check = getattr(self.executor, "check_fits", None)  # the Kubernetes executor knows each stage's GPUs
-        if check:
-            check(self.config, self.model_config(self.config.model))
+        if model_kind(self.config.model) not in KNOWN_BEFORE_LOCK:  # those were checked in run(), before the lock
+            self._check_fits()
         return self.stage_inputs()
 
-    @staticmethod
-    def _local_model_config(ref: str) -> dict[str, Any] | None:
-        """config.json of a bundled model or a local directory, without touching the store; else None."""
-        if ref.startswith("bundled:"):
-            path = Path(resolve_model(ref)) / "config.json"
-        elif "://" not in ref and not ref.startswith(("hf:", "store:")) and (Path(ref).expanduser() / "config.json").is_file():
-            path = Path(ref).expanduser() / "config.json"
-        else:
-            return None
-        return json.loads(path.read_text())
+    def _check_fits(self) -> None:
+        """Each stage's GPU memory estimate against its pods (the Kubernetes executor knows their GPUs)."""
+        check = getattr(self.executor, "check_fits", None)
+        if check:
+            check(self.config, self.model_config(self.config.model))
 
     def model_config(self, ref: str) -> dict[str, Any]:
-        """A resolved model's config.json, read from the store (or the bundled copy): no weights fetched."""
-        stage_ref = self.stage_ref(ref)
+        """A model's config.json without fetching weights: a bundled or local one from disk, any other from
+        the store it was resolved into."""
+        kind = model_kind(ref)
+        if kind == "local":
+            return json.loads((Path(ref).expanduser() / "config.json").read_text())
+        stage_ref = ref if kind == "bundled" else self.stage_ref(ref)
         if stage_ref.startswith("store:"):
             return self.store.read_json(f"{stage_ref.split(':', 1)[1]}/config.json")
         return json.loads((Path(resolve_model(stage_ref, self.store)) / "config.json").read_text())
@@ -397,10 +398,8 @@ class Controller:
         self._precheck_prompts()
         for _, where, ref in self.model_roles():
             precheck(ref, where)
-        check = getattr(self.executor, "check_fits", None)
-        local_config = self._local_model_config(self.config.model)
-        if check and local_config is not None:  # a bundled or local model: its fit is known before the lock
-            check(self.config, local_config)
+        if model_kind(self.config.model) in KNOWN_BEFORE_LOCK:  # its config.json is on disk: its fit is known now
+            self._check_fits()
         with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:
             return self._run_locked()
 

@@ -22,6 +22,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def train_processes(stage: str, params: dict) -> int:
+    """Processes per node a stage's spec asks for: `train.distributed.processes`, 1 for every other stage."""
+    return int((params.get("distributed") or {}).get("processes", 1)) if stage == "train" else 1
+
+
 def launcher(processes: int, nodes: int = 1, rendezvous: str | None = None, rendezvous_id: str = "cai") -> list[str]:
     """The torchrun arguments before `-m jobs.cli ...`: standalone on one node; on several, c10d
     rendezvous at `rendezvous` (host:port of node 0's pod), which assigns every process its rank."""

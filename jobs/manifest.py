@@ -120,15 +120,26 @@ def write_manifest(store: ArtifactStore, spec: StageSpec, manifest: StageManifes
                       "delete the stage directory and re-run")
 
 
+def _output_records(store: ArtifactStore, outputs: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """(key -> sha256, key -> size) of the outputs, each object looked at once: its size and, where the
+    store knows it cheaply, its hash from one `describe`; only the rest are hashed in full."""
+    hashes, sizes = {}, {}
+    for key in outputs:
+        sizes[key], known = store.describe(key)
+        hashes[key] = known if known is not None else store.sha256(key)
+    return hashes, sizes
+
+
 def build_manifest(spec: StageSpec, store: ArtifactStore, outputs: list[str], counts: dict, timings: dict, started_at: str) -> StageManifest:
+    hashes, sizes = _output_records(store, outputs)
     return StageManifest(
         stage=spec.stage,
         run_id=spec.run_id,
         round=spec.round,
         spec_hash=spec.spec_hash(),
         input_hashes=input_hashes(store, spec),
-        outputs={k: store.sha256(k) for k in outputs},
-        output_sizes={k: store.describe(k)[0] for k in outputs},
+        outputs=hashes,
+        output_sizes=sizes,
         counts=counts,
         timings={k: round(v, 3) for k, v in timings.items()},
         versions=package_versions(),

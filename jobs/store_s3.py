@@ -222,53 +222,43 @@ class S3Store(ArtifactStore):
 
     def create_only(self, key: str, data: bytes) -> bool:
         """A conditional PUT (If-None-Match: *): of two racing writers exactly one gets True."""
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
+        """PUT under `condition` (If-None-Match / If-Match). Refused (412, or 404 for an If-Match whose
+        object is gone): ours only if the key now holds our bytes, a landed PUT whose response was lost
+        and that botocore retried. 409 (a racing conditional write in flight): ask again."""
         from botocore.exceptions import ClientError
 
-        full, client = self._k(key), self.client
+        full, meta = self._k(key), _sha_metadata(hashlib.sha256(data).hexdigest())
         for attempt in range(6):
             with self._errors(key):
                 try:
-                    client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*", **_sha_metadata(hashlib.sha256(data).hexdigest()))
+                    self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **condition, **meta)
                     return True
                 except ClientError as e:
-                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if status == 412:  # the key exists: ours if it holds our bytes (a landed PUT whose response was lost)
+                    status = _status(e)
+                    if status == 412 or (status == 404 and "IfMatch" in condition):
                         return self._holds(key, data)
                     if status != 409:
                         raise
-            time.sleep(0.1 * 2**attempt)  # 409 ConditionalRequestConflict: a racing write is in flight; ask again
+            time.sleep(0.1 * 2**attempt)
         raise StoreError(f"{self.uri_for(key)}: concurrent conditional writes kept conflicting (409); retry the command")
 
     def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
-        """Read the object and its ETag; if it holds `expected`, PUT `data` with If-Match on that ETag. A
-        412 means it changed since, unless it now holds our bytes (the PUT landed, its response was lost
-        and botocore retried it)."""
-        from botocore.exceptions import ClientError
-
-        full, client = self._k(key), self.client
-        for attempt in range(6):
-            try:
-                with self._errors(key):
-                    obj = client.get_object(Bucket=self.bucket, Key=full)
-                    current, etag = obj["Body"].read(), obj["ETag"]
-            except NotFound:
-                return False
-            if current == data:
-                return True
-            if current != expected:
-                return False
+        """Read the object and its ETag; if it holds `expected`, PUT `data` with If-Match on that ETag: a
+        writer that changed it since makes the PUT fail (412), and the key is not ours."""
+        try:
             with self._errors(key):
-                try:
-                    client.put_object(Bucket=self.bucket, Key=full, Body=data, IfMatch=etag, **_sha_metadata(hashlib.sha256(data).hexdigest()))
-                    return True
-                except ClientError as e:
-                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if status in (404, 412):
-                        return self._holds(key, data)
-                    if status != 409:
-                        raise
-            time.sleep(0.1 * 2**attempt)  # 409: a racing conditional write is in flight; look again
-        raise StoreError(f"{self.uri_for(key)}: concurrent conditional writes kept conflicting (409); retry the command")
+                obj = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+                current, etag = obj["Body"].read(), obj["ETag"]
+        except NotFound:
+            return False
+        if current == data:
+            return True
+        if current != expected:
+            return False
+        return self._conditional_put(key, data, IfMatch=etag)
 
     def check_conditional_writes(self) -> None:
         """Once per store: a second create-only PUT of one key must be refused (412). An endpoint that
@@ -286,7 +276,7 @@ class S3Store(ArtifactStore):
                 try:  # an If-Match on an ETag the object does not have must be refused
                     self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=b"third", IfMatch='"' + "0" * 32 + '"')
                 except ClientError as e:
-                    if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 412:
+                    if _status(e) != 412:
                         raise
                     stale_match = False
         finally:
@@ -372,16 +362,12 @@ class S3Store(ArtifactStore):
         """One HEAD for objects cai-jobs wrote (their sha256 rides along as object metadata, which any
         overwrite replaces, so it always describes the bytes there), else streamed: never gigabytes
         downloaded again to check a model that is already known."""
-        full, digest = self._k(key), hashlib.sha256()
+        known = self.describe(key)[1]
+        if known is not None:
+            return known
+        digest = hashlib.sha256()
         with self._errors(key):
-            head = self.client.head_object(Bucket=self.bucket, Key=full)
-            if full in self._hashes and head["ETag"] == self._hashes[full][0]:
-                return self._hashes[full][1]
-            # header case is the server's (MinIO answers Cai-Sha256): look the key up case-insensitively
-            recorded = next((v for k, v in (head.get("Metadata") or {}).items() if k.lower() == SHA_META), "")
-            if len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded):
-                return recorded
-            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"]
             with contextlib.closing(body):
                 for chunk in body.iter_chunks(1 << 20):
                     digest.update(chunk)
@@ -394,6 +380,7 @@ class S3Store(ArtifactStore):
             head = self.client.head_object(Bucket=self.bucket, Key=full)
         if full in self._hashes and head["ETag"] == self._hashes[full][0]:
             return int(head["ContentLength"]), self._hashes[full][1]
+        # header case is the server's (MinIO answers Cai-Sha256): look the key up case-insensitively
         recorded = next((v for k, v in (head.get("Metadata") or {}).items() if k.lower() == SHA_META), "")
         ok = len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded)
         return int(head["ContentLength"]), recorded if ok else None
@@ -463,6 +450,11 @@ class S3Store(ArtifactStore):
                 self._hashes[f"{full}/{rel}"] = (self._etag(f"{full}/{rel}"), sha)
             uploaded.add(f"{full}/{rel}")
         self._delete_keys([o["Key"] for o in self._objects(full) if o["Key"] not in uploaded])
+
+
+def _status(e) -> int | None:
+    """The HTTP status of a botocore ClientError."""
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def _sha_metadata(sha: str) -> dict:

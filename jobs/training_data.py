@@ -40,6 +40,12 @@ def red_team_verdict(trace: dict[str, Any], red_team_target: RedTeamTarget = "re
     return None
 
 
+def taught_refusal(trace: dict[str, Any]) -> bool:
+    """A red-team trace whose final is a revision that opens with a first-person refusal: what SFT
+    teaches under `red_team_target: refusal`, and what a verified DPO pair chooses."""
+    return trace.get("kind") == "red-team" and bool(_text(trace.get("final"))) and red_team_verdict(trace, "refusal") is None
+
+
 def sft_target(trace: dict[str, Any], ordinary_target: OrdinaryTarget = "initial", red_team_target: RedTeamTarget = "refusal") -> str:
     """The answer SFT teaches for one trace ("" = none).
 

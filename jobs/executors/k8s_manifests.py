@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from ..config import KubernetesConfig, StageResources, StageSpec, canonical_hash
 from ..errors import ConfigError
-from ..distributed import launcher
+from ..distributed import launcher, train_processes
 from ..sharding import shard_count
 from .local import EXIT_CONFIG, pod_env, stage_command
 
@@ -248,7 +248,7 @@ def rendezvous_endpoint(job: str) -> str:
 def pod_command(spec: StageSpec, spec_uri: str, res: StageResources, job: str = "") -> list[str]:
     """`cai stage ...`; for a train stage of several processes torchrun, one process per GPU, and over
     several nodes c10d rendezvous at pod 0."""
-    processes = int((spec.params.get("distributed") or {}).get("processes", 1)) if spec.stage == "train" else 1
+    processes = train_processes(spec.stage, spec.params)
     check_train_layout(processes, res.gpus)
     nodes = train_nodes(spec, res)
     if processes == 1 and nodes == 1:

@@ -8,7 +8,7 @@ import sys
 import threading
 from collections import deque
 
-from ..distributed import launcher
+from ..distributed import launcher, train_processes
 from ..errors import StageFailed
 
 # Exit codes shared with the Kubernetes podFailurePolicy: config errors are not worth retrying.
@@ -47,7 +47,7 @@ class LocalExecutor:
         from ..stages import load_spec
 
         params = load_spec(spec_uri)[0].params
-        processes = int((params.get("distributed") or {}).get("processes", 1)) if stage == "train" else 1
+        processes = train_processes(stage, params)
         if processes > 1:  # torchrun on this machine, gloo between the processes, the cores split between them
             env = stage_env()
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))

@@ -37,7 +37,7 @@ from ..manifest import StageManifest
 from ..schema import parse_data
 from ..sharding import chunks, concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
-from ..training_data import red_team_verdict
+from ..training_data import taught_refusal
 from . import StageResult, log
 
 
@@ -153,7 +153,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
                     counts["revisions_kept"] += rd.get("kept", True)
                     counts["candidates"] += len(rd.get("candidates", [rd]))
                 if trace["kind"] == "red-team":
-                    counts["red_team_final_refusals"] += red_team_verdict(trace, "refusal") is None and bool(trace["final"].strip())
+                    counts["red_team_final_refusals"] += taught_refusal(trace)
             done += len(chunk)
             rate = (engine.stats.generated_tokens - tokens0) / max(engine.stats.seconds - seconds0, 1e-9)
             log("generate", f"chunk {c + 1}/{-(-n // cfg.chunk_size)}: {done}/{n} prompts, {rate:.0f} tok/s")

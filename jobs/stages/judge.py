@@ -28,7 +28,7 @@ from ..manifest import StageManifest
 from ..schema import parse_data
 from ..sharding import chunks, concat_jsonl, count_rows, shard_bounds, sum_counts, take_slice
 from ..store import ArtifactStore
-from ..training_data import red_team_verdict
+from ..training_data import taught_refusal
 from . import StageResult, log
 
 # Written for cai-jobs: what a needlessly cautious assistant says to a harmless request.
@@ -100,9 +100,7 @@ def policy_refusals(traces: list[dict], constitution: Constitution, policy: Engi
 def verified_pair(trace: dict[str, Any]) -> dict[str, Any] | None:
     """Red-team prompt whose revision opens with a refusal and whose first answer does not ->
     (revision, first answer): a preference the refusal detector vouches for, whatever the judge says."""
-    if trace["kind"] != "red-team" or not trace["final"].strip():
-        return None
-    if red_team_verdict(trace, "refusal") is not None or is_refusal(trace["initial"]):  # the rule SFT's targets follow
+    if not taught_refusal(trace) or is_refusal(trace["initial"]):  # the rule SFT's targets follow
         return None
     return {"x": trace["final"], "y": trace["initial"], "source": "verified"}
 
