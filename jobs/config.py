@@ -6,14 +6,18 @@ RunConfig is what a user writes (`recipes/*.yaml`); StageSpec is what the contro
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
+
+import yaml
 
 from pydantic import Field, field_validator, model_validator
 
-from .schema import StrictModel, load_file
+from .errors import ConfigError
+from .schema import StrictModel, load_file, parse_data, read_structured
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 PromptKind = Literal["red-team", "ordinary"]
@@ -553,5 +557,46 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def load_run_config(path: str | Path | None) -> RunConfig:
-    return RunConfig() if path is None else load_file(RunConfig, path)
+def load_run_config(path: str | Path | None, sets: Sequence[str] = ()) -> RunConfig:
+    """The config file (or the defaults), with `--set a.b=value` overrides applied before validation."""
+    if not sets:
+        return RunConfig() if path is None else load_file(RunConfig, path)
+    data = {} if path is None else read_structured(path)
+    if not isinstance(data, dict):
+        return load_file(RunConfig, path)  # its one-line error
+    data = apply_overrides(data, sets)
+    return parse_data(RunConfig, data, f"{path or 'config'} (with --set {' '.join(sets)})")
+
+
+def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """`a.b.c=value` (trl/Hydra style) onto a copy of the raw config. The value is YAML (`3`, `2e-5`,
+    `true`, `[sigmoid, sft]`, `null`); a numeric part indexes a list (`data.train.0.split=eval`)."""
+    data = copy.deepcopy(data)
+    for item in sets:
+        key, eq, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected key.path=value; e.g. --set train.dpo.beta=0.2")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML; quote it") from None
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {item!r}: {where}: no list item {part} ({len(node)} items); index from 0")
+                idx: Any = int(part)
+            elif isinstance(node, dict):
+                idx = part
+            else:
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is {type(node).__name__}, not a section; check the key")
+            if last:
+                node[idx] = value
+            else:
+                if isinstance(node, dict) and node.get(idx) is None:
+                    node[idx] = {}  # a section the file left to its defaults
+                node = node[idx]
+    return data

@@ -23,6 +23,7 @@ from .manifest import is_complete, manifest_key, now_iso, read_manifest
 from .quality import Decision, decide, quality
 from .report import headline_intervals, headline_scores
 from .run_lock import RunLock
+from .runs import RunCancelled, cancel_request
 from .sharding import shard_count
 from .stages import merge_stage
 from .uncertainty import quality_change, regroup
@@ -96,6 +97,7 @@ class Controller:
                 "rounds": [],
                 "decisions": [],
             }
+        self.state.pop("cancel", None)  # `cai resume` cleared the request that stopped it
         self.state.update(status="running", max_rounds=self.config.rounds, updated_at=now_iso())
         self._save()
 
@@ -256,6 +258,9 @@ class Controller:
 
     def run_spec(self, spec: StageSpec, slot: dict[str, Any]) -> dict[str, Any]:
         entry = {"status": "running", "output": spec.output, "spec_hash": spec.spec_hash()}
+        request = self._cancelled()
+        if request is not None:
+            raise RunCancelled(f"{self._label(spec)}: not started: the run was cancelled ({request.get('reason', '')})")
         if is_complete(self.store, spec):
             log(f"{self._label(spec)}: already complete, skipped")
             entry["status"] = "skipped"
@@ -269,7 +274,7 @@ class Controller:
                 if shard_count(spec.params) > 1:
                     merge_stage(spec.stage, self.store.uri_for(spec.spec_key))  # store I/O only: shards in order
             except CaiError as e:
-                entry["status"] = "failed"
+                entry["status"] = "cancelled" if isinstance(e, RunCancelled) else "failed"
                 entry["error"] = str(e)
                 self._write_log(spec, getattr(e, "log", ""))
                 self._save()
@@ -391,8 +396,19 @@ class Controller:
             if is_local:
                 load_prompts([src], max_chars, self.store, field=f"data.train[{i}]", indexed=False)
 
+    def _cancelled(self) -> dict[str, Any] | None:
+        return cancel_request(self.store, self.paths.run_id)
+
+    def _refuse_if_cancelled(self) -> None:
+        request = self._cancelled()
+        if request is not None:
+            raise RunCancelled(f"{self.store.uri_for(self.paths.run_json)}: run {self.paths.run_id} was cancelled "
+                               f"({request.get('reason', '')}, {request.get('requested_at', '?')}); "
+                               f"`cai resume {self.paths.run_id} --store {self.store.uri}` clears that and goes on")
+
     def run(self) -> dict[str, Any]:
         """Holds the run's lock (runs/<id>/lock.json) throughout: a second controller fails fast."""
+        self._refuse_if_cancelled()  # before anything else: a cancelled run's controller Job must not retry it
         self._check_dependencies()
         load_constitution(self.config.constitution)  # bad input is one line before the lock or run.json exist
         self._precheck_prompts()
@@ -405,6 +421,8 @@ class Controller:
 
     def _run_locked(self) -> dict[str, Any]:
         self._load_or_init_state()
+        if hasattr(self.executor, "cancel_check"):  # running stages look for `cai cancel` between polls
+            self.executor.cancel_check = self._cancelled
         try:
             inputs = self.prepare()
             self._save()
@@ -441,6 +459,13 @@ class Controller:
             self.state["result"] = best
             self.state["status"] = "completed"
         except BaseException as e:
+            request = self._cancelled() if not isinstance(e, KeyboardInterrupt) else None
+            if request is not None:  # whatever stopped the stage (its Job deleted, a kill), the cancel is why
+                self.state.update(status="cancelled", cancel=request, error=f"cancelled: {request.get('reason', '')}")
+                self._save()
+                if isinstance(e, RunCancelled):
+                    raise
+                raise RunCancelled(f"run {self.paths.run_id} cancelled ({request.get('reason', '')})") from e
             self.state["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             self.state["error"] = str(e) or type(e).__name__
             self._save()

@@ -142,6 +142,12 @@ class ArtifactStore(ABC):
         """Keys under `prefix`, sorted."""
 
     @abstractmethod
+    def children(self, prefix: str) -> list[str]:
+        """Names of the "directories" right under `prefix`, sorted: one listing call, not a walk of
+        every object below (a run holds model weights). Some S3 servers (SeaweedFS) still list a
+        "directory" whose objects were all deleted: callers check for the object they need."""
+
+    @abstractmethod
     def delete(self, key: str) -> None: ...
 
     @abstractmethod
@@ -342,6 +348,10 @@ class LocalStore(ArtifactStore):
             for p in base.rglob("*")
             if p.is_file() and not any(_is_temp(part) for part in p.relative_to(self.root).parts)
         )
+
+    def children(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not _is_temp(p.name)) if base.is_dir() else []
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -314,6 +314,15 @@ class S3Store(ArtifactStore):
     def list(self, prefix: str) -> list[str]:
         return [self._rel(o["Key"]) for o in self._objects(self._k(prefix))]
 
+    def children(self, prefix: str) -> list[str]:
+        full = self._k(prefix)
+        names = []
+        with self._errors(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{full}/" if full else "", Delimiter="/")
+            for page in pages:
+                names += [c["Prefix"].rstrip("/").rsplit("/", 1)[-1] for c in page.get("CommonPrefixes", [])]
+        return sorted(names)
+
     def delete(self, key: str) -> None:
         """The object and everything under `key/`, as the local store removes a file or a tree."""
         self._delete_keys([o["Key"] for o in self._objects(self._k(key))])

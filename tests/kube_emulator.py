@@ -130,10 +130,29 @@ class FakeCluster:
         ]
         return {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}
 
-    def _pod_log(self, request: Any) -> bytes:
-        if (request.namespace, request.name) not in self.logs:
+    def _pod_log(self, request: Any) -> Any:
+        key = (request.namespace, request.name)
+        if key not in self.logs:
             raise kmock.KubernetesObjectNotFoundError()
-        return self.logs[(request.namespace, request.name)].encode()
+        if request.params.get("follow") != "true":
+            return self.logs[key].encode()
+        return self._follow(key)
+
+    async def _follow(self, key: tuple[str, str]) -> Any:
+        """`follow=true`: what the kubelet streams: the log as it grows, until the container ends."""
+        sent = 0
+        while True:
+            text = self.logs.get(key, "")
+            if len(text) > sent:
+                yield text[sent:].encode()
+                sent = len(text)
+            obj = self.k.objects[PODS, key[0], key[1]] if (PODS, key[0], key[1]) in self.k.objects else None
+            phase = obj.raw.get("status", {}).get("phase") if obj is not None and not obj.deleted else None
+            if phase not in ("Pending", "Running") and len(self.logs.get(key, "")) == sent:
+                if not sent:
+                    yield b""  # an empty log still answers (kmock needs one chunk to start a stream)
+                return
+            await asyncio.sleep(0.02)
 
     def do(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the server's loop: kmock's objects are only touched there."""
@@ -354,10 +373,15 @@ class FakeCluster:
             code, text = self._execute(container, index)
             reason, disrupted = ("Completed" if code == 0 else "Error"), False
         else:
-            stop = min(time.monotonic() + behaviour.seconds, deadline)
+            start = time.monotonic()
+            stop = min(start + behaviour.seconds, deadline)
+            lines = behaviour.log.splitlines(keepends=True)
+            self.logs[(ns, pod)] = ""
             while time.monotonic() < stop:
                 if self._job(ns, meta["name"]) is None:
                     return None
+                shown = int(len(lines) * (time.monotonic() - start) / behaviour.seconds) if behaviour.seconds else len(lines)
+                self.logs[(ns, pod)] = "".join(lines[:shown])  # the log grows as the pod runs (`logs -f`)
                 time.sleep(0.01)
             if time.monotonic() >= deadline:
                 self.logs[(ns, pod)] = behaviour.log

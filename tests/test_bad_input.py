@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from jobs import cli
+from jobs.constitution import SHIPPED_DIR
 
 BASE = {"name": "bad", "stages": ["generate"], "data": {"train": [{"source": "bundled:helpful", "limit": 2}]}}
 
@@ -23,7 +24,7 @@ def write(path: Path, data) -> Path:
 
 
 def constitution_with(tmp_path: Path, **principle_fields) -> str:
-    c = yaml.safe_load((Path(cli.__file__).parent.parent / "constitutions" / "default.yaml").read_text())
+    c = yaml.safe_load((SHIPPED_DIR / "default.yaml").read_text())
     c["principles"][0].update(principle_fields)
     return str(write(tmp_path / "constitution.yaml", c))
 

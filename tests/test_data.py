@@ -34,7 +34,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # --- bundled sets ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, kind, n_train, n_eval", [("red-team", "red-team", 150, 237), ("helpful", "ordinary", 108, 24)])
+@pytest.mark.parametrize("name, kind, n_train, n_eval", [("red-team", "red-team", 150, 237), ("helpful", "ordinary", 228, 24)])
 def test_bundled_train_and_eval_counts(name, kind, n_train, n_eval):
     train, [rep_t] = load(PromptSource(source=f"bundled:{name}"))
     evl, [rep_e] = load(PromptSource(source=f"bundled:{name}", split="eval"))
@@ -52,9 +52,9 @@ def test_bundled_train_and_eval_counts(name, kind, n_train, n_eval):
 def test_default_data_config_is_bundled_train():
     records, reports = load_prompts(DataConfig().train, MAX)
     assert [r.source for r in reports] == ["bundled:red-team", "bundled:helpful"]
-    assert len(records) == 258
+    assert len(records) == 378
     assert sum(r.kind == "red-team" for r in records) == 150
-    assert len({r.id for r in records}) == 258
+    assert len({r.id for r in records}) == 378
     # order: sources in order, rows in file order
     assert records[0].kind == "red-team" and records[-1].kind == "ordinary"
 
@@ -306,8 +306,8 @@ def test_chat_and_plain_prompt_deduplicate(tmp_path):
 
 def test_bundled_twice_is_all_duplicates():
     records, [r1, r2] = load(PromptSource(source="bundled:helpful"), PromptSource(source="bundled:helpful"))
-    assert len(records) == 108
-    assert r2.kept == 0 and dict(r2.dropped) == {"duplicate": 108}
+    assert len(records) == 228
+    assert r2.kept == 0 and dict(r2.dropped) == {"duplicate": 228}
 
 
 def test_limit(tmp_path):

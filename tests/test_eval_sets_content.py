@@ -126,7 +126,7 @@ def test_benign_categories_span_many_domains():
 def test_no_eval_prompt_duplicates_a_train_prompt():
     train = [r for name in ("red_team.jsonl", "helpful.jsonl") for r in rows_of(name) if r["split"] == "train"]
     evals = [r for r in RED_TEAM + BORDERLINE if r["split"] == "eval"]
-    assert len(train) == 258  # red-team 48 + 102 added, helpful 48 + 60 added
+    assert len(train) == 378  # red-team 48 + 102 added, helpful 48 + 60 + 120 added
     assert not {norm(e["prompt"]) for e in evals} & {norm(t["prompt"]) for t in train}
     near = []
     for e in evals:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import KubernetesConfig, StageSpec
-from ..errors import ApiUnavailable, ConfigError, StageFailed, StoreError, SubmitError
+from ..errors import ApiUnavailable, CaiError, ConfigError, StageFailed, StoreError, SubmitError
 from ..schema import parse_data
 from ..store import ArtifactStore
 from ..manifest import inputs_digest
@@ -179,6 +179,7 @@ class KubernetesExecutor:
         self.batch, self.core, self.store, self.k8s = batch_api, core_api, store, k8s_config
         self.namespace = namespace or k8s_config.namespace or "default"
         self.sleep = sleep
+        self.cancel_check: Callable[[], dict | None] | None = None  # the run's cancel request (set by the controller)
         if k8s_config.ttl_seconds_after_finished < 3 * k8s_config.poll_seconds:
             log(f"warning: kubernetes.ttl_seconds_after_finished={k8s_config.ttl_seconds_after_finished} is under 3 polls "
                 f"({k8s_config.poll_seconds:g}s each): a finished Job may be deleted before its last pod's log is copied")
@@ -199,6 +200,10 @@ class KubernetesExecutor:
             outcome = self.wait(job.metadata.name, spec)
         except KeyboardInterrupt:
             log(f"job {self.namespace}/{job.metadata.name} left running; re-run to watch it again")
+            raise
+        except CaiError:  # failed or cancelled: its pods are gone, so is their rendezvous
+            if gang:
+                self._delete_service(job.metadata.name)
             raise
         if gang:
             self._delete_service(job.metadata.name)
@@ -318,6 +323,14 @@ class KubernetesExecutor:
                     raise
                 self.sleep(self.k8s.poll_seconds)
                 continue
+            request = self._cancel_requested()
+            if request is not None:
+                if job is not None:
+                    self._delete(name)
+                from ..runs import RunCancelled
+
+                raise RunCancelled(f"stage {spec.stage} stopped: the run was cancelled ({request.get('reason', '')}); "
+                                   f"job {self.namespace}/{name} deleted")
             if job is None:
                 return Outcome("gone", logs=logs)
             state = job_state(job)[0]
@@ -338,6 +351,14 @@ class KubernetesExecutor:
                 log(line)
                 shown = line
             self.sleep(self.k8s.poll_seconds)
+
+    def _cancel_requested(self) -> dict | None:
+        if self.cancel_check is None:
+            return None
+        try:
+            return self.cancel_check()
+        except Exception:  # noqa: BLE001 - a store hiccup is no request; the next poll looks again
+            return None
 
     def _copy_logs(self, spec: StageSpec, pods: list[Any], logs: dict[str, str], everything: bool) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 from collections import deque
+from pathlib import Path
+from typing import Callable
 
 from ..distributed import launcher, train_processes
 from ..errors import StageFailed
 
 # Exit codes shared with the Kubernetes podFailurePolicy: config errors are not worth retrying.
 EXIT_CONFIG = 2
+
+
+LIVE_LOG = ".stage.live.tmp"  # a temp name: never listed, digested or mistaken for the finished stage.log
+
+
+def live_log_path(spec_uri: str) -> Path | None:
+    """Where a stage run by this executor on a local store tees its output while it runs (`cai logs -f`)."""
+    return None if "://" in spec_uri else Path(spec_uri).parent / "logs" / LIVE_LOG
 
 
 def stage_command(stage: str, spec_uri: str) -> list[str]:
@@ -36,13 +47,32 @@ def stage_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return {**(os.environ if base is None else base), **pod_env()}
 
 
-class LocalExecutor:
-    """Runs `cai stage ...` as a child process, streaming its output and keeping a copy for the store."""
+CANCEL_POLL_S = 2.0  # how often a running stage looks for `cai cancel`'s request
 
-    def __init__(self, python: str | None = None):
+
+class LocalExecutor:
+    """Runs `cai stage ...` as a child process, streaming its output and keeping a copy for the store.
+
+    `cancel_check` (set by the controller) returns the run's cancel request, if any: a running stage
+    is then stopped (SIGTERM, then SIGKILL) and RunCancelled raised. On a local store the output is
+    also teed into `live_log_path(spec_uri)` while the stage runs, for `cai logs -f`."""
+
+    def __init__(self, python: str | None = None, cancel_poll_s: float = CANCEL_POLL_S):
         self.python = python or sys.executable
+        self.cancel_poll_s = cancel_poll_s
+        self.cancel_check: Callable[[], dict | None] | None = None
 
     def run(self, stage: str, spec_uri: str) -> str:
+        live = live_log_path(spec_uri)
+        if live is not None:
+            live.unlink(missing_ok=True)  # a crashed attempt's: this one starts afresh
+        try:
+            return self._run(stage, spec_uri)
+        finally:
+            if live is not None:
+                live.unlink(missing_ok=True)  # a follower holding it open reads on to its end
+
+    def _run(self, stage: str, spec_uri: str) -> str:
         from ..sharding import INDEX_ENV, shard_count
         from ..stages import load_spec
 
@@ -86,24 +116,63 @@ class LocalExecutor:
             argv = [self.python, "-m", "torch.distributed.run", *launcher, "-m", "jobs.cli", *cmd[1:]]
         tail: deque[str] = deque(maxlen=40)
         lines: list[str] = []
+        live = live_log_path(spec_uri)
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        cancelled: list[dict] = []
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch_cancel, args=(proc, done, cancelled), daemon=True)
+        watcher.start()
         try:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stderr.write(prefix + line)
-                tail.append(line.rstrip())
-                lines.append(prefix + line)
+            with contextlib.ExitStack() as stack:
+                out = None
+                if live is not None:
+                    live.parent.mkdir(parents=True, exist_ok=True)
+                    out = stack.enter_context(live.open("a", encoding="utf-8"))
+                for line in proc.stdout:
+                    sys.stderr.write(prefix + line)
+                    tail.append(line.rstrip())
+                    lines.append(prefix + line)
+                    if out is not None:
+                        out.write(prefix + line)
+                        out.flush()
             code = proc.wait()
         except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
             raise
+        finally:
+            done.set()
+            watcher.join()
+        if cancelled:
+            from ..runs import RunCancelled
+
+            err = RunCancelled(f"stage {stage}{' ' + prefix.strip() if prefix else ''} stopped: the run was cancelled ({cancelled[0].get('reason', '')})")
+            err.log = "".join(lines)
+            raise err
         if code != 0:
             last = next((l for l in reversed(tail) if l.strip()), "no output")
             err = StageFailed(f"stage {stage}{' ' + prefix.strip() if prefix else ''} failed (exit {code}): {last}")
             err.log = "".join(lines)
             raise err
         return "".join(lines)
+
+    def _watch_cancel(self, proc: subprocess.Popen, done: threading.Event, cancelled: list[dict]) -> None:
+        """Until the stage exits: look for a cancel request every `cancel_poll_s`, and stop the stage on one."""
+        while self.cancel_check and not done.wait(self.cancel_poll_s):
+            try:
+                request = self.cancel_check()
+            except Exception:  # noqa: BLE001 - a store hiccup is no request; look again next time
+                continue
+            if request:
+                cancelled.append(request)
+                _stop(proc)
+                return
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (torchrun passes it to its workers), SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,0 +1,108 @@
+"""Looking things up: `cai config show|validate|schema`, `constitution validate|show`, `model pull`,
+`rollout history|undo` (the promoted model, as kubectl's rollout verbs treat a Deployment's revisions)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import CaiError
+from .common import emit, load_config, open_arg_store
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The config a run would use: the file, every --set, and every default filled in."""
+    config = load_config(args)
+    emit(config.model_dump(mode="json"), args.output or "yaml")
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from ..config import load_run_config
+
+    failed = 0
+    for f in args.files:
+        try:
+            c = load_run_config(f, args.set)
+            print(f"{f}: ok ({c.name}: model {c.model}, constitution {c.constitution}, stages {', '.join(c.stages)}, {c.rounds} round(s))")
+        except CaiError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    """The run config's JSON Schema (for editors and CI checks of config files)."""
+    from ..config import RunConfig
+
+    emit(RunConfig.model_json_schema(), args.output or "json")
+    return 0
+
+
+def cmd_constitution_validate(args: argparse.Namespace) -> int:
+    from ..constitution import load_constitution
+
+    failed = 0
+    for f in args.files:
+        try:
+            c = load_constitution(f)
+            print(f"{f}: ok ({c.name}, {len(c.principles)} principles, {len(c.few_shot)} few-shot examples)")
+        except CaiError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def cmd_constitution_show(args: argparse.Namespace) -> int:
+    from ..constitution import load_constitution
+
+    c = load_constitution(args.file)
+    if args.output:
+        emit(c.model_dump(mode="json"), args.output)
+        return 0
+    print(f"{c.name}: {c.description}")
+    shares = {}
+    for kind in ("red-team", "ordinary"):
+        pool = c.for_kind(kind)
+        total = sum(p.weight for p in pool)
+        shares[kind] = {p.name: p.weight / total for p in pool}
+    for p in c.principles:
+        share = ", ".join(f"{shares[k].get(p.name, 0):.0%} of {k} draws" for k in shares)
+        print(f"\n- {p.name}  (scope {p.scope}, weight {p.weight:g}: {share})")
+        print(f"    critique:   {p.critique}")
+        print(f"    revision:   {p.revision}")
+        print(f"    comparison: {p.comparison}")
+    if c.few_shot:
+        print(f"\nfew-shot examples: {len(c.few_shot)} ({', '.join(e.principle for e in c.few_shot)})")
+    return 0
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    """Resolve a model reference into the local cache (the bundled model is converted once) and print its directory."""
+    from ..models import resolve_model
+
+    print(resolve_model(args.ref))
+    return 0
+
+
+def cmd_rollout_history(args: argparse.Namespace) -> int:
+    from ..promotion import as_json, format_history, read_pointer
+
+    store = open_arg_store(args)
+    pointer = read_pointer(store)
+    if pointer is None:
+        if args.output:
+            emit({"current": None, "history": []}, args.output)
+        else:
+            print(f"no promoted model in {store.uri_for('models')} yet; `cai realign -c CONFIG --store {store.uri}` promotes one")
+        return 0
+    emit(as_json(pointer), args.output) if args.output else print(format_history(pointer))
+    return 0
+
+
+def cmd_rollout_undo(args: argparse.Namespace) -> int:
+    from ..promotion import rollback
+
+    entry = rollback(open_arg_store(args), args.to, args.reason)
+    print(f"entry {entry.seq}: {entry.model} is current again ({entry.reason})")
+    return 0
