@@ -40,7 +40,7 @@ $(CHECKOV):
 install: $(STAMP) $(HELM) $(CHECKOV)
 
 demo: $(STAMP)
-	@$(VENV)/bin/cai model prepare >/dev/null
+	@$(VENV)/bin/cai model pull >/dev/null
 	$(VENV)/bin/cai run -c recipes/demo.yaml
 
 test: $(STAMP) $(HELM) $(CHECKOV)

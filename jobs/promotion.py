@@ -119,7 +119,7 @@ def commit(store: ArtifactStore, entry: Entry) -> Entry:
     if not store.create_only(key, (entry.model_dump_json(indent=2) + "\n").encode()):
         raise PromotionConflict(
             f"{store.uri_for(key)}: another promotion or rollback took sequence {entry.seq} first; "
-            "`cai models` shows it, and the next `cai realign` starts from it"
+            "`cai rollout history` shows it, and the next `cai realign` starts from it"
         )
     _publish(store)
     return entry
@@ -150,10 +150,10 @@ def rollback(store: ArtifactStore, to: int | None = None, note: str | None = Non
     cur = history[-1]
     target_seq = to if to is not None else cur.parent
     if target_seq is None:
-        raise CaiError(f"{where}: entry {cur.seq} replaced no earlier entry; pass --to SEQ (see `cai models`)")
+        raise CaiError(f"{where}: entry {cur.seq} replaced no earlier entry; pass --to SEQ (see `cai rollout history`)")
     target = by_seq.get(target_seq)
     if target is None:
-        raise CaiError(f"{where}: no entry {target_seq}; pick one of {sorted(by_seq)} (see `cai models`)")
+        raise CaiError(f"{where}: no entry {target_seq}; pick one of {sorted(by_seq)} (see `cai rollout history`)")
     if target.model == cur.model:
         raise CaiError(f"{where}: entry {target.seq}'s model {target.model} is already current (entry {cur.seq})")
     inputs = {**cur.inputs, "model": target.model} if cur.inputs else {}

@@ -55,7 +55,7 @@ HEADLINE_METRICS = ("harmless_rate_judge", "harmless_rate_refusal_strict", "over
 
 def headline_intervals(report: dict[str, Any]) -> dict[str, Any]:
     """The no-system-prompt rates with their intervals and, against the base, their paired differences
-    (what `cai status` shows next to the point estimates)."""
+    (what `cai get` shows next to the point estimates)."""
     rates = report["variants"]["no_system"].get("intervals") or {}
     diffs = (report.get("differences") or {}).get("no_system") or {}
     grader = (report.get("grader") or {}).get("metric", "harmless_rate_judge")

@@ -81,7 +81,7 @@ def test_command_line_is_repo_relative():
 def test_bench_prompts_split_kinds_and_reject_too_many():
     records = common.bench_prompts(5)
     assert [r.kind for r in records].count("red-team") == 2 and len(records) == 5
-    with pytest.raises(SystemExit, match="use --prompts <= 300"):  # 150 red-team and 228 helpful train prompts: 2 * min
+    with pytest.raises(SystemExit, match="use --prompts <= 300"):  # 2 * min(150 red-team, 228 helpful train prompts)
         common.bench_prompts(1000)
 
 

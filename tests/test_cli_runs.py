@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -311,6 +312,47 @@ def test_cancel_and_logs_follow_on_the_emulated_cluster(tmp_path, cluster_factor
     assert state["rounds"][0]["stages"]["generate"]["status"] == "cancelled"
 
 
+def test_submit_wait_follows_the_run_to_its_end(tmp_path, s3_bucket, cluster_factory, monkeypatch, capsys):
+    from kube_emulator import NS, PodRun, put_service_account  # noqa: F811
+
+    from jobs.store_s3 import S3Store
+
+    outcomes = iter([PodRun(seconds=4), PodRun(exit_code=1, log="Traceback: boom\n")])
+    cluster = cluster_factory(lambda job, index, attempt: next(outcomes))
+    monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig(str(tmp_path / "kubeconfig"), namespace=NS))
+    put_service_account(cluster)
+    uri = f"s3://{s3_bucket}/wait"
+    config = tmp_path / "run.yaml"
+    config.write_text("name: waited\nkubernetes:\n  backoff_limit: 0\n")
+    run_id = load_run_config(config).name + "-" + load_run_config(config).fingerprint()[:10]
+    store = S3Store(uri, cache_root=tmp_path / "cache")
+
+    def controller_writes() -> None:  # what the controller pod writes as it goes (the pod itself is scripted)
+        for status in ("running", "completed"):
+            time.sleep(1.0)
+            store.write_json(f"runs/{run_id}/run.json", {"run_id": run_id, "status": status, "rounds": [], "updated_at": status})
+
+    writer = threading.Thread(target=controller_writes, daemon=True)
+    writer.start()
+    try:
+        assert main(["submit", "-c", str(config), "--store", uri, "--wait", "--interval", "0.2"]) == 0
+        out = capsys.readouterr()
+        assert f"run {run_id}  status=completed" in out.out and f"{run_id}: running" in out.err
+        writer.join(10)
+        from jobs.executors.k8s_manifests import controller_names
+        from kube_emulator import JOBS  # noqa: F811
+
+        job = controller_names(run_id)[0]
+        wait_for(lambda: cluster.objects(JOBS)[(NS, job)].get("status", {}).get("conditions"), what="the first controller to end")
+        # a controller that fails before its run.json says so: one line naming the Job, exit 1
+        store.delete(f"runs/{run_id}")
+        assert main(["submit", "-c", str(config), "--store", uri, "--wait", "--interval", "0.2", "--timeout", "60"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: job ") and "failed" in err and "kubectl logs" in err
+    finally:
+        store.close()
+
+
 def test_help_examples_in_the_readme_parse():
     """Every `cai ...` line in the README's CLI cheat sheet is a command the parser accepts."""
     text = (REPO / "README.md").read_text()
@@ -320,4 +362,7 @@ def test_help_examples_in_the_readme_parse():
     assert len(commands) >= 15
     parser = build_parser()
     for c in commands:
-        parser.parse_args([a.strip("'\"") for a in c.replace("CONFIG", "c.yaml").replace("RUN", "r1").split()])
+        try:
+            parser.parse_args(shlex.split(c.replace("CONFIG", "c.yaml").replace("RUN", "r1")))
+        except SystemExit as done:  # `cai --version` prints and exits 0; anything else is a bad example
+            assert done.code == 0 and c == "--version", c

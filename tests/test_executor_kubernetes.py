@@ -380,7 +380,7 @@ def test_cai_submit_creates_the_config_map_and_the_controller_job(tmp_path, clus
     out = capsys.readouterr().out
     run_id = out.split()[1].rstrip(":")
     job_name, cm_name = controller_names(run_id)
-    assert f"submitted as job {NS}/{job_name}" in out and f"cai status {run_id} --store s3://bucket/runs" in out
+    assert f"submitted as job {NS}/{job_name}" in out and f"cai get {run_id} -w --store s3://bucket/runs" in out
     cm = cluster.objects(kmock.resource("", "v1", "configmaps"))[(NS, cm_name)]
     pod_config = RunConfig.model_validate(yaml.safe_load(cm["data"]["run.yaml"]))
     assert pod_config.constitution == "/etc/cai/constitution.yaml" and pod_config.store == "s3://bucket/runs"

@@ -564,7 +564,7 @@ def test_notes_say_how_to_trigger_and_follow(helm: Path, tmp_path: Path) -> None
     text = yaml.safe_load(out)["data"]["notes"]
     assert "kubectl create job -n ml --from=cronjob/cai-realign cai-realign-$(date +%s)" in text
     assert "cai submit -c my-run.yaml --store s3://cai-jobs/cai -n ml" in text
-    assert "cai status <run-id> --store s3://cai-jobs/cai" in text
+    assert "cai get <run-id> -w --store s3://cai-jobs/cai" in text
     assert "cai logs <run-id> generate --store s3://cai-jobs/cai" in text
     assert "SUSPENDED" in text and "kubectl patch cronjob -n ml cai-realign" in text
     assert "s3://cai-jobs/cai/runs/<run-id>/" in text

@@ -135,9 +135,13 @@ def _wait_for(store, s, batch, args: argparse.Namespace) -> int:
             job_status, reason, message = job_state(batch.read_namespaced_job(s.job, s.namespace))
         except Exception:  # noqa: BLE001 - the API blinked, or the Job was deleted: run.json has the last word
             job_status = None
-        if job_status == "failed":
-            raise SubmitError(f"job {s.namespace}/{s.job} failed ({reason}: {message}) before the run finished; "
-                              f"kubectl logs -n {s.namespace} job/{s.job}")
+        if job_status is not None:  # the controller ended: its run.json has had its last write
+            state = read_state(store, s.run_id) if store.exists(run_key(s.run_id)) else None
+            if state is not None and state.get("status") in TERMINAL:
+                continue
+            what = f"failed ({reason}: {message})" if job_status == "failed" else "ended"
+            raise SubmitError(f"job {s.namespace}/{s.job} {what} before the run finished (run.json: "
+                              f"{state.get('status') if state else 'none'}); kubectl logs -n {s.namespace} job/{s.job}")
         if deadline is not None and time.monotonic() > deadline:
             raise SubmitError(f"run {s.run_id}: still {state.get('status') if state else 'starting'} after --timeout {args.timeout:g}s; "
                               f"it goes on in the cluster (`cai get {s.run_id} -w`)")
