@@ -348,7 +348,7 @@ class Controller:
             specs.append(self.plan("judge", round_, model, {"constitution": inputs["constitution"], "traces": f"{out['generate']}/traces.jsonl"}))
         trained = model
         if "train" in stages:
-            train_inputs = {"traces": f"{out['generate']}/traces.jsonl"}
+            train_inputs = {"traces": f"{out['generate']}/traces.jsonl", "constitution": inputs["constitution"]}  # the card names it
             if "judge" in stages:
                 train_inputs["prefs"] = f"{out['judge']}/prefs.jsonl"
                 train_inputs["judge_summary"] = f"{out['judge']}/summary.json"  # its position consistency gates judged pairs

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 FULL = """
 name: loop
@@ -91,3 +95,34 @@ def test_judge_without_generate_is_a_config_error(tmp_path, tiny_model_dir):
     config.write_text(f"model: {tiny_model_dir}\nstages: [judge]\n")
     result = cai("run", "-c", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
     assert result.returncode == 2 and "judge needs ['generate']" in result.stderr
+
+    # every trained model directory has its model card; `cai export` makes a Hub-ready folder of one round
+    for r in (1, 2):
+        card = (store / "runs" / rid / f"round-{r}" / "train" / "model" / "README.md").read_text()
+        head = yaml.safe_load(card.split("---\n")[1])
+        assert head["library_name"] == "transformers" and "constitutional-ai" in head["tags"] and "dpo" in head["tags"]
+        assert f"# {rid}, round {r}" in card and "## Constitution: default" in card and "| harmless |" in card
+        traces = store / "runs" / rid / f"round-{r}" / "generate" / "traces.jsonl"
+        assert hashlib.sha256(traces.read_bytes()).hexdigest() in card  # the data it trained on, by hash
+    dest = tmp_path / "export"
+    exported = cai("export", rid, "--to", str(dest), "--round", "2", "--store", str(store), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    card = (dest / "model" / "README.md").read_text()
+    assert "## Evaluation (no system prompt; 95% Wilson intervals)" in card and "Alignment tax" in card and " n=" in card
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sft = load_dataset("parquet", data_files=str(dest / "data" / "sft" / "train.parquet"), split="train")
+    prefs = load_dataset("parquet", data_files=str(dest / "data" / "prefs" / "train.parquet"), split="train")
+    assert len(sft) == sum(1 for _ in (store / "runs" / rid / "round-2" / "generate" / "sft.jsonl").open()) and "messages" in sft.column_names
+    assert {"prompt", "chosen", "rejected"} <= set(prefs.column_names)
+    AutoModelForCausalLM.from_pretrained(dest / "model")
+    AutoTokenizer.from_pretrained(dest / "model")
+    assert {"report.md", "report.json", "run.json", "base-report.json"} <= {p.name for p in (dest / "report").iterdir()}
+    assert cai("export", rid, "--to", str(dest), "--store", str(store), cwd=tmp_path).returncode == 2  # not empty: refused
+    # the upload goes through huggingface_hub; pointed at nothing, it fails with one line and keeps nothing half-done
+    offline = subprocess.run([sys.executable, "-m", "jobs.cli", "export", rid, "--hub", "me/tiny-cai", "--round", "1", "--store", str(store)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"})
+    assert offline.returncode == 1 and offline.stderr.strip().count("\n") == 0, offline.stderr
+    assert offline.stderr.startswith("error: hub http://127.0.0.1:9: model repo me/tiny-cai: cannot reach the Hub")

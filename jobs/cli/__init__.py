@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(p)
     p.set_defaults(func=manage.cmd_gc)
 
+    p = sub.add_parser("export", help="a run's model (with its model card), datasets (Parquet) and report as a Hub-ready folder; --hub uploads it")
+    p.add_argument("run", metavar="RUN", help="run id or @latest")
+    p.add_argument("--to", help="folder to write (new or empty)")
+    p.add_argument("--round", type=int, help="round whose model to export (default: the run's result)")
+    p.add_argument("--hub", metavar="ORG/NAME", help="upload: the model to ORG/NAME, the datasets to ORG/NAME-sft and ORG/NAME-prefs (HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --hub: create the repos private")
+    add_store(p)
+    p.set_defaults(func=inspect.cmd_export)
+
     # --- look things up ---------------------------------------------------------------------------
     p = sub.add_parser("config", help="the run config: show (with defaults and --set), validate files, print its JSON Schema")
     csub = p.add_subparsers(dest="action", required=True, metavar="<action>")

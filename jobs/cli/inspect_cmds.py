@@ -106,3 +106,26 @@ def cmd_rollout_undo(args: argparse.Namespace) -> int:
     entry = rollback(open_arg_store(args), args.to, args.reason)
     print(f"entry {entry.seq}: {entry.model} is current again ({entry.reason})")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A Hub-ready folder (model with its full card, datasets as Parquet, the report); --hub uploads it."""
+    import tempfile
+    from pathlib import Path
+
+    from ..export import export_run, upload
+    from .common import run_ref
+
+    store = open_arg_store(args)
+    run_id = run_ref(store, args.run)
+    if args.to is None and not args.hub:
+        raise CaiError("cai export: give --to DIR (a folder) and/or --hub ORG/NAME (an upload)")
+    with tempfile.TemporaryDirectory(prefix="cai-export-") as tmp:
+        dest = Path(args.to) if args.to else Path(tmp) / "export"
+        exported = export_run(store, run_id, dest, args.round)
+        for name, path in exported.parts.items():
+            print(f"{name + ':':<8} {path}")
+        if args.hub:
+            for url in upload(exported, args.hub, private=args.private):
+                print(f"uploaded: {url}")
+    return 0

@@ -92,6 +92,26 @@ def _save(model, tok, path: Path, record: dict[str, Any]) -> None:
     (path / "cai_train.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def _card(spec: StageSpec, store: ArtifactStore, cfg: TrainConfig, counts: dict[str, Any]) -> str:
+    """The model card (README.md) saved with the model: its lineage, constitution, data and settings."""
+    import yaml
+
+    from ..model_card import train_card
+
+    ckey = spec.inputs.get("constitution")
+    constitution = yaml.safe_load(store.read_text(ckey)) if ckey else None
+    identity = spec.identities.get("model") or (store.digest(spec.inputs["model"]) if "model" in spec.inputs else None)
+    data = {name: store.sha256(key) for name, key in spec.inputs.items() if name in ("traces", "prefs", "judge_summary")}
+    section = {"sft": cfg.sft, "dpo": cfg.dpo, "reward": cfg.reward}
+    settings = {p: section[p].model_dump(mode="json") for p in counts.get("phases_run", []) if p in section}
+    if cfg.lora.enabled:
+        settings["lora"] = cfg.lora.model_dump(mode="json")
+    return train_card(run_id=spec.run_id, round_=spec.round, store_uri=spec.store, output=f"{spec.output}/model",
+                      start_model=spec.model, start_identity=identity, constitution=constitution,
+                      constitution_sha256=store.sha256(ckey) if ckey else None, data=data, method=cfg.method,
+                      settings={**settings, "seed": spec.seed, "min_judge_consistency": cfg.min_judge_consistency}, counts=counts)
+
+
 def _fit(phase: str, trainer, metrics: list[dict[str, Any]], counts: dict[str, Any], timings: dict[str, float]):
     """Train, record final losses, throughput and time; return the plain (LoRA-merged) model."""
     n, epochs = len(trainer.train_dataset), trainer.args.num_train_epochs
@@ -200,6 +220,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
         record = {"start_model": spec.model, "seed": spec.seed, "config": cfg.model_dump(mode="json"),
                   "phases_run": phases, "phases_skipped": skipped}
         _save(model, tok, out_dir, record)
+        (out_dir / "README.md").write_text(_card(spec, store, cfg, counts))
         store.put_dir(out_dir, f"{spec.output}/model")
         timings["save_s"] = time.perf_counter() - t
 
