@@ -219,6 +219,11 @@ class TrainConfig(StrictModel):
     reward: RewardSection = Field(default_factory=RewardSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "neptune", "dvclive", "swanlab"]] = Field(
+        default_factory=list, description="Experiment trackers the trainers log to (transformers' `report_to`). `tensorboard`: event "
+        "files under the stage's `tensorboard/<phase>/` in the store (needs tensorboardX or tensorboard); `wandb`, `mlflow`...: "
+        "their own package and credentials in the pod's env (e.g. WANDB_API_KEY through the chart's extraEnv). Empty: none.",
+    )
     min_judge_consistency: float = Field(
         0.6, ge=0, le=1, description="Judged pairs train DPO or a reward model only when the lower bound of the judge's position consistency "
         "(Wilson, 95%) reaches this; below it the judge is guessing and only pairs built by construction (verified, helpful) "

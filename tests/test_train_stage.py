@@ -280,3 +280,34 @@ def test_dpo_loss_mix_with_the_chosen_answers_nll(tmp_path, tiny_model_dir):
     assert manifest["counts"]["phases_run"] == ["dpo"] and manifest["counts"]["dpo_final_loss"] > 0
     with pytest.raises(ValueError, match="one per loss type"):
         DPOSection(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+
+
+def read_scalars(path: Path) -> dict[str, list[float]]:
+    """TensorBoard's event file format (TFRecord of Event protos), read with tensorboardX's own proto."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[float]] = {}
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        for v in event.summary.value:
+            out.setdefault(v.tag, []).append(v.simple_value)
+    return out
+
+
+def test_report_to_tensorboard_puts_event_files_in_the_store_and_progress_has_eta(tmp_path, tiny_model_dir, capfd):
+    cfg = TrainConfig(method="dpo", dpo=DPOSection(**FAST, learning_rate=1e-4), report_to=["tensorboard"])
+    store, spec, manifest = run_train(tmp_path / "store", tiny_model_dir, cfg)
+    events = sorted((tmp_path / "store" / spec.output / "tensorboard" / "dpo").rglob("events.out.tfevents.*"))
+    assert events, "no event files"
+    scalars = read_scalars(events[0])
+    assert len(scalars["train/loss"]) == manifest["counts"]["dpo_steps"] and "train/rewards/margins" in scalars
+    assert {f"{spec.output}/tensorboard/dpo/{p.relative_to(tmp_path / 'store' / spec.output / 'tensorboard' / 'dpo')}"
+            for p in events} <= set(manifest["outputs"])  # part of the stage's outputs: checked like every artifact
+    err = capfd.readouterr().err
+    assert "it/s, ETA" in err and "{'loss'" not in err  # our progress lines, not the trainer's raw dicts

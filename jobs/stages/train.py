@@ -32,6 +32,11 @@ def _metrics_log(phase: str, rows: list[dict[str, Any]]):
     from transformers import TrainerCallback
 
     class MetricsLog(TrainerCallback):
+        started = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:  # the end-of-training summary carries train_loss instead
                 return
@@ -40,9 +45,18 @@ def _metrics_log(phase: str, rows: list[dict[str, Any]]):
             rows.append(row)
             if state.global_step % max(1, state.max_steps // 20) == 0 or state.global_step == state.max_steps:
                 extra = f", margin {logs['rewards/margins']:.4f}" if "rewards/margins" in logs else ""
-                log("train", f"{phase} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{extra}")
+                log("train", f"{phase} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{extra}, "
+                    f"{progress(state.global_step, state.max_steps, time.perf_counter() - self.started)}")
 
     return MetricsLog()
+
+
+def progress(step: int, total: int, elapsed_s: float) -> str:
+    """'1.85 it/s, ETA 2m10s' from the steps done so far."""
+    rate = step / elapsed_s if elapsed_s > 0 else 0.0
+    left = (total - step) / rate if rate else 0.0
+    eta = f"{int(left // 60)}m{int(left % 60):02d}s" if left >= 60 else f"{left:.0f}s"
+    return f"{rate:.2f} it/s, ETA {eta}"
 
 
 def _device_args() -> dict[str, Any]:
@@ -55,7 +69,7 @@ def _device_args() -> dict[str, Any]:
     return {"use_cpu": not cuda, "bf16": cuda, "gradient_checkpointing": cuda}
 
 
-def _args(cls, phase: str, section, work: Path, seed: int, **extra):
+def _args(cls, phase: str, section, work: Path, seed: int, report_to: list[str] | None = None, run_name: str | None = None, **extra):
     # under torchrun each process takes its share of the batch: the global batch is the configured one
     if section.batch_size % world_size():
         raise ConfigError(f"train.{phase}.batch_size: {section.batch_size} does not split over {world_size()} processes "
@@ -65,7 +79,8 @@ def _args(cls, phase: str, section, work: Path, seed: int, **extra):
         per_device_train_batch_size=section.batch_size // world_size(),
         gradient_accumulation_steps=getattr(section, "gradient_accumulation_steps", 1),
         max_length=section.max_length, seed=seed, data_seed=seed, logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to="none", disable_tqdm=True, **_device_args(), **extra,
+        eval_strategy="no", report_to=list(report_to) if report_to else "none", run_name=run_name,
+        disable_tqdm=True, **_device_args(), **extra,
     )
 
 
@@ -115,6 +130,9 @@ def _card(spec: StageSpec, store: ArtifactStore, cfg: TrainConfig, counts: dict[
 def _fit(phase: str, trainer, metrics: list[dict[str, Any]], counts: dict[str, Any], timings: dict[str, float]):
     """Train, record final losses, throughput and time; return the plain (LoRA-merged) model."""
     n, epochs = len(trainer.train_dataset), trainer.args.num_train_epochs
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # its raw loss dicts: our progress lines and metrics.jsonl say it better
     log("train", f"{phase}: start, {n} rows x {epochs:g} epochs on {trainer.args.device}")
     t = time.perf_counter()
     result = trainer.train()
@@ -171,11 +189,15 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
     tok = AutoTokenizer.from_pretrained(start)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    def track(phase: str) -> dict[str, Any]:
+        return {"report_to": cfg.report_to, "run_name": f"{spec.run_id}-round{spec.round}-{phase}"}
+
+    tracked: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cai-train-") as tmp:
         work, model, ref_dir = Path(tmp), None, start
         own_reference = cfg.lora.enabled or cfg.dpo.precompute_ref_log_probs  # no second model in memory
         if "sft" in phases:
-            args = _args(SFTConfig, "sft", cfg.sft, work, spec.seed, completion_only_loss=True)
+            args = _args(SFTConfig, "sft", cfg.sft, work, spec.seed, **track("sft"), completion_only_loss=True)
             # prompt/completion rows: the loss covers the assistant answer only, whatever the chat template
             ds = Dataset.from_list([prompt_completion(r) for r in sft_data])
             trainer = SFTTrainer(model=_load_lm(start), args=args, train_dataset=ds, processing_class=tok,
@@ -190,7 +212,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             # precompute_ref_log_probs: trl scores every pair with the untrained model once, before step 1.
             # Either way no second copy is loaded; otherwise the reference is loaded as its own copy.
             ref = None if own_reference else _load_lm(ref_dir)
-            args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, beta=cfg.dpo.beta, loss_type=list(cfg.dpo.loss_type),
+            args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, **track("dpo"), beta=cfg.dpo.beta, loss_type=list(cfg.dpo.loss_type),
                          loss_weights=cfg.dpo.loss_weights, precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
             trainer = DPOTrainer(model=model if model is not None else _load_lm(start), ref_model=ref, args=args,
                                  train_dataset=Dataset.from_list(pref_data), processing_class=tok,
@@ -203,7 +225,7 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             set_seed(spec.seed)  # the new score head is random-initialised
             rm = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=torch.float32)
             rm.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-pad token
-            trainer = RewardTrainer(model=rm, args=_args(RewardConfig, "reward", cfg.reward, work, spec.seed),
+            trainer = RewardTrainer(model=rm, args=_args(RewardConfig, "reward", cfg.reward, work, spec.seed, **track("reward")),
                                     train_dataset=Dataset.from_list(pref_data), processing_class=tok,
                                     peft_config=_lora(cfg.lora, "SEQ_CLS"), callbacks=[_metrics_log("reward", metrics)])
             model = _fit("reward", trainer, metrics, counts, timings)
@@ -222,9 +244,16 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
         _save(model, tok, out_dir, record)
         (out_dir / "README.md").write_text(_card(spec, store, cfg, counts))
         store.put_dir(out_dir, f"{spec.output}/model")
+        for phase in phases:  # transformers' TensorBoardCallback writes under <output_dir>/runs/
+            events = work / phase / "runs"
+            if "tensorboard" in cfg.report_to and events.is_dir():
+                store.put_dir(events, f"{spec.output}/tensorboard/{phase}")
+                tracked += store.list(f"{spec.output}/tensorboard/{phase}")
         timings["save_s"] = time.perf_counter() - t
 
     metrics_key = f"{spec.output}/metrics.jsonl"
     store.write_jsonl(metrics_key, metrics)
     log("train", f"{len(metrics)} metric rows -> {store.uri_for(metrics_key)}; model -> {store.uri_for(spec.output + '/model')}")
-    return StageResult(outputs=[metrics_key, *store.list(f"{spec.output}/model")], counts=counts, timings=timings)
+    if tracked:
+        log("train", f"tensorboard --logdir {store.uri_for(spec.output + '/tensorboard')}")
+    return StageResult(outputs=[metrics_key, *store.list(f"{spec.output}/model"), *tracked], counts=counts, timings=timings)
