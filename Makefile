@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all bench clean-store install-vllm test-vllm images
+.PHONY: install demo test test-all bench clean-store install-vllm test-vllm images browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,13 +37,23 @@ $(CHECKOV):
 	.venv-checkov/bin/python -m pip install -q --upgrade pip
 	.venv-checkov/bin/python -m pip install -q --prefer-binary "$(CHECKOV_SPEC)"
 
+# Debian's chromium for the run report's browser test (tests/browser.py): installed where apt can, as
+# root; elsewhere the browser tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	       (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) || \
+	      echo "[make] chromium not installed; the report's browser test will skip"; \
+	    else echo "[make] no chromium and no root apt; the report's browser test will skip"; fi; }
+
 install: $(STAMP) $(HELM) $(CHECKOV)
 
 demo: $(STAMP)
 	@$(VENV)/bin/cai model pull >/dev/null
 	$(VENV)/bin/cai run -c recipes/demo.yaml
 
-test: $(STAMP) $(HELM) $(CHECKOV)
+test: $(STAMP) $(HELM) $(CHECKOV) browser
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =

@@ -417,7 +417,22 @@ class Controller:
         if model_kind(self.config.model) in KNOWN_BEFORE_LOCK:  # its config.json is on disk: its fit is known now
             self._check_fits()
         with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:
-            return self._run_locked()
+            try:
+                return self._run_locked()
+            finally:
+                self._write_report()
+
+    def _write_report(self) -> None:
+        """runs/<id>/report.html and report.md, at the end of every run, whatever its end; never its failure."""
+        if not self.state:
+            return
+        from .run_report import write_run_report
+
+        try:
+            html, _ = write_run_report(self.store, self.paths.run_id)
+            log(f"run report: {self.store.uri_for(html)}")
+        except Exception as e:  # noqa: BLE001 - a report is a view of the run, not worth failing it for
+            log(f"run report not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); `cai report {self.paths.run_id}` retries")
 
     def _run_locked(self) -> dict[str, Any]:
         self._load_or_init_state()

@@ -126,3 +126,20 @@ def test_judge_without_generate_is_a_config_error(tmp_path, tiny_model_dir):
                              env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"})
     assert offline.returncode == 1 and offline.stderr.strip().count("\n") == 0, offline.stderr
     assert offline.stderr.startswith("error: hub http://127.0.0.1:9: model repo me/tiny-cai: cannot reach the Hub")
+
+    # the controller wrote the run's report; it loads in a real browser without console errors and is not blank
+    from browser import load, non_blank
+
+    page = store / "runs" / rid / "report.html"
+    text = page.read_text()
+    for section in ("Scores per round", "Four columns", "Alignment tax", "Critique and revision", "The judge", "Training curves",
+                    "Base vs round 2"):
+        assert section in text, section
+    assert "data:image/png;base64," in text and "src='http" not in text and 'src="http' not in text  # self-contained
+    md = (store / "runs" / rid / "report.md").read_text()
+    assert "![scores per round](report/rounds.png)" in md and (store / "runs" / rid / "report" / "rounds.png").exists()
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!doctype html><p>x</p><script>undefined_function()</script>")
+    assert any("undefined_function" in m for m in load(bad, tmp_path / "bad.png"))  # the check sees a page's errors
+    assert load(page, tmp_path / "report.png") == []
+    assert non_blank(tmp_path / "report.png") > 0.05

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_store(p)
     p.set_defaults(func=inspect.cmd_export)
 
+    p = sub.add_parser("report", help="the whole run on one page: report.html (charts embedded) and report.md")
+    p.add_argument("run", metavar="RUN", help="run id or @latest")
+    p.add_argument("--to", help="also copy them into this folder")
+    add_store(p)
+    p.set_defaults(func=inspect.cmd_report)
+
     # --- look things up ---------------------------------------------------------------------------
     p = sub.add_parser("config", help="the run config: show (with defaults and --set), validate files, print its JSON Schema")
     csub = p.add_subparsers(dest="action", required=True, metavar="<action>")

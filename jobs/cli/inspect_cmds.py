@@ -129,3 +129,24 @@ def cmd_export(args: argparse.Namespace) -> int:
             for url in upload(exported, args.hub, private=args.private):
                 print(f"uploaded: {url}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The whole run on one page: report.html (self-contained) and report.md, in the store and optionally a folder."""
+    from pathlib import Path
+
+    from ..run_report import write_run_report
+    from ..store import LocalStore
+    from .common import run_ref
+
+    store = open_arg_store(args)
+    run_id = run_ref(store, args.run)
+    keys = write_run_report(store, run_id)
+    for key in keys:
+        print(store.uri_for(key))
+    if args.to:
+        dest = LocalStore(Path(args.to))
+        for key in [*keys, *store.list(f"runs/{run_id}/report")]:
+            dest.write_bytes(key.split("/", 2)[2], store.read_bytes(key))
+        print(f"copied to {Path(args.to) / 'report.html'}")
+    return 0
