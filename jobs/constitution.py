@@ -15,8 +15,9 @@ from .schema import StrictModel, load_file
 Scope = Literal["red-team", "ordinary", "all"]
 NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"
 
-#: directory of the constitutions shipped with the repository (`constitutions/` at its top level)
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "constitutions"
+#: the shipped constitutions: package data (`jobs/constitutions/`), so a plain `pip install cai-jobs` has them
+#: (the repository's top-level `constitutions` is a link to it, for paths in docs and configs)
+SHIPPED_DIR = Path(__file__).resolve().parent / "constitutions"
 
 
 class Principle(StrictModel):
