@@ -24,6 +24,7 @@ from jobs.promotion import Scores, promote
 from jobs.runs import RunCancelled, gc_plan, lineage, run_ids
 from jobs.store import LocalStore
 from kube_emulator import cluster_factory  # noqa: F401 - a fixture
+from test_run_lock import start
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -40,20 +41,6 @@ def slow_python(tmp_path: Path) -> Path:
     script.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/stage.pid\ni=0\nwhile true; do echo \"step $i\"; i=$((i+1)); sleep 0.1; done\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
-
-
-def start(controller: Controller) -> tuple[threading.Thread, list]:
-    outcome: list = []
-
-    def target() -> None:
-        try:
-            outcome.append(controller.run())
-        except BaseException as e:  # noqa: BLE001 - the test inspects it
-            outcome.append(e)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, outcome
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:

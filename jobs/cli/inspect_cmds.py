@@ -17,18 +17,23 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config_validate(args: argparse.Namespace) -> int:
-    from ..config import load_run_config
-
+def _validate(files, load, describe) -> int:
+    """`ok` or one error line per file; exit 2 when any failed (shared by config and constitution)."""
     failed = 0
-    for f in args.files:
+    for f in files:
         try:
-            c = load_run_config(f, args.set)
-            print(f"{f}: ok ({c.name}: model {c.model}, constitution {c.constitution}, stages {', '.join(c.stages)}, {c.rounds} round(s))")
+            print(f"{f}: ok ({describe(load(f))})")
         except CaiError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
     return 2 if failed else 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from ..config import load_run_config
+
+    return _validate(args.files, lambda f: load_run_config(f, args.set),
+                     lambda c: f"{c.name}: model {c.model}, constitution {c.constitution}, stages {', '.join(c.stages)}, {c.rounds} round(s)")
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
@@ -42,15 +47,8 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 def cmd_constitution_validate(args: argparse.Namespace) -> int:
     from ..constitution import load_constitution
 
-    failed = 0
-    for f in args.files:
-        try:
-            c = load_constitution(f)
-            print(f"{f}: ok ({c.name}, {len(c.principles)} principles, {len(c.few_shot)} few-shot examples)")
-        except CaiError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-    return 2 if failed else 0
+    return _validate(args.files, load_constitution,
+                     lambda c: f"{c.name}, {len(c.principles)} principles, {len(c.few_shot)} few-shot examples")
 
 
 def cmd_constitution_show(args: argparse.Namespace) -> int:
