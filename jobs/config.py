@@ -416,6 +416,17 @@ class KubernetesConfig(StrictModel):
         None, description="securityContext of every pod, as in a PodSpec (camelCase keys); null = non-root UID 10001 (the "
         "images' user) with the RuntimeDefault seccomp profile. OpenShift: leave out runAsUser, runAsGroup and fsGroup.",
     )
+    extra_env: list[dict[str, Any]] = Field(
+        default_factory=list, description="More env of every stage and controller container, as in a PodSpec (`{name, value}` or "
+        "`{name, valueFrom}`): WANDB_API_KEY from a Secret for `train.report_to: [wandb]`, a proxy, a site setting.",
+    )
+    extra_env_from: list[dict[str, Any]] = Field(default_factory=list, description="envFrom of every container (a whole Secret or ConfigMap as env).")
+    extra_volumes: list[dict[str, Any]] = Field(default_factory=list, description="More volumes of every pod, as in a PodSpec.")
+    extra_volume_mounts: list[dict[str, Any]] = Field(default_factory=list, description="Where every container mounts them.")
+    cache_claim: str | None = Field(
+        None, description="A PersistentVolumeClaim for the model cache (CAI_CACHE_DIR) instead of an emptyDir: pods on a node "
+        "(ReadWriteOnce) or everywhere (ReadWriteMany) reuse converted models. The chart's `modelCache` creates one.",
+    )
     s3_secret: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, passed as env; null = IRSA/instance role.")
     s3_endpoint: str | None = Field(None, description="AWS_ENDPOINT_URL_S3 for S3-compatible stores (MinIO, SeaweedFS).")
     hf_token_secret: str | None = Field(

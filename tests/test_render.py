@@ -300,3 +300,38 @@ def test_controller_scratch_for_model_downloads_is_requested_when_set():
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     with pytest.raises(ValueError):
         KubernetesConfig(controller_ephemeral_storage="lots")
+
+
+EXTRA = {"extra_env": [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}},
+                       {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+         "extra_env_from": [{"configMapRef": {"name": "site-settings"}}],
+         "extra_volumes": [{"name": "datasets", "persistentVolumeClaim": {"claimName": "team-datasets"}}],
+         "extra_volume_mounts": [{"name": "datasets", "mountPath": "/datasets", "readOnly": True}],
+         "cache_claim": "cai-model-cache"}
+
+
+def test_extra_env_volumes_and_the_cache_claim_reach_every_stage_and_the_controller(tmp_path):
+    config = RunConfig.model_validate({**FULL, "kubernetes": {**FULL["kubernetes"], **EXTRA}})
+    objs = docs(render(config, STORE, controller=True))
+    jobs_ = [d for d in objs if d["kind"] == "Job"]
+    assert len(jobs_) >= 5  # the base evaluation, four stages, the controller
+    for job in jobs_:
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+        pod = job["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "api-key"}
+        assert env["HTTPS_PROXY"]["value"] == "http://proxy:3128" and c["envFrom"] == [{"configMapRef": {"name": "site-settings"}}]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": "cai-model-cache"}}
+        assert volumes["datasets"]["persistentVolumeClaim"]["claimName"] == "team-datasets"
+        assert {"name": "datasets", "mountPath": "/datasets", "readOnly": True} in c["volumeMounts"]
+
+
+def test_a_bad_extra_env_entry_is_one_line_before_anything_is_written(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"executor": "kubernetes", "kubernetes": {"extra_env": [{"nam": "X", "value": "1"}]}}))
+    assert main(["run", "-c", str(config), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: config: kubernetes.extra_env[0]") and "PodSpec" in err
+    assert not (tmp_path / "store").exists()

@@ -15,10 +15,11 @@ def make_executor(config, store, executor: str | None = None):
     kind = executor or config.executor
     if kind == "local":
         return LocalExecutor()
-    from .k8s_manifests import check_train_layout
+    from .k8s_manifests import check_pod_fragments, check_train_layout
     from .kubernetes import KubernetesExecutor
 
     check_train_layout(config.train.distributed.processes, config.kubernetes.stages["train"].gpus)  # before the lock
+    check_pod_fragments(config.kubernetes)
     if not store.uri.startswith("s3://"):
         print(f"[cai] warning: store {store.uri} is a local directory; stage pods can read it only if it is mounted "
               "at the same path; use --store s3://bucket/prefix", file=sys.stderr, flush=True)

@@ -197,10 +197,28 @@ def controller_env(k8s: KubernetesConfig) -> list[m.V1EnvVar]:
     return base + _store_env(k8s) + _hub_env(k8s)
 
 
-def _scratch_volumes() -> tuple[list[m.V1Volume], list[m.V1VolumeMount]]:
-    volumes = [m.V1Volume(name="cache", empty_dir=m.V1EmptyDirVolumeSource()), m.V1Volume(name="tmp", empty_dir=m.V1EmptyDirVolumeSource())]
+def _scratch_volumes(k8s: KubernetesConfig) -> tuple[list[m.V1Volume], list[m.V1VolumeMount]]:
+    """The cache (an emptyDir, or kubernetes.cache_claim's PVC), /tmp, and the config's extra volumes."""
+    cache = (m.V1Volume(name="cache", persistent_volume_claim=m.V1PersistentVolumeClaimVolumeSource(claim_name=k8s.cache_claim))
+             if k8s.cache_claim else m.V1Volume(name="cache", empty_dir=m.V1EmptyDirVolumeSource()))
+    volumes = [cache, m.V1Volume(name="tmp", empty_dir=m.V1EmptyDirVolumeSource())]
     mounts = [m.V1VolumeMount(name="cache", mount_path=CACHE_DIR), m.V1VolumeMount(name="tmp", mount_path="/tmp")]
+    volumes += [_k8s_model(m.V1Volume, v, f"kubernetes.extra_volumes[{i}]") for i, v in enumerate(k8s.extra_volumes)]
+    mounts += [_k8s_model(m.V1VolumeMount, v, f"kubernetes.extra_volume_mounts[{i}]") for i, v in enumerate(k8s.extra_volume_mounts)]
     return volumes, mounts
+
+
+def check_pod_fragments(k8s: KubernetesConfig) -> None:
+    """The config's PodSpec fragments (extra env, volumes, mounts) parse: one line before anything is written."""
+    _scratch_volumes(k8s)
+    _extra_env(k8s)
+
+
+def _extra_env(k8s: KubernetesConfig) -> tuple[list[m.V1EnvVar], list[m.V1EnvFromSource] | None]:
+    """kubernetes.extra_env (after ours: the last of a name wins) and extra_env_from."""
+    env = [_k8s_model(m.V1EnvVar, v, f"kubernetes.extra_env[{i}]") for i, v in enumerate(k8s.extra_env)]
+    env_from = [_k8s_model(m.V1EnvFromSource, v, f"kubernetes.extra_env_from[{i}]") for i, v in enumerate(k8s.extra_env_from)]
+    return env, env_from or None
 
 
 def _resources(res: StageResources) -> m.V1ResourceRequirements:
@@ -288,7 +306,8 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
     labels = stage_labels(spec, k8s)
     name = job_name(spec, spec_uri)
     pod_security, container_security = _security(k8s)
-    volumes, mounts = _scratch_volumes()
+    volumes, mounts = _scratch_volumes(k8s)
+    extra_env, env_from = _extra_env(k8s)
     nodes = train_nodes(spec, res)
     container = m.V1Container(
         name=CONTAINER,
@@ -297,7 +316,8 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         command=pod_command(spec, spec_uri, res, name),
         ports=[m.V1ContainerPort(name="rendezvous", container_port=RDZV_PORT)] if nodes > 1 else None,
         # the local executor's env, then the plumbing; Indexed Jobs add JOB_COMPLETION_INDEX themselves
-        env=[m.V1EnvVar(name=k, value=v) for k, v in pod_env().items()] + _store_env(k8s),
+        env=[m.V1EnvVar(name=k, value=v) for k, v in pod_env().items()] + _store_env(k8s) + extra_env,
+        env_from=env_from,
         resources=_resources(res),
         security_context=container_security,
         volume_mounts=mounts,
@@ -366,7 +386,8 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
     job, config_map = controller_names(run_id)
     labels = common_labels(run_id, "controller", k8s)
     pod_security, container_security = _security(k8s)
-    volumes, mounts = _scratch_volumes()
+    volumes, mounts = _scratch_volumes(k8s)
+    extra_env, env_from = _extra_env(k8s)
     volumes.append(m.V1Volume(name="config", config_map=m.V1ConfigMapVolumeSource(name=config_map)))
     mounts.append(m.V1VolumeMount(name="config", mount_path=CONFIG_DIR, read_only=True))
     token_volumes, token_mounts = _hub_token_volume(k8s)
@@ -381,7 +402,8 @@ def build_controller_job(run_id: str, store: str, k8s: KubernetesConfig, namespa
         image=controller_image(k8s),
         image_pull_policy=k8s.image_pull_policy,
         command=controller_command(run_id, store),
-        env=controller_env(k8s) + downward,
+        env=controller_env(k8s) + downward + extra_env,
+        env_from=env_from,
         resources=m.V1ResourceRequirements(
             requests={"cpu": CONTROLLER_CPU, "memory": CONTROLLER_MEMORY,
                       **({"ephemeral-storage": k8s.controller_ephemeral_storage} if k8s.controller_ephemeral_storage else {})},
