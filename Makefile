@@ -93,13 +93,14 @@ install-vllm: $(VLLM_STAMP)
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
-# Stage and controller images (tags: <IMAGE_REPOSITORY>-<stage>:<IMAGE_TAG>, as the chart and
-# `kubernetes.image_repository` expect). Needs docker; says so and fails where there is none.
+# Stage and controller images, one target each of the top-level Dockerfile (tags:
+# <IMAGE_REPOSITORY>:<IMAGE_TAG> for the controller, <IMAGE_REPOSITORY>-<stage>:<IMAGE_TAG> for the stages,
+# as the chart and `kubernetes.image_repository` expect). Needs docker; says so and fails where there is none.
 IMAGE_REPOSITORY ?= ghcr.io/cai-jobs/cai
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 images:
-	@command -v docker >/dev/null 2>&1 || { echo "make images: docker not found on PATH; install Docker (or build images/*/Dockerfile with another OCI builder)" >&2; exit 1; }
-	docker build -t $(IMAGE_REPOSITORY):$(IMAGE_TAG) -f Dockerfile .
+	@command -v docker >/dev/null 2>&1 || { echo "make images: docker not found on PATH; install Docker (or build the Dockerfile's targets with another OCI builder)" >&2; exit 1; }
+	docker build --target controller -t $(IMAGE_REPOSITORY):$(IMAGE_TAG) .
 	for stage in generate judge train evaluate; do \
-	  docker build -t $(IMAGE_REPOSITORY)-$$stage:$(IMAGE_TAG) -f images/$$stage/Dockerfile . || exit 1; \
+	  docker build --target $$stage -t $(IMAGE_REPOSITORY)-$$stage:$(IMAGE_TAG) . || exit 1; \
 	done
