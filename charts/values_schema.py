@@ -23,6 +23,7 @@ CHART_MANAGED = ("store", "executor", "constitution", "kubernetes")
 
 QUANTITY = r"^[+]?[0-9.]+([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$"  # Kubernetes resource quantity
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 CIDR = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"
 PORTS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 65535}, "description": "TCP ports."}
 CRON = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|@every \S+|\S+( +\S+){4})$"
@@ -173,6 +174,28 @@ def build() -> dict[str, Any]:
             "priorityClassName": _str("priorityClassName of controller pods."),
             "backoffLimit": _int("Controller pod retries (infrastructure failures only)."),
         }, "Controller pods (install Job and CronJob)."),
+        "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {"name": _str("Variable name.", minLength=1)}},
+                     "description": "EnvVars (PodSpec) after every pod's own env, the stage pods' too (kubernetes.extra_env)."},
+        "extraEnvFrom": {"type": "array", "items": {"type": "object", "minProperties": 1},
+                         "description": "EnvFromSources (PodSpec) of every pod's container, the stage pods' too (kubernetes.extra_env_from)."},
+        "extraVolumes": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {"name": _str("Volume name.", pattern=DNS_LABEL)}},
+                         "description": "Volumes (PodSpec) of every pod, the stage pods' too (kubernetes.extra_volumes)."},
+        "extraVolumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"], "properties": {
+                                  "name": _str("Name of a volume in extraVolumes.", minLength=1),
+                                  "mountPath": _str("Absolute path in the container.", pattern=r"^/")}},
+                              "description": "VolumeMounts (PodSpec) of extraVolumes in every container (kubernetes.extra_volume_mounts)."},
+        "modelCache": _obj({
+            "enabled": {"type": "boolean", "description": "Mount a PersistentVolumeClaim as the controller pods' cache (/var/cache/cai)."},
+            "stages": {"type": "boolean", "description": "Also the stage pods' cache (kubernetes.cache_claim); needs ReadWriteMany."},
+            "size": _quantity("Storage request of the claim the chart renders."),
+            "storageClassName": _str("StorageClass of that claim; empty = the cluster default, \"-\" = none.",
+                                     pattern=r"^(-|([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?))$|^$"),
+            "accessModes": {"type": "array", "minItems": 1, "uniqueItems": True,
+                            "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
+                            "description": "accessModes of that claim."},
+            "existingClaim": _str("An existing claim to mount instead; empty = the chart renders one.",
+                                  pattern=r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)?$"),
+        }, "Optional PersistentVolumeClaim for the controller pods' model cache.", required=["enabled"]),
         "runOnInstall": {"type": "boolean", "description": "Create a controller Job (cai run) with the release."},
         "realign": _obj({
             "enabled": {"type": "boolean", "description": "Render the realignment CronJob."},

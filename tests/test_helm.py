@@ -111,6 +111,7 @@ def test_default_render_has_the_expected_objects(default_render: str) -> None:
     assert kinds == [
         ("ConfigMap", "cai-config"),
         ("CronJob", "cai-realign"),
+        ("Pod", "cai-test-store"),  # the helm test hook (helm template renders hooks)
         ("Role", "cai-controller"),
         ("RoleBinding", "cai-controller"),
         ("ServiceAccount", "cai-controller"),
@@ -220,11 +221,19 @@ def names_by_kind(objs: list[dict]) -> set[tuple[str, str]]:
 
 
 def test_two_releases_in_one_namespace_do_not_collide(helm: Path, tmp_path: Path) -> None:
-    args = ["--set", "networkPolicy.enabled=true", "--set", "runOnInstall=true"]
+    args = ["--set", "networkPolicy.enabled=true", "--set", "runOnInstall=true", "--set", "modelCache.enabled=true"]
     a = docs(run_helm(helm, "template", "team-a", str(CHART), "-n", NS, *args).stdout)
     b = docs(run_helm(helm, "template", "team-b", str(CHART), "-n", NS, *args).stdout)
     assert not names_by_kind(a) & names_by_kind(b)
     assert ("ServiceAccount", "team-a-cai-controller") in names_by_kind(a)
+    # every kind the chart can render is in both, so none of them collides either
+    assert {k for k, _ in names_by_kind(a)} == {"ConfigMap", "CronJob", "Job", "NetworkPolicy", "PersistentVolumeClaim",
+                                                "Pod", "Role", "RoleBinding", "ServiceAccount"}
+    assert {("PersistentVolumeClaim", "team-b-cai-model-cache"), ("Pod", "team-b-cai-test-store"),
+            ("NetworkPolicy", "team-b-cai-test")} <= names_by_kind(b)
+    for spec in pod_specs(b):  # each release's controllers mount their own release's cache
+        (cache,) = [v for v in spec["volumes"] if v["name"] == "cache"]
+        assert cache["persistentVolumeClaim"] == {"claimName": "team-b-cai-model-cache"}
     # each release's controller submits stage Jobs as its own stage ServiceAccount, labelled as its own
     k8s = load_run_config(run_yaml(b), tmp_path).kubernetes
     assert (k8s.service_account, k8s.controller_service_account) == ("team-b-cai-stage", "team-b-cai-controller")
@@ -568,3 +577,4 @@ def test_notes_say_how_to_trigger_and_follow(helm: Path, tmp_path: Path) -> None
     assert "cai logs <run-id> generate --store s3://cai-jobs/cai" in text
     assert "SUSPENDED" in text and "kubectl patch cronjob -n ml cai-realign" in text
     assert "s3://cai-jobs/cai/runs/<run-id>/" in text
+    assert "helm test cai -n ml --logs" in text  # the store check (templates/tests/test-store.yaml)

@@ -80,14 +80,23 @@ its reason (tests/test_checkov.py runs checkov over the rendered chart): the con
 and unless pinned by digest or pulled Always, the tag and pull policy are the user's choice.
 */}}
 {{- define "cai.checkovSkips" -}}
-{{- $v := .Values -}}
-{{- $skips := list "CKV_K8S_38=the controller calls the Kubernetes API (create, get and delete stage Jobs), so it mounts its token" -}}
-{{- if not (contains "@" (include "cai.image" (dict "ctx" . "name" "controller"))) -}}
+{{- include "cai.checkovAnnotations" (dict "ctx" . "apiToken" true "extra" (list)) -}}
+{{- end -}}
+
+{{/* The same skips for any pod on the controller image: (dict "ctx" $ "apiToken" bool "extra" (list "ID=reason" ...)). */}}
+{{- define "cai.checkovAnnotations" -}}
+{{- $v := .ctx.Values -}}
+{{- $skips := list -}}
+{{- if .apiToken -}}
+{{- $skips = append $skips "CKV_K8S_38=the controller calls the Kubernetes API (create, get and delete stage Jobs), so it mounts its token" -}}
+{{- end -}}
+{{- if not (contains "@" (include "cai.image" (dict "ctx" .ctx "name" "controller"))) -}}
 {{- $skips = append $skips "CKV_K8S_43=pinned by tag (the chart's appVersion by default); set images.controller.digest to pin by digest" -}}
 {{- end -}}
 {{- if ne $v.images.pullPolicy "Always" -}}
 {{- $skips = append $skips (printf "CKV_K8S_15=%s: release tags are immutable and images are large; set images.pullPolicy to Always if you retag" $v.images.pullPolicy) -}}
 {{- end -}}
+{{- $skips = concat $skips .extra -}}
 {{- range $i, $s := $skips }}
 checkov.io/skip{{ add1 $i }}: {{ $s | quote }}
 {{- end -}}
@@ -133,6 +142,11 @@ values, in RunConfig's own keys, so the controller submits stage Jobs with these
     "service_account" (include "cai.stageServiceAccount" .)
     "controller_service_account" (include "cai.controllerServiceAccount" .)
     "pod_security_context" $v.podSecurityContext
+    "extra_env" $v.extraEnv
+    "extra_env_from" $v.extraEnvFrom
+    "extra_volumes" $v.extraVolumes
+    "extra_volume_mounts" $v.extraVolumeMounts
+    "cache_claim" (ternary (include "cai.modelCacheClaim" .) nil (and $v.modelCache.enabled $v.modelCache.stages))
     "s3_secret" ($v.s3.existingSecret | default nil)
     "s3_endpoint" ($v.s3.endpoint | default nil)
     "hf_token_secret" ($v.hf.tokenSecret | default nil)
@@ -175,15 +189,91 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* The store's env, the same in every pod (k8s_manifests._store_env): the endpoint and a Secret's keys. */}}
+{{- define "cai.storeEnv" -}}
+{{- with .Values.s3.endpoint }}
+- {name: AWS_ENDPOINT_URL_S3, value: {{ . | quote }}}
+{{- end }}
+{{- with .Values.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_ACCESS_KEY_ID}}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}}
+{{- end }}
+{{- end -}}
+
+{{/* Where pods on the controller image run (controller.*) and how they pull it: the controller's pods and the helm test pod. */}}
+{{- define "cai.controllerPlacement" -}}
+{{- $v := .Values -}}
+{{- with $v.images.pullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+{{- with $v.controller.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $v.controller.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.controller.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.controller.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+extraVolumes / extraVolumeMounts, checked here so a clash fails at install with the value's name (the
+API server would refuse the pod later, with a less helpful message): no volume may take a name the
+chart uses, no mount a path the chart mounts, and every mount names a volume the pod has.
+*/}}
+{{- define "cai.checkExtraVolumes" -}}
+{{- $own := list "cache" "tmp" "config" "hf-token" -}}
+{{- $names := $own -}}
+{{- range .Values.extraVolumes -}}
+{{- if has .name $own -}}
+{{- fail (printf "extraVolumes: %q is a volume the chart mounts itself (%s); give yours another name" .name (join ", " $own)) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- range .Values.extraVolumeMounts -}}
+{{- if has (trimSuffix "/" .mountPath) (list "/tmp" "/var/cache/cai" "/etc/cai" "/var/run/secrets/cai/hf") -}}
+{{- fail (printf "extraVolumeMounts: %s is a path the chart mounts itself (/tmp, /var/cache/cai, /etc/cai, /var/run/secrets/cai/hf); mount yours elsewhere" .mountPath) -}}
+{{- end -}}
+{{- if not (has .name $names) -}}
+{{- fail (printf "extraVolumeMounts: %q (at %s) names no volume; add it to extraVolumes" .name .mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The model cache's claim: modelCache.existingClaim, or the one the chart renders. */}}
+{{- define "cai.modelCacheClaim" -}}
+{{- $mc := .Values.modelCache -}}
+{{- if and $mc.enabled $mc.stages (not $mc.existingClaim) (not (has "ReadWriteMany" $mc.accessModes)) -}}
+{{- fail (printf "modelCache.stages: the stage pods (GPU nodes) mount the claim while the controller holds it, which %s allows on one node only; add ReadWriteMany to modelCache.accessModes, or give an existingClaim" (join "/" $mc.accessModes)) -}}
+{{- end -}}
+{{- .Values.modelCache.existingClaim | default (printf "%s-model-cache" (include "cai.fullname" .)) -}}
+{{- end -}}
+
 {{/*
 The controller pod (install Job and CronJob alike): `cai <verb> -c /etc/cai/run.yaml --executor
-kubernetes --store s3://...`, the same env as `cai submit`'s controller Job (k8s_manifests.controller_env),
+kubernetes --store s3://...`, the same env, volumes and mounts, in the same order, as `cai submit`'s
+controller Job (k8s_manifests.build_controller_job),
 the ConfigMap at /etc/cai. It is online (no HF_HUB_OFFLINE): it downloads Hub models and datasets into
 the store; the HF token reaches it only, never the stage pods, as a read-only file (HF_TOKEN_PATH).
-Call with (dict "ctx" $ "verb" "run").
+Its cache (/var/cache/cai: CAI_CACHE_DIR, HF_HOME) is an emptyDir, or the modelCache claim. extraEnv,
+extraEnvFrom, extraVolumes and extraVolumeMounts (run.yaml's kubernetes.extra_*: the stage pods get
+them too) follow the chart's own. Call with (dict "ctx" $ "verb" "run").
 */}}
 {{- define "cai.controllerPod" -}}
 {{- $v := .ctx.Values -}}
+{{- include "cai.checkExtraVolumes" .ctx -}}
 metadata:
   labels:
     {{- include "cai.selectorLabels" .ctx | nindent 4 }}
@@ -193,26 +283,8 @@ metadata:
 spec:
   restartPolicy: Never
   serviceAccountName: {{ include "cai.controllerServiceAccount" .ctx }}
-  {{- with $v.images.pullSecrets }}
-  imagePullSecrets:
-    {{- range . }}
-    - name: {{ . }}
-    {{- end }}
-  {{- end }}
-  {{- with $v.controller.priorityClassName }}
-  priorityClassName: {{ . }}
-  {{- end }}
-  {{- with $v.controller.nodeSelector }}
-  nodeSelector:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.controller.tolerations }}
-  tolerations:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.controller.affinity }}
-  affinity:
-    {{- toYaml . | nindent 4 }}
+  {{- with include "cai.controllerPlacement" .ctx }}
+  {{- . | trim | nindent 2 }}
   {{- end }}
   securityContext:
     {{- include "cai.podSecurityContext" .ctx | nindent 4 }}
@@ -226,14 +298,8 @@ spec:
         - {name: TOKENIZERS_PARALLELISM, value: "false"}
         - {name: CAI_CACHE_DIR, value: /var/cache/cai}
         - {name: HOME, value: /tmp}
-        {{- with $v.s3.endpoint }}
-        - {name: AWS_ENDPOINT_URL_S3, value: {{ . | quote }}}
-        {{- end }}
-        {{- with $v.s3.existingSecret }}
-        - name: AWS_ACCESS_KEY_ID
-          valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_ACCESS_KEY_ID}}
-        - name: AWS_SECRET_ACCESS_KEY
-          valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}}
+        {{- with include "cai.storeEnv" .ctx }}
+        {{- . | trim | nindent 8 }}
         {{- end }}
         - {name: HF_HOME, value: /var/cache/cai/hf}
         {{- with $v.hf.endpoint }}
@@ -246,6 +312,13 @@ spec:
           valueFrom: {fieldRef: {fieldPath: metadata.name}}
         - name: POD_NAMESPACE
           valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+        {{- with $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $v.extraEnvFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       resources:
         {{- toYaml $v.controller.resources | nindent 8 }}
       securityContext:
@@ -253,13 +326,25 @@ spec:
       volumeMounts:
         - {name: cache, mountPath: /var/cache/cai}
         - {name: tmp, mountPath: /tmp}
+        {{- with $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
         - {name: config, mountPath: /etc/cai, readOnly: true}
         {{- if $v.hf.tokenSecret }}
         - {name: hf-token, mountPath: /var/run/secrets/cai/hf, readOnly: true}
         {{- end }}
   volumes:
+    {{- if $v.modelCache.enabled }}
+    - name: cache
+      persistentVolumeClaim:
+        claimName: {{ include "cai.modelCacheClaim" .ctx }}
+    {{- else }}
     - {name: cache, emptyDir: {}}
+    {{- end }}
     - {name: tmp, emptyDir: {}}
+    {{- with $v.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
     - name: config
       configMap:
         name: {{ include "cai.configMapName" .ctx }}
