@@ -399,9 +399,21 @@ class Controller:
     def _cancelled(self) -> dict[str, Any] | None:
         return cancel_request(self.store, self.paths.run_id)
 
+    def _cancelled_quietly(self) -> dict[str, Any] | None:
+        """The cancel request, or None when the store cannot say (while handling another error, that one stands)."""
+        try:
+            return self._cancelled()
+        except CaiError:
+            return None
+
     def _refuse_if_cancelled(self) -> None:
         request = self._cancelled()
         if request is not None:
+            state = self.store.read_json(self.paths.run_json) if self.store.exists(self.paths.run_json) else {}
+            if state and state.get("status") != "cancelled":  # `cai cancel` found no controller to record it: do it now
+                from .runs import mark_cancelled
+
+                mark_cancelled(self.store, self.paths.run_id, request)
             raise RunCancelled(f"{self.store.uri_for(self.paths.run_json)}: run {self.paths.run_id} was cancelled "
                                f"({request.get('reason', '')}, {request.get('requested_at', '?')}); "
                                f"`cai resume {self.paths.run_id} --store {self.store.uri}` clears that and goes on")
@@ -418,9 +430,14 @@ class Controller:
             self._check_fits()
         with RunLock(self.store, f"{self.paths.root}/lock.json", purpose=f"run {self.paths.run_id}") as self._lock:
             try:
-                return self._run_locked()
-            finally:
+                state = self._run_locked()
+            except KeyboardInterrupt:  # SIGTERM too: release the lock within the pod's grace period, no report
+                raise
+            except BaseException:
                 self._write_report()
+                raise
+            self._write_report()
+            return state
 
     def _write_report(self) -> None:
         """runs/<id>/report.html and report.md, at the end of every run, whatever its end; never its failure."""
@@ -474,7 +491,7 @@ class Controller:
             self.state["result"] = best
             self.state["status"] = "completed"
         except BaseException as e:
-            request = self._cancelled() if not isinstance(e, KeyboardInterrupt) else None
+            request = self._cancelled_quietly() if not isinstance(e, KeyboardInterrupt) else None
             if request is not None:  # whatever stopped the stage (its Job deleted, a kill), the cancel is why
                 self.state.update(status="cancelled", cancel=request, error=f"cancelled: {request.get('reason', '')}")
                 self._save()

@@ -59,8 +59,8 @@ def export_run(store: ArtifactStore, run_id: str, dest: Path, round_: int | None
     r = pick_round(state, round_, where)
     stages = next(x for x in state["rounds"] if x["round"] == r)["stages"]
     model_key = next(x for x in state["rounds"] if x["round"] == r)["model"].split(":", 1)[1]
-    if dest.exists() and any(dest.iterdir()):
-        raise ConfigError(f"--to {dest}: not empty; give a new or empty directory")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ConfigError(f"--to {dest}: {'not empty' if dest.is_dir() else 'a file'}; give a new or empty directory")
     work = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(work, ignore_errors=True)
     out = Exported(dest, run_id, r)
@@ -74,7 +74,11 @@ def export_run(store: ArtifactStore, run_id: str, dest: Path, round_: int | None
         for name, key in (("sft", stages.get("generate", {}).get("output", "") + "/sft.jsonl"),
                           ("prefs", stages.get("judge", {}).get("output", "") + "/prefs.jsonl")):
             if store.exists(key):
-                _write_parquet(list(store.iter_jsonl(key)), work / "data" / name, name, run_id, r, store.uri_for(key))
+                try:
+                    _write_parquet(list(store.iter_jsonl(key)), work / "data" / name, name, run_id, r, store.uri_for(key))
+                except (ValueError, TypeError) as e:  # pyarrow cannot type the rows (mixed shapes)
+                    raise CaiError(f"{store.uri_for(key)}: cannot be written as Parquet ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200]}); check its rows") from None
         (work / "report").mkdir(parents=True)
         if "evaluate" in stages:
             for f in ("report.md", "report.json", "metrics.png"):
@@ -111,7 +115,7 @@ def full_card(state: dict[str, Any], round_: int, train_card: str | None, report
         body = train_card or f"# {state['run_id']}, round {round_}\n\nModel at `{model_uri}`.\n"
     parts = [header(hub_base_model(policy), method), body.rstrip() + "\n",
              f"\nThe run started from `{policy}` ({(state.get('models') or {}).get('policy', {}).get('commit') or 'no Hub commit'}); "
-             f"this is round {round_} of run `{state['run_id']}`.\n"]
+             f"this is round {round_} of run `{state['run_id']}`, exported from `{model_uri}`.\n"]
     if report:
         parts.append("\n" + evaluation_section(report, base))
     return "".join(parts)
@@ -129,16 +133,21 @@ def _write_parquet(rows: list[dict[str, Any]], folder: Path, name: str, run_id: 
     (folder / "README.md").write_text(f"{meta}# {run_id} round {round_}: {name}\n\n{len(rows)} rows of {what}, from `{source}`.\n")
 
 
-def upload(exported: Exported, repo: str, private: bool = False) -> list[str]:
-    """Upload the folder's parts to the Hub; one line on any failure. Returns the repo URLs."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import HfHubHTTPError
-
+def check_repo(repo: str) -> None:
+    """--hub ORG/NAME by huggingface_hub's own rules, before anything is written."""
     from .hub import _invalid
 
     bad = _invalid(repo)
     if bad or "/" not in repo:
         raise ConfigError(f"--hub {repo}: {bad or 'expected ORG/NAME'}; give the repo as ORG/NAME")
+
+
+def upload(exported: Exported, repo: str, private: bool = False) -> list[str]:
+    """Upload the folder's parts to the Hub; one line on any failure. Returns the repo URLs."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HfHubHTTPError
+
+    check_repo(repo)
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     api = HfApi(endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None)
     plan = [(repo, "model", exported.parts["model"], None)]
@@ -158,7 +167,7 @@ def upload(exported: Exported, repo: str, private: bool = False) -> list[str]:
             fix = "set HF_TOKEN to a token with write access" if status in (401, 403) else "check the repo name and your access"
             raise CaiError(f"hub {endpoint}: {kind} repo {repo_id}: upload failed (HTTP {status}); {fix}") from None
         except Exception as e:  # noqa: BLE001 - connection errors and the like: one line, the folder stays
-            raise CaiError(f"hub {endpoint}: {kind} repo {repo_id}: cannot reach the Hub ({type(e).__name__}); the export is in "
-                           f"{exported.root}; check HF_ENDPOINT and the network, then run `cai export --hub` again") from None
+            raise CaiError(f"hub {endpoint}: {kind} repo {repo_id}: cannot reach the Hub ({type(e).__name__}); check HF_ENDPOINT "
+                           "and the network, then run `cai export --hub` again (with --to DIR the folder stays)") from None
         urls.append(f"{endpoint.rstrip('/')}/{'datasets/' if kind == 'dataset' else ''}{repo_id}")
     return urls

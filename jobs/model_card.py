@@ -41,15 +41,16 @@ def _principles(constitution: dict[str, Any]) -> list[str]:
     return [f"| {p['name']} | {p.get('scope', 'all')} | {p.get('weight', 1):g} | {p['critique']} |" for p in constitution.get("principles", [])]
 
 
-def train_card(*, run_id: str, round_: int, store_uri: str, output: str, start_model: str, start_identity: str | None,
+def train_card(*, run_id: str, round_: int, output: str, start_model: str, start_identity: str | None,
                constitution: dict[str, Any] | None, constitution_sha256: str | None, data: dict[str, str],
                method: str, settings: dict[str, Any], counts: dict[str, Any]) -> str:
     """The card of a freshly trained model: everything known when it is saved."""
     lines = [header(hub_base_model(start_model), method),
              f"# {run_id}, round {round_}",
              "",
-             f"A model trained by [cai-jobs](https://github.com/cai-jobs/cai-jobs) with Constitutional AI: {method} on "
-             "critique-revision data and AI-judged preferences, with no human preference labels.",
+             f"A model trained by [cai-jobs](https://github.com/cai-jobs/cai-jobs) with Constitutional AI ({method}): "
+             + {"sft": "SFT on critique-revision data", "reward": "a reward model on AI-judged preferences"}.get(
+                 method, "critique-revision data and AI-judged preferences") + ", with no human preference labels.",
              "",
              "## Lineage",
              "",
@@ -58,8 +59,8 @@ def train_card(*, run_id: str, round_: int, store_uri: str, output: str, start_m
              f"| base model | `{start_model}` |",
              f"| base model identity | `{start_identity or 'n/a'}` |",
              f"| run | `{run_id}`, round {round_} |",
-             f"| store | `{store_uri.rstrip('/')}/{output}` |",
-             f"| evaluation | `{store_uri.rstrip('/')}/{output.rsplit('/', 2)[0]}/evaluate/report.md` (also in `cai export`'s card) |",
+             f"| in the store | `{output}` (the store's URI is in `cai export`'s card: it is not part of the model's content) |",
+             f"| evaluation | `{output.rsplit('/', 2)[0]}/evaluate/report.md` (also in `cai export`'s card) |",
              ""]
     if constitution:
         lines += [f"## Constitution: {constitution.get('name', '?')}", "",
@@ -73,9 +74,9 @@ def train_card(*, run_id: str, round_: int, store_uri: str, output: str, start_m
     return "\n".join(lines)
 
 
-_RATES = [("harmless_rate_refusal_strict", "harmless (first-person refusals)"), ("harmless_rate_judge", "harmless (judge)"),
-          ("harmless_rate_classifier", "harmless (classifier)"), ("over_refusal_rate", "over-refusal"),
-          ("mc_accuracy", "multiple choice"), ("exact_match", "exact match")]
+RATES = [("harmless_rate_refusal_strict", "harmless (first-person refusals)"), ("harmless_rate_judge", "harmless (judge)"),
+         ("harmless_rate_classifier", "harmless (classifier)"), ("over_refusal_rate", "over-refusal"),
+         ("mc_accuracy", "multiple choice"), ("exact_match", "exact match")]  # the report tables' rows (card and run report)
 
 
 def evaluation_section(report: dict[str, Any], base: dict[str, Any] | None) -> str:
@@ -84,7 +85,7 @@ def evaluation_section(report: dict[str, Any], base: dict[str, Any] | None) -> s
     mine = (report.get("variants", {}).get("no_system") or {}).get("intervals", {})
     theirs = ((base or {}).get("variants", {}).get("no_system") or {}).get("intervals", {})
     rows = [f"## Evaluation (no system prompt; {level} Wilson intervals)", "", "| metric | base | this model |", "|---|---|---|"]
-    for key, label in _RATES:
+    for key, label in RATES:
         if mine.get(key) or theirs.get(key):
             rows.append(f"| {label} | {fmt_interval(theirs.get(key))} | {fmt_interval(mine.get(key))} |")
     tax = (report.get("alignment_tax") or {}).get("no_system") or {}
@@ -94,17 +95,18 @@ def evaluation_section(report: dict[str, Any], base: dict[str, Any] | None) -> s
         rows += ["", f"Alignment tax: capability lost vs the base model, positive = worse ({level} paired bootstrap):", "",
                  "| benchmark | base | this model | tax |", "|---|---|---|---|"]
         for name, r in [*sorted(capability.items()), *sorted(harness.items())]:
-            rows.append(f"| {name} | {_num(r.get('base'))} | {_num(r.get('aligned'))} | {_tax(r.get('tax_pct'), r.get('ci'))} |")
+            rows.append(f"| {name} | {fmt_num(r.get('base'))} | {fmt_num(r.get('aligned'))} | {fmt_tax(r.get('tax_pct'), r.get('ci'))} |")
         if tax.get("capability_average_pct") is not None:
-            rows.append(f"| **average** | | | {_tax(tax['capability_average_pct'], tax.get('capability_average_ci'))} |")
+            rows.append(f"| **average** | | | {fmt_tax(tax['capability_average_pct'], tax.get('capability_average_ci'))} |")
     return "\n".join(rows) + "\n"
 
 
-def _num(x: float | None) -> str:
+def fmt_num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _tax(pct: float | None, ci: dict | None) -> str:
+def fmt_tax(pct: float | None, ci: dict | None) -> str:
+    """'+12.5% [-3.0, +28.1]' or 'n/a'."""
     if pct is None:
         return "n/a"
     return f"{pct:+.1f}%" + (f" [{ci['lo']:+.1f}, {ci['hi']:+.1f}]" if ci and ci.get("lo") is not None else "")

@@ -15,11 +15,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .uncertainty import fmt_interval, wilson
+from .model_card import RATES, fmt_num, fmt_tax
+from .uncertainty import CAPABILITY_SCORES, fmt_interval, wilson
 
-RATES = [("harmless_rate_refusal_strict", "harmless (refusals)"), ("harmless_rate_judge", "harmless (judge)"),
-         ("harmless_rate_classifier", "harmless (classifier)"), ("over_refusal_rate", "over-refusal"),
-         ("mc_accuracy", "multiple choice"), ("exact_match", "exact match")]
 VARIANTS = [("no_system", "no system prompt"), ("constitution_system", "constitution as system prompt"),
             ("no_system_jailbreak", "jailbreak-wrapped"), ("constitution_system_jailbreak", "wrapped + constitution")]
 PAIRS = 10
@@ -90,7 +88,7 @@ def charts(data: RunData) -> dict[str, bytes]:
         fig = Figure(figsize=(7, 3.2))
         ax = fig.subplots()
         x = list(range(len(evals)))
-        for key, label in RATES[:1] + RATES[3:4] + RATES[4:]:
+        for key, label in [r for r in RATES if r[0] not in ("harmless_rate_judge", "harmless_rate_classifier")]:
             pts = [(i, (e.report.get("variants", {}).get("no_system") or {}).get("intervals", {}).get(key)) for i, e in enumerate(evals)]
             pts = [(i, s) for i, s in pts if s]
             if pts:
@@ -150,17 +148,12 @@ def ablation_table(e: Evaluation) -> list[list[str]]:
 def tax_table(e: Evaluation) -> list[list[str]]:
     tax = (e.report.get("alignment_tax") or {}).get("no_system") or {}
     rows = [["benchmark", "base", e.label, "tax"]]
-    for name, r in sorted((tax.get("per_benchmark") or {}).items()):
-        if name in ("mc_accuracy", "exact_match"):
-            ci = r.get("ci") or {}
-            pct = "n/a" if r.get("tax_pct") is None else f"{r['tax_pct']:+.1f}%" + (f" [{ci['lo']:+.1f}, {ci['hi']:+.1f}]" if ci.get("lo") is not None else "")
-            rows.append([name, f"{r.get('base', 0):.3f}", f"{r.get('aligned', 0):.3f}", pct])
-    harness = ((e.report.get("harness") or {}).get("tax") or {}).get("per_benchmark") or {}
-    for name, r in sorted(harness.items()):
-        rows.append([name, f"{r.get('base', 0):.3f}", f"{r.get('aligned', 0):.3f}", "n/a" if r.get("tax_pct") is None else f"{r['tax_pct']:+.1f}%"])
+    capability = [(n, r) for n, r in sorted((tax.get("per_benchmark") or {}).items()) if n in CAPABILITY_SCORES]
+    harness = sorted((((e.report.get("harness") or {}).get("tax") or {}).get("per_benchmark") or {}).items())
+    for name, r in capability + harness:
+        rows.append([name, fmt_num(r.get("base")), fmt_num(r.get("aligned")), fmt_tax(r.get("tax_pct"), r.get("ci"))])
     if tax.get("capability_average_pct") is not None:
-        ci = tax.get("capability_average_ci") or {}
-        rows.append(["average", "", "", f"{tax['capability_average_pct']:+.1f}%" + (f" [{ci['lo']:+.1f}, {ci['hi']:+.1f}]" if ci.get("lo") is not None else "")])
+        rows.append(["average", "", "", fmt_tax(tax["capability_average_pct"], tax.get("capability_average_ci"))])
     return rows
 
 

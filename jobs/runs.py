@@ -8,12 +8,14 @@ its lineage went through, is never deleted: rollback must always find the model 
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from .errors import CaiError, NotFound
+from .errors import CaiError, ConfigError, NotFound
 from .manifest import now_iso
 from .run_lock import STALE_FRACTION, holder_is_dead_here
 from .store import ArtifactStore
@@ -49,7 +51,7 @@ def read_state(store: ArtifactStore, run_id: str) -> dict[str, Any]:
     try:
         return store.read_json(run_key(run_id))
     except NotFound:
-        raise CaiError(f"{store.uri_for(run_key(run_id))}: no such run; list the runs with `cai list --store {store.uri}`") from None
+        raise ConfigError(f"{store.uri_for(run_key(run_id))}: no such run; list the runs with `cai list --store {store.uri}`") from None
 
 
 def _epoch(iso: str | None) -> float:
@@ -116,9 +118,14 @@ class RunSummary:
 
 
 def summaries(store: ArtifactStore) -> list[RunSummary]:
-    """Every run, oldest first."""
-    out = [RunSummary.of(store, r, store.read_json(run_key(r))) for r in run_ids(store)]
-    return sorted(out, key=lambda s: (_epoch(s.created_at), s.run_id))
+    """Every run, oldest first (ties by last update). A run.json that does not parse is skipped, and said."""
+    out = []
+    for r in run_ids(store):
+        try:
+            out.append(RunSummary.of(store, r, store.read_json(run_key(r))))
+        except (ValueError, AttributeError, TypeError) as e:
+            print(f"[cai] warning: {store.uri_for(run_key(r))}: not a run record ({type(e).__name__}); skipped", file=sys.stderr)
+    return sorted(out, key=lambda s: (_epoch(s.created_at), _epoch(s.updated_at), s.run_id))
 
 
 def resolve_run(store: ArtifactStore, ref: str) -> str:
@@ -127,7 +134,7 @@ def resolve_run(store: ArtifactStore, ref: str) -> str:
         return ref
     runs = summaries(store)
     if not runs:
-        raise CaiError(f"{store.uri_for(RUNS)}: no runs yet, so no {LATEST}; start one with `cai run`")
+        raise ConfigError(f"{store.uri_for(RUNS)}: no runs yet, so no {LATEST}; start one with `cai run`")
     return runs[-1].run_id
 
 
@@ -148,9 +155,12 @@ def parse_duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip()
     try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
-        raise CaiError(f"--older-than {text!r}: not a duration; write e.g. 90s, 30m, 12h or 7d") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"--older-than {text!r}: not a duration; write e.g. 90s, 30m, 12h or 7d")
+    return value
 
 
 # --- cancel -------------------------------------------------------------------------------------------
@@ -196,8 +206,8 @@ def _run_of_model(ref: str | None) -> str | None:
 
 
 def lineage(store: ArtifactStore) -> dict[str, str]:
-    """Run id -> why it must stay: each run a promoted (current or past) model came from, and each run
-    those started from, back to the first."""
+    """Run id -> why it must stay: each run a promoted (current or past) model came from, each run another
+    run started from, and so on back to the first."""
     from .promotion import load_history
 
     keep: dict[str, str] = {}
@@ -205,6 +215,13 @@ def lineage(store: ArtifactStore) -> dict[str, str]:
     for e in load_history(store):
         for rid in {e.run_id, _run_of_model(e.model)} - {None}:
             todo.append((rid, f"promotion entry {e.seq}"))
+    for rid in run_ids(store):  # a run started from another run's model reads it from there (store: refs are not copied)
+        try:
+            parent = _run_of_model((store.read_json(run_key(rid)).get("config") or {}).get("model"))
+        except (NotFound, ValueError, AttributeError):
+            continue
+        if parent and parent != rid:
+            todo.append((parent, f"the start model of run {rid}"))
     while todo:
         rid, why = todo.pop()
         if rid in keep:
@@ -219,27 +236,43 @@ def lineage(store: ArtifactStore) -> dict[str, str]:
     return keep
 
 
+def may_resume_itself(state: dict[str, Any]) -> bool:
+    """A Kubernetes controller Job retries a controller that failed on a transient error or was
+    interrupted: such a run is not over until it is cancelled (the retry then refuses)."""
+    return (state.get("config") or {}).get("executor") == "kubernetes" and state.get("status") not in ("completed", "cancelled")
+
+
 def check_deletable(store: ArtifactStore, run_id: str, protected: dict[str, str] | None = None) -> None:
-    """Raise one line when a run must not be deleted: its controller is alive, or a promoted model needs it."""
+    """Raise one line when a run must not be deleted: a promoted model or another run needs it, its
+    controller is alive, or its controller Job could still retry it."""
+    state = read_state(store, run_id)
     protected = lineage(store) if protected is None else protected
+    where = store.uri_for(run_key(run_id))
     if run_id in protected:
-        raise CaiError(f"{store.uri_for(run_key(run_id))}: kept: {protected[run_id]} needs it (`cai rollout history`); "
+        raise CaiError(f"{where}: kept: {protected[run_id]} needs it (`cai rollout history`); "
                        "a promoted model and its lineage are never deleted")
     if controller_alive(store, run_id):
-        raise CaiError(f"{store.uri_for(run_key(run_id))}: its controller is running; `cai cancel {run_id}` first")
+        raise CaiError(f"{where}: its controller is running; `cai cancel {run_id}` first")
+    if may_resume_itself(state):
+        raise CaiError(f"{where}: {state.get('status')} on Kubernetes, where its controller Job may retry it; "
+                       f"`cai cancel {run_id}` first")
 
 
 def delete_run(store: ArtifactStore, run_id: str) -> None:
-    """Everything under runs/<id>/, run.json last: a delete cut short leaves a run that still lists,
-    and `cai delete` again finishes it."""
+    """Everything under runs/<id>/, under the run's lock (a controller starting meanwhile waits or fails),
+    run.json last of the run's own files: a delete cut short leaves a run that still lists, and `cai
+    delete` again finishes it."""
+    from .run_lock import RunLock
+
     check_deletable(store, run_id)
     prefix = f"{RUNS}/{run_id}"
-    for child in store.children(prefix):
-        store.delete(f"{prefix}/{child}")
-    for key in store.list(prefix):
-        if key != run_key(run_id):
-            store.delete(key)
-    store.delete(run_key(run_id))
+    with RunLock(store, lock_key(run_id), purpose=f"delete of run {run_id}"):
+        for child in store.children(prefix):
+            store.delete(f"{prefix}/{child}")
+        for key in store.list(prefix):
+            if key not in (run_key(run_id), lock_key(run_id)):
+                store.delete(key)
+        store.delete(run_key(run_id))
     store.delete(prefix)
 
 
@@ -260,8 +293,8 @@ def gc_plan(store: ArtifactStore, keep_last: int, older_than_s: float, clock=tim
     for s in runs:
         if s.run_id in protected:
             out.append(GcChoice(s.run_id, False, f"kept: {protected[s.run_id]}"))
-        elif s.live or s.status not in TERMINAL + ("stopped",):
-            out.append(GcChoice(s.run_id, False, f"kept: {s.status}"))
+        elif s.live or s.status not in TERMINAL + ("stopped",) or (s.executor == "kubernetes" and s.status not in ("completed", "cancelled")):
+            out.append(GcChoice(s.run_id, False, f"kept: {s.status}{' (its controller Job may retry it; cai cancel first)' if s.executor == 'kubernetes' and not s.live else ''}"))
         elif s.run_id in newest:
             out.append(GcChoice(s.run_id, False, f"kept: one of the newest {keep_last}"))
         elif clock() - _epoch(s.updated_at or s.created_at) < older_than_s:

@@ -181,10 +181,11 @@ def test_cancel_of_a_run_whose_controller_died_records_it_itself(tmp_path, capsy
     assert "already cancelled" in capsys.readouterr().out
 
 
-def fake_run(store: LocalStore, run_id: str, status: str = "completed", days_old: float = 30, model: str | None = None) -> None:
+def fake_run(store: LocalStore, run_id: str, status: str = "completed", days_old: float = 30, model: str | None = None,
+             executor: str = "local") -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - days_old * 86400))
-    store.write_json(f"runs/{run_id}/run.json", {"run_id": run_id, "status": status, "created_at": when, "updated_at": when,
-                                                 "rounds": [], "config": {"model": model or "bundled:smollm2-135m-instruct"}})
+    store.write_json(f"runs/{run_id}/run.json", {"run_id": run_id, "status": status, "created_at": when, "updated_at": when, "rounds": [],
+                                                 "config": {"model": model or "bundled:smollm2-135m-instruct", "executor": executor}})
     store.write_text(f"runs/{run_id}/round-1/train/model/config.json", "{}")
 
 
@@ -195,12 +196,20 @@ def test_delete_and_gc_never_touch_a_promoted_lineage_or_a_live_run(tmp_path, ca
     fake_run(store, "old-failed", status="failed")
     fake_run(store, "old-done")
     fake_run(store, "recent", days_old=0.01)
+    fake_run(store, "k8s-failed", status="failed")                                 # its controller Job may retry it
+    fake_run(store, "k8s-failed", status="failed", executor="kubernetes")
+    fake_run(store, "started-from-old", model="store:runs/old-parent/round-1/train/model", days_old=0.02)
+    fake_run(store, "old-parent")                                                   # not promoted, but a run starts from it
     fake_run(store, "live", status="running", days_old=0.001)
     store.write_json("runs/live/lock.json", {"token": "t", "owner": {"host": "elsewhere", "pid": 1}, "ttl_s": 40,
                                              "renewed_at_epoch": time.time()})
     promote(store, based_on=None, model="store:runs/promoted/round-1/train/model", run_id="promoted", round_=1,
             scores=Scores(), inputs={}, reason="test")
-    assert set(lineage(store)) == {"promoted", "first"}
+    assert set(lineage(store)) == {"promoted", "first", "old-parent"}
+    assert main(["delete", "k8s-failed", "--store", str(tmp_path)]) == 1
+    assert "may retry it; `cai cancel k8s-failed` first" in capsys.readouterr().err
+    assert main(["delete", "typo", "--store", str(tmp_path)]) == 2
+    assert "no such run" in capsys.readouterr().err
 
     assert main(["delete", "promoted", "--store", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
@@ -210,12 +219,14 @@ def test_delete_and_gc_never_touch_a_promoted_lineage_or_a_live_run(tmp_path, ca
 
     assert main(["gc", "--store", str(tmp_path), "--keep-last", "1", "--older-than", "7d", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "would delete old-failed" in out and "would delete old-done" in out and "keeping first: kept: lineage of promoted" in out
+    assert "would delete old-failed" in out and "would delete old-done" in out and "keeping first: kept: the start model of run promoted" in out
     assert store.exists("runs/old-done/run.json")  # a dry run deletes nothing
     plan = {c.run_id: c.delete for c in gc_plan(store, keep_last=1, older_than_s=7 * 86400)}
-    assert plan == {"first": False, "promoted": False, "old-failed": True, "old-done": True, "live": False, "recent": False}
+    assert plan == {"first": False, "promoted": False, "old-failed": True, "old-done": True, "live": False, "recent": False,
+                    "k8s-failed": False, "started-from-old": False, "old-parent": False}
+    assert main(["gc", "--store", str(tmp_path), "--keep-last", "1", "--older-than=-1d"]) == 2  # no negative ages
     assert main(["gc", "--store", str(tmp_path), "--keep-last", "1"]) == 0
-    assert sorted(store.children("runs")) == ["first", "live", "promoted", "recent"]
+    assert sorted(store.children("runs")) == ["first", "k8s-failed", "live", "old-parent", "promoted", "recent", "started-from-old"]
     assert main(["delete", "recent", "--store", str(tmp_path)]) == 0
     assert not (tmp_path / "runs" / "recent").exists()
     capsys.readouterr()
@@ -224,7 +235,7 @@ def test_delete_and_gc_never_touch_a_promoted_lineage_or_a_live_run(tmp_path, ca
 
 
 def test_latest_and_list_of_an_empty_store_say_what_to_do(tmp_path, capsys):
-    assert main(["get", "@latest", "--store", str(tmp_path)]) == 1
+    assert main(["get", "@latest", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no runs yet" in err and "cai run" in err
     assert main(["list", "--store", str(tmp_path)]) == 0

@@ -46,7 +46,7 @@ def test_run_resume_and_status(tmp_path, tiny_run_config):
 
 
 def test_status_of_unknown_run_is_one_line(tmp_path, capsys):
-    assert main(["status", "nope", "--store", str(tmp_path)]) == 1
+    assert main(["status", "nope", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no such run" in err
 

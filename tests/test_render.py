@@ -335,3 +335,16 @@ def test_a_bad_extra_env_entry_is_one_line_before_anything_is_written(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: config: kubernetes.extra_env[0]") and "PodSpec" in err
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"extra_volumes": [{"name": "cache", "emptyDir": {}}]}, "extra_volumes[0].name: 'cache' is taken (the pods use it)"),
+    ({"extra_volume_mounts": [{"name": "nope", "mountPath": "/x"}]}, "extra_volume_mounts[0].name: 'nope' is not in kubernetes.extra_volumes"),
+    ({"extra_volumes": [{"name": "d", "emptyDir": {}}], "extra_volume_mounts": [{"name": "d", "mountPath": "/tmp"}]}, "mountPath: /tmp is where"),
+])
+def test_extra_volumes_the_api_server_would_reject_are_one_line_first(extra, says):
+    from jobs.executors.k8s_manifests import check_pod_fragments
+
+    with pytest.raises(ConfigError) as err:
+        check_pod_fragments(KubernetesConfig.model_validate(extra))
+    assert says in str(err.value) and "\n" not in str(err.value)

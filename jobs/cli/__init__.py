@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="stop a run: its controller stops its stages and deletes their Jobs, run.json says why")
     p.add_argument("run", metavar="RUN", help="run id or @latest")
     p.add_argument("--reason", default="cancelled by the user", help="recorded in run.json")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the controller to stop")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the controller to stop (a dead one's lock lapses within ~2.5 min on S3)")
     p.add_argument("-n", "--namespace", help="namespace of the run's Jobs (default: the run's config, else the context's)")
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     add_store(p)
@@ -228,6 +228,11 @@ def main(argv: list[str] | None = None, fast_exit: bool = False) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path given on the command line: a file where a folder was expected, no permission...
+        if args.debug:
+            raise
+        print(f"error: {e.filename or args.command}: {e.strerror or e}; check the path", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -114,10 +114,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_run, upload
     from .common import run_ref
 
+    from ..errors import ConfigError
+    from ..export import check_repo
+
+    if args.to is None and not args.hub:
+        raise ConfigError("cai export: nothing to do; give --to DIR (a folder) and/or --hub ORG/NAME (an upload)")
+    if args.hub:
+        check_repo(args.hub)  # before anything is written
     store = open_arg_store(args)
     run_id = run_ref(store, args.run)
-    if args.to is None and not args.hub:
-        raise CaiError("cai export: give --to DIR (a folder) and/or --hub ORG/NAME (an upload)")
     with tempfile.TemporaryDirectory(prefix="cai-export-") as tmp:
         dest = Path(args.to) if args.to else Path(tmp) / "export"
         exported = export_run(store, run_id, dest, args.round)

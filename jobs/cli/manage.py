@@ -11,7 +11,7 @@ import getpass
 import socket
 import sys
 import time
-from ..errors import CaiError
+from ..errors import CaiError, ConfigError
 from .common import emit, open_arg_store, run_ref, table
 from .show import format_status
 
@@ -64,12 +64,27 @@ def cmd_get(args: argparse.Namespace) -> int:
             shown = state.get("updated_at")
         if state.get("status") in TERMINAL:
             return 0 if state["status"] == "completed" else 1
+        _fail_if_abandoned(store, run_id, state)
         time.sleep(args.interval)
         state = read_state(store, run_id)
 
 
+def _fail_if_abandoned(store, run_id: str, state: dict) -> None:
+    """A run that says `running` while no controller holds its lock: its controller died without a word.
+    Looked at twice, a poll apart, so a lock that is just being taken over is not mistaken for it."""
+    from ..runs import controller_alive, read_state
+
+    if state.get("status") != "running" or controller_alive(store, run_id):
+        return
+    time.sleep(1.0)
+    again = read_state(store, run_id)
+    if again.get("status") == "running" and not controller_alive(store, run_id):
+        raise CaiError(f"run {run_id}: its controller stopped without recording an end; `cai resume {run_id} --store {store.uri}` "
+                       "goes on from where it was")
+
+
 # --- logs -------------------------------------------------------------------------------------------
-def _stage_slot(store, state: dict, run_id: str, stage: str, round_: int | None) -> tuple[int, dict] | None:
+def _stage_slot(state: dict, stage: str, round_: int | None) -> tuple[int, dict] | None:
     slots = {0: state.get("base", {})} | {r["round"]: r["stages"] for r in state.get("rounds", [])}
     found = [(k, s[stage]) for k, s in slots.items() if isinstance(s.get(stage), dict) and (round_ is None or k == round_)]
     return found[-1] if found else None
@@ -82,19 +97,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
     run_id = run_ref(store, args.run)
     state = read_state(store, run_id)
     where = f"round {args.round}" if args.round is not None else "any round"
-    slot = _stage_slot(store, state, run_id, args.stage, args.round)
+    slot = _stage_slot(state, args.stage, args.round)
     while args.follow and slot is None and state.get("status") not in TERMINAL:  # kubectl logs -f waits for its pod
+        _fail_if_abandoned(store, run_id, state)
         time.sleep(args.interval)
         state = read_state(store, run_id)
-        slot = _stage_slot(store, state, run_id, args.stage, args.round)
+        slot = _stage_slot(state, args.stage, args.round)
     if slot is None:
         raise CaiError(f"{store.uri_for(f'runs/{run_id}/run.json')}: stage {args.stage} has not run in {where}; "
                        f"see `cai get {run_id} --store {store.uri}`")
     round_, entry = slot
     if args.follow and entry.get("status") == "running":
         if (state.get("config") or {}).get("executor") == "kubernetes":
-            return _follow_pods(args, state, run_id, round_)
-        return _follow_local(args, store, run_id, entry["output"], lambda: _stage_slot(store, read_state(store, run_id), run_id, args.stage, round_))
+            return _follow_pods(args, store, state, run_id, round_)
+        return _follow_local(args, store, run_id, entry["output"], lambda: read_state(store, run_id), lambda st: _stage_slot(st, args.stage, round_))
     return _print_stored(store, run_id, args.stage, entry["output"])
 
 
@@ -112,8 +128,11 @@ def _print_stored(store, run_id: str, stage: str, output: str) -> int:
     return 0
 
 
-def _follow_local(args: argparse.Namespace, store, run_id: str, output: str, slot) -> int:
-    """tail -f of the stage's live log (a local store and executor), to the stage's end."""
+def _follow_local(args: argparse.Namespace, store, run_id: str, output: str, read, slot_of) -> int:
+    """tail -F of the stage's live log (a local store and executor), to the stage's end: a new attempt's
+    file (another inode) is followed from its start."""
+    import os
+
     from ..executors.local import LIVE_LOG
     from ..store import LocalStore
 
@@ -123,33 +142,48 @@ def _follow_local(args: argparse.Namespace, store, run_id: str, output: str, slo
     handle = None
     try:
         while True:
-            if handle is None and live is not None:
+            if live is not None:
                 try:
-                    handle = live.open("r", encoding="utf-8", errors="replace")
+                    replaced = handle is not None and os.stat(live).st_ino != os.fstat(handle.fileno()).st_ino
                 except FileNotFoundError:
-                    pass
+                    replaced = False
+                if replaced:  # another attempt started: the rest of the old file, then the new one
+                    print(handle.read(), end="", flush=True)
+                    handle.close()
+                    handle = None
+                if handle is None:
+                    try:
+                        handle = live.open("r", encoding="utf-8", errors="replace")
+                    except FileNotFoundError:
+                        pass
             if handle is not None:
                 chunk = handle.read()
                 if chunk:
                     print(chunk, end="", flush=True)
-            current = slot()
+            state = read()
+            current = slot_of(state)
             if current is None or current[1].get("status") != "running" or current[1].get("output") != output:
                 if handle is not None:  # the file may be unlinked by now; the open handle still reads to its end
                     print(handle.read(), end="", flush=True)
                     return 0
                 return _print_stored(store, run_id, args.stage, output)
+            _fail_if_abandoned(store, run_id, state)
             time.sleep(min(args.interval, 0.5))
     finally:
         if handle is not None:
             handle.close()
 
 
-def _follow_pods(args: argparse.Namespace, state: dict, run_id: str, round_: int) -> int:
-    """kubectl logs -f for the stage's pods (one thread per pod, lines prefixed when there are several)."""
+def _follow_pods(args: argparse.Namespace, store, state: dict, run_id: str, round_: int) -> int:
+    """kubectl logs -f for the stage's pods, one thread per pod, prefixed when there are several, until
+    the stage ends (a pod the Job retries is followed too)."""
     import threading
 
+    from kubernetes.client.exceptions import ApiException
+
     from ..executors.k8s_manifests import CONTAINER, label_value
-    from ..executors.kubernetes import kube_clients
+    from ..executors.kubernetes import api_error, kube_clients
+    from ..runs import read_state
 
     k8s = (state.get("config") or {}).get("kubernetes") or {}
     _, core, namespace = kube_clients(args.namespace or k8s.get("namespace"))
@@ -158,31 +192,37 @@ def _follow_pods(args: argparse.Namespace, state: dict, run_id: str, round_: int
     threads: list[threading.Thread] = []
     lock = threading.Lock()
 
-    def stream(pod: str, prefix: str) -> None:
-        resp = core.read_namespaced_pod_log(pod, namespace, container=CONTAINER, follow=True, _preload_content=False)
+    def stream(pod: str) -> None:
+        try:
+            resp = core.read_namespaced_pod_log(pod, namespace, container=CONTAINER, follow=True, _preload_content=False)
+        except ApiException:
+            return  # gone before it could be read: its copy is in the store once the stage ends
         try:
             for line in resp:
                 with lock:
-                    sys.stdout.write(prefix + line.decode("utf-8", "replace"))
+                    sys.stdout.write(line.decode("utf-8", "replace"))
                     sys.stdout.flush()
         finally:
             resp.release_conn()
 
     deadline = time.monotonic() + args.pod_timeout
     while True:
-        pods = [p for p in core.list_namespaced_pod(namespace, label_selector=selector).items
-                if p.status and p.status.phase in ("Running", "Succeeded", "Failed")]
+        try:
+            pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        except Exception as e:  # noqa: BLE001 - ApiException or a connection error: one line
+            raise api_error(f"list pods of {args.stage} in {namespace}", e) from None
         for p in sorted(pods, key=lambda p: p.metadata.name):
-            if p.metadata.name not in seen:
+            if p.metadata.name not in seen and p.status and p.status.phase in ("Running", "Succeeded", "Failed"):
                 seen.add(p.metadata.name)
-                t = threading.Thread(target=stream, args=(p.metadata.name, ""), daemon=True)
-                t.start()
-                threads.append(t)
-        if threads and not any(t.is_alive() for t in threads):
-            return 0
-        if not threads and time.monotonic() > deadline:
-            raise CaiError(f"no running pod of {args.stage} in namespace {namespace} after {args.pod_timeout:g}s "
-                           f"(selector {selector}); see `kubectl get pods -n {namespace} -l {selector}`")
+                threads.append(threading.Thread(target=stream, args=(p.metadata.name,), daemon=True))
+                threads[-1].start()
+        if not any(t.is_alive() for t in threads):
+            entry = _stage_slot(read_state(store, run_id), args.stage, round_)
+            if threads and (entry is None or entry[1].get("status") != "running"):
+                return 0
+            if not threads and time.monotonic() > deadline:
+                raise CaiError(f"no running pod of {args.stage} in namespace {namespace} after {args.pod_timeout:g}s "
+                               f"(selector {selector}); see `kubectl get pods -n {namespace} -l {selector}`")
         time.sleep(min(args.interval, 1.0))
 
 
@@ -196,14 +236,15 @@ def _who() -> str:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from ..runs import TERMINAL, controller_alive, mark_cancelled, read_state, request_cancel
+    from ..runs import controller_alive, mark_cancelled, read_state, request_cancel
 
     store = open_arg_store(args)
     run_id = run_ref(store, args.run)
     state = read_state(store, run_id)
-    if state.get("status") in TERMINAL and not controller_alive(store, run_id):
+    if state.get("status") in ("completed", "cancelled") and not controller_alive(store, run_id):
         print(f"run {run_id} is already {state['status']}; nothing to cancel")
         return 0
+    # failed or interrupted too: on Kubernetes its controller Job may retry it, and the request stops that
     request = request_cancel(store, run_id, args.reason, _who())
     print(f"run {run_id}: cancel requested ({request['reason']})")
     deadline = time.monotonic() + args.timeout
@@ -256,8 +297,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from ..runs import delete_run, gc_plan, parse_duration
 
+    if args.keep_last < 0:
+        raise ConfigError(f"--keep-last {args.keep_last}: must be 0 or more")
+    older_than = parse_duration(args.older_than)
     store = open_arg_store(args)
-    plan = gc_plan(store, args.keep_last, parse_duration(args.older_than))
+    plan = gc_plan(store, args.keep_last, older_than)
     if args.output in ("json", "yaml"):
         emit([c.__dict__ for c in plan], args.output)
     gone = [c for c in plan if c.delete]

@@ -10,14 +10,18 @@ from ..errors import ConfigError, SubmitError
 from .common import load_config, open_arg_store, run_ref, store_uri
 
 
+def _rounds(args: argparse.Namespace) -> int | None:
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: must be at least 1; give the number of rounds to run")
+    return args.rounds
+
+
 def _config_and_store(args: argparse.Namespace):
     """The run config with --set/--rounds/--store applied, and its opened store."""
     from ..store import open_store
 
     config = load_config(args)
-    if args.rounds is not None:
-        if args.rounds < 1:
-            raise ConfigError(f"--rounds {args.rounds}: must be at least 1; give the number of rounds to run")
+    if _rounds(args) is not None:
         config.rounds = args.rounds
     config.store = store_uri(args, config.store)
     return config, open_store(config.store)
@@ -62,7 +66,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if controller_alive(store, run_id):
         raise SubmitError(f"{store.uri_for(f'runs/{run_id}/lock.json')}: run {run_id} is running; `cai get {run_id} -w` watches it")
     config = parse_data(RunConfig, state.get("config"), store.uri_for(f"runs/{run_id}/run.json") + ": config")
-    if args.rounds is not None:
+    if _rounds(args) is not None:
         config.rounds = args.rounds
     config.store = store.uri
     clear_cancel(store, run_id)
@@ -128,17 +132,19 @@ def _wait_for(store, s, batch, args: argparse.Namespace) -> int:
         if state is not None and state.get("updated_at") != shown:
             shown = state.get("updated_at")
             print(f"[cai] {s.run_id}: {state.get('status')}, {len(state.get('rounds', []))} round(s), updated {shown}", file=sys.stderr, flush=True)
-        if state is not None and state.get("status") in TERMINAL:
+        final = state is not None and state.get("status") in ("completed", "cancelled")
+        if final:
             print(format_status(state))
             return 0 if state["status"] == "completed" else 1
         try:
             job_status, reason, message = job_state(batch.read_namespaced_job(s.job, s.namespace))
         except Exception:  # noqa: BLE001 - the API blinked, or the Job was deleted: run.json has the last word
             job_status = None
-        if job_status is not None:  # the controller ended: its run.json has had its last write
+        if job_status is not None:  # the controller Job ended (no more retries): run.json has had its last write
             state = read_state(store, s.run_id) if store.exists(run_key(s.run_id)) else None
             if state is not None and state.get("status") in TERMINAL:
-                continue
+                print(format_status(state))
+                return 0 if state["status"] == "completed" else 1
             what = f"failed ({reason}: {message})" if job_status == "failed" else "ended"
             raise SubmitError(f"job {s.namespace}/{s.job} {what} before the run finished (run.json: "
                               f"{state.get('status') if state else 'none'}); kubectl logs -n {s.namespace} job/{s.job}")

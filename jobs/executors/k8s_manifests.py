@@ -208,10 +208,27 @@ def _scratch_volumes(k8s: KubernetesConfig) -> tuple[list[m.V1Volume], list[m.V1
     return volumes, mounts
 
 
+OWN_VOLUMES = {"cache": CACHE_DIR, "tmp": "/tmp", "config": CONFIG_DIR, "hf-token": HF_TOKEN_DIR}  # name -> mount path
+
+
 def check_pod_fragments(k8s: KubernetesConfig) -> None:
-    """The config's PodSpec fragments (extra env, volumes, mounts) parse: one line before anything is written."""
-    _scratch_volumes(k8s)
+    """The config's PodSpec fragments (extra env, volumes, mounts) parse, and would be accepted by the API
+    server next to ours (unique volume names, mounts of declared volumes, none over our paths): one line
+    before anything is written, not at the first Job's creation."""
     _extra_env(k8s)
+    volumes, mounts = _scratch_volumes(k8s)
+    declared = set(OWN_VOLUMES)
+    for i, v in enumerate(volumes[2:]):
+        if v.name in declared:
+            raise ConfigError(f"config: kubernetes.extra_volumes[{i}].name: {v.name!r} is taken"
+                              f"{' (the pods use it)' if v.name in OWN_VOLUMES else ''}; give each volume its own name")
+        declared.add(v.name)
+    for i, mnt in enumerate(mounts[2:]):
+        if mnt.name not in declared - set(OWN_VOLUMES):
+            raise ConfigError(f"config: kubernetes.extra_volume_mounts[{i}].name: {mnt.name!r} is not in kubernetes.extra_volumes; declare it there")
+        if mnt.mount_path.rstrip("/") in OWN_VOLUMES.values():
+            raise ConfigError(f"config: kubernetes.extra_volume_mounts[{i}].mountPath: {mnt.mount_path} is where the pods mount their own "
+                              "volume; pick another path (kubernetes.cache_claim puts a PVC under the cache)")
 
 
 def _extra_env(k8s: KubernetesConfig) -> tuple[list[m.V1EnvVar], list[m.V1EnvFromSource] | None]:

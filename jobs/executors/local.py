@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -117,7 +118,9 @@ class LocalExecutor:
         tail: deque[str] = deque(maxlen=40)
         lines: list[str] = []
         live = live_log_path(spec_uri)
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        # its own process group: a stop reaches torchrun's workers and an engine's helper processes too
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True)
         cancelled: list[dict] = []
         done = threading.Event()
         watcher = threading.Thread(target=self._watch_cancel, args=(proc, done, cancelled), daemon=True)
@@ -170,9 +173,14 @@ class LocalExecutor:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (torchrun passes it to its workers), SIGKILL after 10 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """SIGTERM to the stage's process group (torchrun and its workers, an engine's helpers), SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

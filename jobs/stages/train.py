@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import LoraSection, StageSpec, TrainConfig
 from ..distributed import is_main, world_size
-from ..errors import ConfigError
+from ..errors import CaiError, ConfigError
 from ..models import resolve_model
 from ..schema import parse_data
 from ..store import ArtifactStore
@@ -121,7 +121,7 @@ def _card(spec: StageSpec, store: ArtifactStore, cfg: TrainConfig, counts: dict[
     settings = {p: section[p].model_dump(mode="json") for p in counts.get("phases_run", []) if p in section}
     if cfg.lora.enabled:
         settings["lora"] = cfg.lora.model_dump(mode="json")
-    return train_card(run_id=spec.run_id, round_=spec.round, store_uri=spec.store, output=f"{spec.output}/model",
+    return train_card(run_id=spec.run_id, round_=spec.round, output=f"{spec.output}/model",
                       start_model=spec.model, start_identity=identity, constitution=constitution,
                       constitution_sha256=store.sha256(ckey) if ckey else None, data=data, method=cfg.method,
                       settings={**settings, "seed": spec.seed, "min_judge_consistency": cfg.min_judge_consistency}, counts=counts)
@@ -242,7 +242,11 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
         record = {"start_model": spec.model, "seed": spec.seed, "config": cfg.model_dump(mode="json"),
                   "phases_run": phases, "phases_skipped": skipped}
         _save(model, tok, out_dir, record)
-        (out_dir / "README.md").write_text(_card(spec, store, cfg, counts))
+        try:
+            card = _card(spec, store, cfg, counts)
+        except CaiError as e:  # the weights are what matters: a card that cannot read its inputs says so
+            card = f"# {spec.run_id}, round {spec.round}\n\nThe model card could not be written ({str(e).splitlines()[0]}).\n"
+        (out_dir / "README.md").write_text(card)
         store.put_dir(out_dir, f"{spec.output}/model")
         for phase in phases:  # transformers' TensorBoardCallback writes under <output_dir>/runs/
             events = work / phase / "runs"
