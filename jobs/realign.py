@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .manifest import now_iso
 from .metrics import alignment_tax
 from .models import cache_dir
+from .runs import cancel_request
 from .promotion import Entry, Scores, inputs_fingerprint
 from .quality import capability, quality
 from .run_lock import TTL_S, RunLock
@@ -55,7 +56,7 @@ class GateResult:
 
 @dataclass
 class TickOutcome:
-    action: str  # "unchanged" | "promoted" | "rejected"
+    action: str  # "unchanged" | "promoted" | "rejected" | "cancelled"
     message: str
     run_id: str | None = None
     entry: Entry | None = None
@@ -227,6 +228,10 @@ def realign(config: RunConfig, store: ArtifactStore, make_executor: Callable[[Ru
                                    f"({last['reason']}); nothing to do (--force decides again)", run_id=last["run_id"])
         run_config = run_config_for(config, start, sources)
         run_id = f"{config.name}-realign-{fp[:10]}"
+        request = cancel_request(store, run_id)
+        if request is not None:  # a person stopped this very attempt: every tick on these inputs leaves it alone
+            return TickOutcome("cancelled", f"run {run_id} was cancelled ({request.get('reason', '')}, {request.get('requested_at', '?')}); "
+                               f"new prompts or another config start a new run, `cai resume {run_id}` goes on with this one", run_id=run_id)
         log(f"realign: run {run_id} from {start} with {len(sources) - len(config.data.train)} added prompt file(s)")
         state = Controller(run_config, store, make_executor(run_config), run_id=run_id).run()
         lock.check()

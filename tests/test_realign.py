@@ -181,6 +181,25 @@ def test_unchanged_inputs_run_nothing(tmp_path):
     assert not fresh.exists(realign.REALIGN_LOCK)
 
 
+def test_a_cancelled_attempt_is_left_alone_by_every_tick(tmp_path):
+    """`cai cancel` on a realign run: the CronJob's next ticks say so and start nothing, until the inputs change."""
+    from jobs.runs import request_cancel
+
+    store = LocalStore(tmp_path / "store")
+    m0 = str(fake_model(tmp_path / "m0"))
+    config = RunConfig(name="nightly", model=m0, stages=["generate", "judge", "train", "evaluate"],
+                       data={"train": [{"source": "bundled:helpful", "limit": 2}]})
+    fp = promotion.inputs_fingerprint(tick_inputs(config, m0, list(config.data.train), store))
+    request_cancel(store, f"nightly-realign-{fp[:10]}", "bad prompts in the drop", "me@host")
+
+    def no_run(_):
+        raise AssertionError("tried to start a run")
+
+    out = realign.realign(config, store, no_run)
+    assert out.action == "cancelled" and "bad prompts in the drop" in out.message and "cai resume nightly-realign-" in out.message
+    assert not store.exists(realign.REALIGN_LOCK)
+
+
 def with_differences(rep: dict, harmless: tuple[float, float], over: tuple[float, float], level: float = 0.95) -> dict:
     """A candidate report as evaluate writes it against a baseline: paired intervals of aligned - base."""
     diff = {"harmless_rate_judge": {"diff": sum(harmless) / 2, "lo": harmless[0], "hi": harmless[1], "n_pairs": 40},
