@@ -43,7 +43,7 @@ def pick_round(state: dict[str, Any], round_: int | None, where: str) -> int:
         result = state.get("result") or {}
         if not str(result.get("model", "")).startswith("store:"):
             trained = [r for r, v in rounds.items() if str(v.get("model", "")).startswith("store:")]
-            raise CaiError(f"{where}: the run's result is the base model (no round beat it), so there is no trained model to "
+            raise ConfigError(f"{where}: the run's result is the base model (no round beat it), so there is no trained model to "
                            f"export; pass --round N to export one anyway ({trained or 'none trained'})")
         return int(result["round"])
     if round_ not in rounds or not str(rounds[round_].get("model", "")).startswith("store:"):
@@ -122,8 +122,9 @@ def full_card(state: dict[str, Any], round_: int, train_card: str | None, report
 
 
 def _write_parquet(rows: list[dict[str, Any]], folder: Path, name: str, run_id: str, round_: int, source: str) -> None:
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
 
+    disable_progress_bars()  # a bar per file of a few hundred rows is noise next to the export's own lines
     folder.mkdir(parents=True)
     Dataset.from_list(rows).to_parquet(str(folder / "train.parquet"))
     what = {"sft": "critique-revision SFT data (`messages`: the prompt and the revised answer)",

@@ -77,7 +77,8 @@ def config_error(path: Path | str) -> str:
 
 def test_shipped_names_are_the_three_files():
     assert shipped_names() == SHIPPED
-    assert SHIPPED_DIR == REPO / "constitutions"
+    assert SHIPPED_DIR == REPO / "jobs" / "constitutions"  # package data: a plain install has them
+    assert (REPO / "constitutions").resolve() == SHIPPED_DIR  # the top-level link, for paths in docs and configs
 
 
 @pytest.mark.parametrize("name", SHIPPED)

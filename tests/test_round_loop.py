@@ -74,28 +74,6 @@ def test_two_full_rounds_then_resume(tmp_path, tiny_model_dir):
     status = cai("status", rid, "--store", str(store), cwd=tmp_path)
     assert "base quality" in status.stdout and "decision after round 2: stop" in status.stdout
 
-
-def test_target_stops_the_loop_early(tmp_path, tiny_model_dir):
-    config = tmp_path / "target.yaml"
-    config.write_text(
-        f"name: target\nmodel: {tiny_model_dir}\nstages: [evaluate]\nrounds: 3\n"
-        "evaluate: {limit: 1, max_new_tokens: 4, with_system_prompt: false}\n"
-        "stop: {target: 0.000001}\n"
-        "data: {train: [{source: bundled:helpful, limit: 1}]}\n"
-    )
-    result = cai("run", "-c", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = load_run(tmp_path / "store")
-    assert len(run["decisions"]) == 1 and run["decisions"][0]["decision"] == "stop"
-    assert "target reached" in run["decisions"][0]["reason"]
-
-
-def test_judge_without_generate_is_a_config_error(tmp_path, tiny_model_dir):
-    config = tmp_path / "bad.yaml"
-    config.write_text(f"model: {tiny_model_dir}\nstages: [judge]\n")
-    result = cai("run", "-c", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
-    assert result.returncode == 2 and "judge needs ['generate']" in result.stderr
-
     # every trained model directory has its model card; `cai export` makes a Hub-ready folder of one round
     for r in (1, 2):
         card = (store / "runs" / rid / f"round-{r}" / "train" / "model" / "README.md").read_text()
@@ -119,7 +97,9 @@ def test_judge_without_generate_is_a_config_error(tmp_path, tiny_model_dir):
     AutoModelForCausalLM.from_pretrained(dest / "model")
     AutoTokenizer.from_pretrained(dest / "model")
     assert {"report.md", "report.json", "run.json", "base-report.json"} <= {p.name for p in (dest / "report").iterdir()}
-    assert cai("export", rid, "--to", str(dest), "--store", str(store), cwd=tmp_path).returncode == 2  # not empty: refused
+    assert cai("export", rid, "--to", str(dest), "--round", "2", "--store", str(store), cwd=tmp_path).returncode == 2  # not empty: refused
+    if run["result"]["round"] == 0:  # no round beat the base model: nothing to export unless a round is named
+        assert "pass --round N" in cai("export", rid, "--to", str(tmp_path / "e2"), "--store", str(store), cwd=tmp_path).stderr
     # the upload goes through huggingface_hub; pointed at nothing, it fails with one line and keeps nothing half-done
     offline = subprocess.run([sys.executable, "-m", "jobs.cli", "export", rid, "--hub", "me/tiny-cai", "--round", "1", "--store", str(store)],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -143,3 +123,25 @@ def test_judge_without_generate_is_a_config_error(tmp_path, tiny_model_dir):
     assert any("undefined_function" in m for m in load(bad, tmp_path / "bad.png"))  # the check sees a page's errors
     assert load(page, tmp_path / "report.png") == []
     assert non_blank(tmp_path / "report.png") > 0.05
+
+
+def test_target_stops_the_loop_early(tmp_path, tiny_model_dir):
+    config = tmp_path / "target.yaml"
+    config.write_text(
+        f"name: target\nmodel: {tiny_model_dir}\nstages: [evaluate]\nrounds: 3\n"
+        "evaluate: {limit: 1, max_new_tokens: 4, with_system_prompt: false}\n"
+        "stop: {target: 0.000001}\n"
+        "data: {train: [{source: bundled:helpful, limit: 1}]}\n"
+    )
+    result = cai("run", "-c", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = load_run(tmp_path / "store")
+    assert len(run["decisions"]) == 1 and run["decisions"][0]["decision"] == "stop"
+    assert "target reached" in run["decisions"][0]["reason"]
+
+
+def test_judge_without_generate_is_a_config_error(tmp_path, tiny_model_dir):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nstages: [judge]\n")
+    result = cai("run", "-c", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert result.returncode == 2 and "judge needs ['generate']" in result.stderr
