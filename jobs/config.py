@@ -202,12 +202,51 @@ class LoraSection(StrictModel):
     target_modules: str | list[str] = Field("all-linear", description="peft target modules.")
 
 
+class FSDPOptions(StrictModel):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) through accelerate: weights, gradients and Adam state sharded."""
+
+    reshard_after_forward: bool = Field(True, description="true: full shard (ZeRO-3-like: the layer's weights are freed after its "
+                                        "forward and gathered again for backward); false: shard gradients and optimizer state only "
+                                        "(ZeRO-2-like: more memory, fewer all-gathers).")
+    activation_checkpointing: bool = Field(True, description="Recompute each decoder layer's activations in backward (FSDP's own "
+                                           "checkpoint wrapper; transformers' gradient_checkpointing is then off, as it would gather twice).")
+    cpu_offload: bool = Field(False, description="Keep the sharded parameters, gradients and optimizer state in host memory.")
+    cpu_ram_efficient_loading: bool = Field(
+        False, description="Only each node's first process reads the checkpoint; the others get their shards by broadcast (one "
+        "copy in host memory per node instead of one per GPU: a 70B in fp32 is 280 GB). Methods `sft` and `reward` only: trl "
+        "loads a DPO reference model without that broadcast, so it would hold zeros on every other process.")
+    wrap: list[str] = Field(default_factory=list, description="Layer classes to shard as units (e.g. `[LlamaDecoderLayer]`); "
+                            "empty = the model's own `_no_split_modules`.")
+
+
+class DeepSpeedOptions(StrictModel):
+    """DeepSpeed ZeRO through transformers' integration (needs the `deepspeed` extra in the train image)."""
+
+    stage: Literal[2, 3] = Field(3, description="ZeRO stage: 3 shards the weights too; 2 shards gradients and optimizer state.")
+    offload_optimizer: bool = Field(False, description="Optimizer state in host memory (ZeRO-Offload).")
+    offload_params: bool = Field(False, description="Stage 3 only: parameters in host memory as well (ZeRO-Infinity on CPU).")
+    config: dict[str, Any] | None = Field(None, description="A whole DeepSpeed config used as it is (`\"auto\"` values are filled "
+                                          "from the train settings by transformers); null = built from the keys above.")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self) -> "DeepSpeedOptions":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3 (ZeRO-2 does not shard the parameters); set stage: 3")
+        return self
+
+
 class DistributedSection(StrictModel):
     """How one train stage spreads over processes (torchrun): one per GPU, or per CPU slot (gloo)."""
 
     processes: int = Field(1, ge=1, le=64, description="Processes per node: the stage's GPU count on a cluster; on CPU, gloo "
                            "processes (for tests). Each takes 1/processes of every batch: the global batch stays `batch_size`.")
-    strategy: Literal["ddp"] = Field("ddp", description="`ddp`: each process holds the whole model and gradients are averaged.")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="`ddp`: each process holds the whole model and gradients are averaged (fits models whose training "
+        "state fits one GPU: about 16 bytes a parameter). `fsdp`: FSDP2 full shard with activation checkpointing, the state "
+        "split over every process of every node. `deepspeed`: ZeRO-3 (or 2). The saved model is the same plain HF directory, "
+        "gathered from the shards.")
+    fsdp: FSDPOptions = Field(default_factory=FSDPOptions)
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
 
 
 class TrainConfig(StrictModel):
@@ -232,8 +271,15 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _batches_split(self) -> "TrainConfig":
+        if self.lora.enabled and self.distributed.strategy != "ddp":
+            raise ValueError(f"distributed.strategy {self.distributed.strategy} with lora.enabled: LoRA's trainable state is small "
+                             "and its adapters are merged into a whole model at the end; use strategy ddp with LoRA")
+        if self.distributed.strategy == "fsdp" and self.distributed.fsdp.cpu_ram_efficient_loading and self.method in ("sft+dpo", "dpo"):
+            raise ValueError(f"distributed.fsdp.cpu_ram_efficient_loading with method {self.method}: trl loads the DPO reference "
+                             "model without the broadcast from the first process, so it would hold zeros elsewhere; set it false "
+                             "for DPO (or train sft here and dpo in a second run)")
         n = self.distributed.processes
-        for name in ("sft", "dpo", "reward"):
+        for name in {"sft+dpo": ("sft", "dpo"), "sft": ("sft",), "dpo": ("dpo",), "reward": ("reward",)}[self.method]:  # the phases it runs
             b = getattr(self, name).batch_size
             if b % n:
                 raise ValueError(f"{name}.batch_size {b} does not split over {n} processes; make it a multiple of distributed.processes")
@@ -387,6 +433,9 @@ class StageResources(StrictModel):
     )
     cpu: str = Field("4", description="CPU request (Kubernetes quantity).")
     memory: str = Field("32Gi", description="Memory request and limit (Kubernetes quantity).")
+    shm_size: str | None = Field("16Gi", description="GPU pods: a memory-backed /dev/shm of this size (NCCL between the pod's "
+                                 "GPUs and vLLM's tensor-parallel workers need more than a container's 64 MiB; it counts against "
+                                 "`memory`); null = the runtime's default.")
     ephemeral_storage: str | None = Field("50Gi", description="Scratch space for the model cache; null = no request.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations, as in a PodSpec.")

@@ -3,11 +3,20 @@
 A train stage with more than one process runs under `torchrun` (one process per GPU, or per CPU slot
 for the gloo tests); trl's trainers pick the process group up from the environment. Only rank 0
 writes to the store: the saved model, the metrics and the stage manifest.
+
+`ddp` keeps a whole model on every process. The sharded strategies (`fsdp`, `deepspeed`) split the weights,
+gradients and optimizer state over all processes; they become the trainers' own arguments here
+(`strategy_args`), so trl and accelerate do the sharding and the gathering of the saved model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
 
 
 def rank() -> int:
@@ -34,3 +43,78 @@ def launcher(processes: int, nodes: int = 1, rendezvous: str | None = None, rend
         return ["--standalone", f"--nproc-per-node={processes}"]
     return [f"--nnodes={nodes}", f"--nproc-per-node={processes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
             f"--rdzv-id={rendezvous_id}"]
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    """Wait for every process of the stage (no-op when there is one, or before the trainers start the group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def sharded(section: Any) -> bool:
+    """Whether the strategy splits the model itself over the processes (the saved model is then gathered)."""
+    return section.strategy in ("fsdp", "deepspeed")
+
+
+def deepspeed_config(options: Any) -> dict[str, Any]:
+    """A DeepSpeed config in transformers' shape: `"auto"` where the trainer fills the value in (batch sizes,
+    accumulation, clipping, bf16 from the train settings), ZeRO from `train.distributed.deepspeed`."""
+    if options.config is not None:
+        return dict(options.config)
+    zero: dict[str, Any] = {"stage": options.stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    if options.stage == 3:  # the saved model is gathered into one fp16/bf16 state dict on rank 0
+        zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    if options.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if options.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"bf16": {"enabled": "auto"}, "zero_optimization": zero, "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
+
+
+def strategy_args(section: Any) -> dict[str, Any]:
+    """The trainers' arguments for `train.distributed.strategy` (TrainingArguments keys); {} for ddp."""
+    if section.strategy == "fsdp":
+        o = section.fsdp
+        fsdp_config: dict[str, Any] = {
+            "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": o.reshard_after_forward,
+            "activation_checkpointing": o.activation_checkpointing, "cpu_offload": o.cpu_offload,
+            "state_dict_type": "FULL_STATE_DICT",  # save_model gathers the whole model on rank 0
+            "cpu_ram_efficient_loading": o.cpu_ram_efficient_loading,
+        }
+        if o.wrap:
+            fsdp_config["transformer_layer_cls_to_wrap"] = list(o.wrap)
+        # FSDP's activation checkpointing replaces transformers' (which would all-gather the weights twice)
+        return {"fsdp": True, "fsdp_config": fsdp_config, "gradient_checkpointing": False}
+    if section.strategy == "deepspeed":
+        return {"deepspeed": deepspeed_config(section.deepspeed)}
+    return {}
+
+
+@contextlib.contextmanager
+def node_scratch(prefix: str, shared: bool) -> Iterator[Path]:
+    """A scratch directory every process on this node shares (`shared`), else this process's own.
+
+    Under a sharded strategy the gathered SFT model is written once per node and read back by every
+    process for DPO, so the path is the same for all of a launch's processes: torchrun's run id names it.
+    The node's first process removes it when it is done: by then the others have read what they need (the
+    last gather ends with a barrier), and none waits for rank 0's upload, which may outlast any timeout.
+    """
+    if not shared or world_size() == 1:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
+        return
+    path = Path(tempfile.gettempdir()) / f"{prefix}{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        if local_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)

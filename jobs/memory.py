@@ -10,7 +10,11 @@ into a run. The estimate is deliberately simple and conservative:
 - training with DDP: every GPU holds the whole model in mixed precision with Adam: 16 bytes per
   parameter (bf16 weights and gradients, fp32 master weights and two moments), plus 2 bytes for a DPO
   reference model unless its log-probs are precomputed or LoRA serves as the reference; LoRA trains
-  only adapters: 2 bytes per frozen parameter.
+  only adapters: 2 bytes per frozen parameter;
+- training sharded (FSDP full shard, ZeRO-3) over N GPUs: those bytes divided by N, plus two decoder
+  layers gathered whole in bf16 (the one computing and the one prefetched); sharding gradients and
+  optimizer state only (FSDP without resharding, ZeRO-2) keeps 2 bytes of bf16 weights per parameter
+  on every GPU; offloading to host memory leaves about 4 bytes per parameter / N (bf16 weights and gradients).
 """
 
 from __future__ import annotations
@@ -46,14 +50,24 @@ def dtype_bytes(engine_dtype: str, cfg: dict[str, Any]) -> int:
     return min(DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), 2), 2)
 
 
-def needed_gib(stage: str, params: int, weight_bytes: int, lora: bool = False, dpo_reference: bool = False) -> tuple[float, str]:
-    """(GiB, how it was counted): for inference the weights in all; for training the state per GPU."""
+def needed_gib(stage: str, params: int, weight_bytes: int, lora: bool = False, dpo_reference: bool = False,
+               shards: int = 1, full_shard: bool = True, offload: bool = False, layers: int = 1) -> tuple[float, str]:
+    """(GiB, how it was counted): for inference the weights in all; for training the state per GPU,
+    `shards` > 1 when a sharded strategy splits it over that many GPUs (all nodes' processes)."""
     if stage != "train":
         return params * weight_bytes / GIB, f"{params / 1e9:.2f}B parameters x {weight_bytes} bytes"
     per_param = 2 if lora else 16
     ref = 2 if dpo_reference and not lora else 0
     what = "LoRA" if lora else "mixed precision, Adam" + (", DPO reference" if ref else "")
-    return params * (per_param + ref) / GIB, f"{params / 1e9:.2f}B parameters x {per_param + ref} bytes: {what}"
+    if shards <= 1 or lora:
+        return params * (per_param + ref) / GIB, f"{params / 1e9:.2f}B parameters x {per_param + ref} bytes: {what}"
+    sharded = (4 if offload else per_param) + ref
+    replicated = 0 if full_shard else 2
+    gathered = 2 * 2 * params / max(1, layers)  # two layers' bf16 weights, whole, while they compute
+    gib = (params * (sharded / shards + replicated) + gathered) / GIB
+    how = (f"{params / 1e9:.2f}B parameters x {sharded} bytes / {shards} GPUs{' + 2 bytes replicated' if replicated else ''}"
+           f" + 2 layers gathered: {what}, sharded{', offloaded' if offload else ''}")
+    return gib, how
 
 
 def check_fits(stage: str, need: float, how: str, gpus: int, gpu_memory_gib: float | None) -> None:
@@ -64,8 +78,8 @@ def check_fits(stage: str, need: float, how: str, gpus: int, gpu_memory_gib: flo
         room = gpu_memory_gib * TRAIN_SHARE
         if need > room:
             raise ConfigError(f"config: kubernetes.stages.train: about {need:.0f} GiB of training state per GPU ({how}) does not fit "
-                              f"{gpu_memory_gib:g} GiB GPUs (DDP keeps a whole copy on each); use train.lora.enabled, "
-                              "train.dpo.precompute_ref_log_probs, or GPUs with more memory")
+                              f"{gpu_memory_gib:g} GiB GPUs; use train.distributed.strategy fsdp or deepspeed (shards it over "
+                              "the GPUs of every node), train.lora.enabled, train.dpo.precompute_ref_log_probs, or more GPUs or nodes")
         return
     room = gpus * gpu_memory_gib * INFERENCE_SHARE
     if need > room:

@@ -4,6 +4,8 @@ as one process, for the same global batch and seed (DDP averages the gradients o
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,16 @@ from kube_emulator import cluster_factory  # noqa: F401 - a fixture
 from test_train_stage import PREFS, changed, plan_train, start_weights, weights  # noqa: F401 - start_weights is a fixture
 
 
-def trained(root: Path, model_dir: Path, processes: int, method: str = "sft") -> tuple[dict, dict]:
+FSDP_ON_CPU = Path(__file__).parent / "fixtures" / "fsdp_on_cpu"  # its sitecustomize.py says why
+
+
+def trained(root: Path, model_dir: Path, processes: int, method: str = "sft", strategy: str = "ddp",
+            efficient: bool = False) -> tuple[dict, dict]:
     from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(method=method, sft=SFTSection(epochs=1, batch_size=4, max_length=128, learning_rate=1e-4),
                       dpo=DPOSection(epochs=1, batch_size=4, max_length=128, learning_rate=1e-4),
-                      distributed={"processes": processes})
+                      distributed={"processes": processes, "strategy": strategy, "fsdp": {"cpu_ram_efficient_loading": efficient}})
     # 8 SFT rows, 4 pairs: whole batches of 4, so no process gets a sampler-padded repeat (which a
     # single process would not see, and which DDP rightly averages in)
     store, spec = plan_train(root, model_dir, cfg, prefs=PREFS[:4])
@@ -45,6 +51,107 @@ def test_two_gloo_processes_train_the_same_model_as_one(tmp_path, tiny_model_dir
     assert m2["counts"][f"{method}_steps"] == m1["counts"][f"{method}_steps"]  # the same global batches
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, efficient", [("sft", True), pytest.param("sft+dpo", False, marks=pytest.mark.slow)])
+def test_fsdp_over_two_gloo_processes_trains_the_same_model_as_one(tmp_path, tiny_model_dir, start_weights, method, efficient,
+                                                                   monkeypatch):
+    """FSDP2 full shard with activation checkpointing: each process holds half of every weight, gradient
+    and Adam moment; the saved model, gathered from the shards (and, for sft+dpo, the SFT model DPO starts
+    from), equals one unsharded process's. With cpu_ram_efficient_loading only rank 0 reads the checkpoint
+    and rank 1 starts from zeros until the broadcast: a missed broadcast could not pass."""
+    monkeypatch.setenv("CAI_TEST_FSDP_ON_CPU", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(FSDP_ON_CPU), os.environ.get("PYTHONPATH")) if p))
+    one, _ = trained(tmp_path / "one", tiny_model_dir, 1, method)
+    scratch = set(Path(tempfile.gettempdir()).glob("cai-train-*"))
+    two, manifest = trained(tmp_path / "two", tiny_model_dir, 2, method, strategy="fsdp", efficient=efficient)
+    assert set(Path(tempfile.gettempdir()).glob("cai-train-*")) <= scratch  # the node's shared scratch is gone
+    assert changed(start_weights, two)
+    assert manifest["counts"]["processes"] == 2 and manifest["counts"]["strategy"] == "fsdp"
+    saved = Path(tmp_path / "two" / "runs/t/round-1/train/model")
+    assert not (saved / "training_args.bin").exists() and (saved / "cai_train.json").is_file()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4)
+
+
+def test_fsdp_that_accelerate_does_not_turn_on_fails_in_one_line(tmp_path, tiny_model_dir):
+    """On CPU processes accelerate ignores an FSDP plugin; the stage refuses rather than train whole copies."""
+    from jobs.errors import StageFailed
+
+    with pytest.raises(StageFailed, match="fsdp did not take effect on cpu.*use strategy ddp on CPU"):
+        trained(tmp_path, tiny_model_dir, 2, strategy="fsdp")
+
+
+def test_strategy_arguments_for_the_trainers():
+    from jobs.config import DistributedSection
+    from jobs.distributed import strategy_args
+
+    assert strategy_args(DistributedSection()) == {}
+    fsdp = strategy_args(DistributedSection(strategy="fsdp", fsdp={"wrap": ["LlamaDecoderLayer"]}))
+    assert fsdp["fsdp"] is True and fsdp["gradient_checkpointing"] is False
+    assert fsdp["fsdp_config"] == {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+                                   "activation_checkpointing": True, "cpu_offload": False, "state_dict_type": "FULL_STATE_DICT",
+                                   "cpu_ram_efficient_loading": False, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    ds = strategy_args(DistributedSection(strategy="deepspeed", deepspeed={"offload_optimizer": True}))["deepspeed"]
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and "offload_param" not in ds["zero_optimization"]
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"  # transformers fills it from the train settings
+    own = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+    assert strategy_args(DistributedSection(strategy="deepspeed", deepspeed={"config": own}))["deepspeed"] == own
+    with pytest.raises(ValueError, match="offload_params needs stage 3"):
+        DistributedSection(strategy="deepspeed", deepspeed={"stage": 2, "offload_params": True})
+    with pytest.raises(ValueError, match="cpu_ram_efficient_loading with method sft.dpo: trl loads the DPO reference"):
+        TrainConfig(distributed={"strategy": "fsdp", "fsdp": {"cpu_ram_efficient_loading": True}})
+    TrainConfig(method="sft", distributed={"strategy": "fsdp", "fsdp": {"cpu_ram_efficient_loading": True}})
+    with pytest.raises(ValueError, match="use strategy ddp with LoRA"):
+        TrainConfig(lora={"enabled": True}, distributed={"strategy": "fsdp"})
+
+
+def test_deepspeed_without_the_package_is_one_line_and_with_it_the_trainers_take_the_config(tmp_path, monkeypatch):
+    """On CPU: one line. On a GPU pod: CI has no deepspeed (its sdist builds against the installed torch): one line naming the extra.
+    Where it is importable (a train image), transformers takes the config into its arguments."""
+    import importlib.util
+
+    from trl import SFTConfig
+
+    from jobs.errors import ConfigError
+    from jobs.stages.train import _args
+
+    cfg = TrainConfig(distributed={"strategy": "deepspeed"})
+    with pytest.raises(ConfigError, match="deepspeed needs GPUs: accelerate runs DeepSpeed only on accelerators"):
+        _args(SFTConfig, "sft", cfg.sft, tmp_path, 0, cfg.distributed)  # this machine: CPU
+    monkeypatch.setattr("jobs.stages.train._device_args", lambda: {"use_cpu": False, "bf16": False, "gradient_checkpointing": True})
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match="deepspeed is not installed in this image; install cai-jobs.deepspeed."):
+            _args(SFTConfig, "sft", cfg.sft, tmp_path, 0, cfg.distributed)
+    else:
+        args = _args(SFTConfig, "sft", cfg.sft, tmp_path, 0, cfg.distributed)
+        assert args.deepspeed["zero_optimization"]["stage"] == 3 and args.save_on_each_node
+
+
+@pytest.mark.parametrize("options", [{}, {"offload_optimizer": True, "offload_params": True}, {"stage": 2}])
+def test_deepspeed_parses_the_config_transformers_completes(options, tiny_model_dir):
+    """DeepSpeed's own config parser (pydantic, unknown keys forbidden) accepts the config once transformers
+    has filled in its "auto" values: `PYTHONPATH=<deepspeed> pytest -k deepspeed_parses` (bench/RESULTS.md)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is the train image's extra, not CI's")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from jobs.config import DeepSpeedOptions
+    from jobs.distributed import deepspeed_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # before the config: with ZeRO-3 live it would load partitioned
+    hf = HfTrainerDeepSpeedConfig(deepspeed_config(DeepSpeedOptions(**options)))
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=4, gradient_accumulation_steps=2, use_cpu=True,
+                             report_to="none")
+    hf.trainer_config_process(args)
+    hf.trainer_config_finalize(args, model, 10)
+    ds = DeepSpeedConfig(hf.config)
+    assert ds.zero_optimization_stage == options.get("stage", 3)
+    assert (ds.train_batch_size, ds.train_micro_batch_size_per_gpu) == (8, 4)
+    assert ds.zero_config.gather_16bit_weights_on_model_save is (options.get("stage", 3) == 3)
+    assert (ds.zero_config.offload_optimizer is not None) is bool(options.get("offload_optimizer"))
 
 
 def test_batch_must_split_over_the_processes():

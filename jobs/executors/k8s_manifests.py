@@ -208,7 +208,7 @@ def _scratch_volumes(k8s: KubernetesConfig) -> tuple[list[m.V1Volume], list[m.V1
     return volumes, mounts
 
 
-OWN_VOLUMES = {"cache": CACHE_DIR, "tmp": "/tmp", "config": CONFIG_DIR, "hf-token": HF_TOKEN_DIR}  # name -> mount path
+OWN_VOLUMES = {"cache": CACHE_DIR, "tmp": "/tmp", "config": CONFIG_DIR, "hf-token": HF_TOKEN_DIR, "dshm": "/dev/shm"}  # name -> mount path
 
 
 def check_pod_fragments(k8s: KubernetesConfig) -> None:
@@ -264,11 +264,14 @@ def _pod_failure_policy(fatal_exit_codes: list[int]) -> m.V1PodFailurePolicy:
     )
 
 
-def check_train_layout(processes: int, gpus: int) -> None:
-    """One training process per GPU of the pod (CPU pods: any number of gloo processes)."""
+def check_train_layout(processes: int, gpus: int, strategy: str = "ddp") -> None:
+    """One training process per GPU of the pod (CPU pods: any number of gloo processes, DDP only)."""
     if processes > 1 and gpus and processes != gpus:
         raise ConfigError(f"config: train.distributed.processes: {processes} processes on {gpus} GPU(s) per pod; "
                           f"set it to kubernetes.stages.train.gpus ({gpus}), one process per GPU")
+    if strategy != "ddp" and not gpus:
+        raise ConfigError(f"config: train.distributed.strategy: {strategy} on pods without GPUs (kubernetes.stages.train.gpus: 0); "
+                          "accelerate shards a model only on GPUs: give the train stage GPUs, or use strategy ddp")
 
 
 def train_nodes(spec: StageSpec, res: StageResources) -> int:
@@ -284,7 +287,8 @@ def pod_command(spec: StageSpec, spec_uri: str, res: StageResources, job: str = 
     """`cai stage ...`; for a train stage of several processes torchrun, one process per GPU, and over
     several nodes c10d rendezvous at pod 0."""
     processes = train_processes(spec.stage, spec.params)
-    check_train_layout(processes, res.gpus)
+    if spec.stage == "train":
+        check_train_layout(processes, res.gpus, (spec.params.get("distributed") or {}).get("strategy", "ddp"))
     nodes = train_nodes(spec, res)
     if processes == 1 and nodes == 1:
         return stage_command(spec.stage, spec_uri)
@@ -324,6 +328,9 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
     name = job_name(spec, spec_uri)
     pod_security, container_security = _security(k8s)
     volumes, mounts = _scratch_volumes(k8s)
+    if res.gpus and res.shm_size:  # NCCL and vLLM's workers talk through /dev/shm; a container's default is 64 MiB
+        volumes.append(m.V1Volume(name="dshm", empty_dir=m.V1EmptyDirVolumeSource(medium="Memory", size_limit=res.shm_size)))
+        mounts.append(m.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
     extra_env, env_from = _extra_env(k8s)
     nodes = train_nodes(spec, res)
     container = m.V1Container(

@@ -216,6 +216,7 @@ class KubernetesExecutor:
     # --- plan-time checks --------------------------------------------------------------------------
     def check_fits(self, config: Any, model_config: dict[str, Any]) -> None:
         """Each stage's estimated GPU memory against its pods' GPUs (where kubernetes.stages.*.gpu_memory_gib is set)."""
+        from ..distributed import sharded
         from ..memory import check_fits, dtype_bytes, needed_gib, parameter_count
 
         try:
@@ -225,9 +226,15 @@ class KubernetesExecutor:
         weight = dtype_bytes(config.engine.dtype, model_config)
         train = config.train
         reference = train.method in ("sft+dpo", "dpo") and not train.dpo.precompute_ref_log_probs
+        layout = train.distributed
         for stage in config.stages:
             res = self.k8s.stages[stage]
-            need, how = needed_gib(stage, params, weight, lora=train.lora.enabled, dpo_reference=reference)
+            shards = res.gpus * res.nodes if stage == "train" and sharded(layout) else 1
+            offload = (layout.fsdp.cpu_offload if layout.strategy == "fsdp" else
+                       layout.deepspeed.offload_optimizer or layout.deepspeed.offload_params)
+            full = layout.fsdp.reshard_after_forward if layout.strategy == "fsdp" else layout.deepspeed.stage == 3
+            need, how = needed_gib(stage, params, weight, lora=train.lora.enabled, dpo_reference=reference, shards=shards,
+                                   full_shard=full, offload=offload, layers=int(model_config.get("num_hidden_layers") or 1))
             check_fits(stage, need, how, res.gpus, res.gpu_memory_gib)
 
     # --- submit / adopt ---------------------------------------------------------------------------

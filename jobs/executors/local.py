@@ -115,7 +115,7 @@ class LocalExecutor:
         argv = [self.python, "-m", "jobs.cli", *cmd[1:]]
         if launcher:
             argv = [self.python, "-m", "torch.distributed.run", *launcher, "-m", "jobs.cli", *cmd[1:]]
-        tail: deque[str] = deque(maxlen=40)
+        tail: deque[str] = deque(maxlen=200)
         lines: list[str] = []
         live = live_log_path(spec_uri)
         # its own process group: a stop reaches torchrun's workers and an engine's helper processes too
@@ -153,7 +153,9 @@ class LocalExecutor:
             err.log = "".join(lines)
             raise err
         if code != 0:
-            last = next((l for l in reversed(tail) if l.strip()), "no output")
+            # the stage's own `error: ...` line; under torchrun it comes before the launcher's failure summary
+            last = next((l for l in reversed(tail) if l.startswith("error: ")), None) or next(
+                (l for l in reversed(tail) if l.strip()), "no output")
             err = StageFailed(f"stage {stage}{' ' + prefix.strip() if prefix else ''} failed (exit {code}): {last}")
             err.log = "".join(lines)
             raise err

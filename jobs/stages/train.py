@@ -4,19 +4,20 @@ Methods: `sft+dpo` (default), `sft`, `dpo` (the start model is its own reference
 RewardTrainer scoring model instead of a policy). With LoRA the adapters are merged at the end, so
 every saved model is a plain checkpoint that `from_pretrained` loads without peft. A phase with no
 rows is skipped and the reason recorded; if nothing trains, the start model is passed on unchanged.
+Under a sharded strategy (FSDP, DeepSpeed ZeRO) each phase's model is gathered from its shards into a
+plain directory, which the next phase loads and the stage saves.
 What the rows are (which answer SFT learns, which pairs DPO keeps) is decided in `jobs.training_data`.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import LoraSection, StageSpec, TrainConfig
-from ..distributed import is_main, world_size
+from ..distributed import barrier, is_main, local_rank, node_scratch, sharded, strategy_args, world_size
 from ..errors import CaiError, ConfigError
 from ..models import resolve_model
 from ..schema import parse_data
@@ -69,19 +70,52 @@ def _device_args() -> dict[str, Any]:
     return {"use_cpu": not cuda, "bf16": cuda, "gradient_checkpointing": cuda}
 
 
-def _args(cls, phase: str, section, work: Path, seed: int, report_to: list[str] | None = None, run_name: str | None = None, **extra):
+def _args(cls, phase: str, section, work: Path, seed: int, distributed=None, report_to: list[str] | None = None,
+          run_name: str | None = None, **extra):
     # under torchrun each process takes its share of the batch: the global batch is the configured one
     if section.batch_size % world_size():
         raise ConfigError(f"train.{phase}.batch_size: {section.batch_size} does not split over {world_size()} processes "
                           f"(nodes x processes per node); make it a multiple of {world_size()}")
-    return cls(
-        output_dir=str(work / phase), num_train_epochs=section.epochs, learning_rate=section.learning_rate,
-        per_device_train_batch_size=section.batch_size // world_size(),
-        gradient_accumulation_steps=getattr(section, "gradient_accumulation_steps", 1),
-        max_length=section.max_length, seed=seed, data_seed=seed, logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to=list(report_to) if report_to else "none", run_name=run_name,
-        disable_tqdm=True, **_device_args(), **extra,
-    )
+    layout = strategy_args(distributed) if distributed is not None else {}
+    device = _device_args()
+    if "deepspeed" in layout and device["use_cpu"]:  # accelerate turns DeepSpeed off under use_cpu, after ZeRO-3 loading began
+        raise ConfigError("train.distributed.strategy: deepspeed needs GPUs: accelerate runs DeepSpeed only on accelerators, "
+                          "not on CPU processes; use strategy ddp on CPU")
+    if layout:  # every node's first process writes the gathered model, so each node can load it for the next phase
+        layout["save_on_each_node"] = True
+    try:
+        return cls(
+            output_dir=str(work / phase), num_train_epochs=section.epochs, learning_rate=section.learning_rate,
+            per_device_train_batch_size=section.batch_size // world_size(),
+            gradient_accumulation_steps=getattr(section, "gradient_accumulation_steps", 1),
+            max_length=section.max_length, seed=seed, data_seed=seed, logging_steps=1, save_strategy="no",
+            eval_strategy="no", report_to=list(report_to) if report_to else "none", run_name=run_name,
+            disable_tqdm=True, **{**device, **layout, **extra},
+        )
+    except ImportError as e:  # transformers imports deepspeed when the config asks for it
+        if "deepspeed" not in str(e).lower():
+            raise
+        raise ConfigError("train.distributed.strategy: deepspeed is not installed in this image; install cai-jobs[deepspeed] "
+                          "in the train image, or use strategy fsdp") from e
+
+
+def _check_strategy(trainer, strategy: str) -> None:
+    """A sharded strategy that accelerate did not turn on would silently train a whole copy per process."""
+    took = {"ddp": True, "fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}[strategy]
+    if not took:
+        raise ConfigError(f"train.distributed.strategy: {strategy} did not take effect on {trainer.args.device}: accelerate "
+                          "shards a model only on GPUs and other accelerators, not on CPU processes; use strategy ddp on CPU")
+
+
+def _gather(trainer, path: Path) -> Path:
+    """Every process: the sharded weights gathered into one plain HF directory (weights, config, tokenizer),
+    written by each node's first process; returns once all of them can read it."""
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
+    trainer.save_model(str(path))
+    if local_rank() == 0:
+        (path / "training_args.bin").unlink(missing_ok=True)  # a pickle of the trainer's arguments: not part of the model
+    barrier()
+    return path
 
 
 def _lora(cfg: LoraSection, task_type: str):
@@ -100,11 +134,12 @@ def _load_lm(path: str | Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights; bf16 is autocast
 
 
-def _save(model, tok, path: Path, record: dict[str, Any]) -> None:
+def _save(model, tok, path: Path, record: dict[str, Any] | None = None) -> None:
     model.config.use_cache = True  # trainers turn it off for checkpointing; generation wants it back
     model.save_pretrained(path)
     tok.save_pretrained(path)  # tokenizer files + chat_template.jinja
-    (path / "cai_train.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if record is not None:
+        (path / "cai_train.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _card(spec: StageSpec, store: ArtifactStore, cfg: TrainConfig, counts: dict[str, Any]) -> str:
@@ -193,18 +228,26 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
         return {"report_to": cfg.report_to, "run_name": f"{spec.run_id}-round{spec.round}-{phase}"}
 
     tracked: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="cai-train-") as tmp:
-        work, model, ref_dir = Path(tmp), None, start
+    layout, shard = cfg.distributed, sharded(cfg.distributed)
+    with node_scratch("cai-train-", shared=shard) as work:
+        # `final`: under a sharded strategy, the trainer whose shards hold the stage's model (gathered at the end)
+        model, ref_dir, final = None, start, None
         own_reference = cfg.lora.enabled or cfg.dpo.precompute_ref_log_probs  # no second model in memory
         if "sft" in phases:
-            args = _args(SFTConfig, "sft", cfg.sft, work, spec.seed, **track("sft"), completion_only_loss=True)
+            args = _args(SFTConfig, "sft", cfg.sft, work, spec.seed, layout, **track("sft"), completion_only_loss=True)
             # prompt/completion rows: the loss covers the assistant answer only, whatever the chat template
             ds = Dataset.from_list([prompt_completion(r) for r in sft_data])
             trainer = SFTTrainer(model=_load_lm(start), args=args, train_dataset=ds, processing_class=tok,
                                  peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[_metrics_log("sft", metrics)])
+            _check_strategy(trainer, layout.strategy)
             model = _fit("sft", trainer, metrics, counts, timings)
             counts["sft_loss_on"] = "assistant answer (prompt/completion)"
-            if "dpo" in phases and not own_reference:  # the reference is the SFT model, loaded from disk as its own copy
+            if shard and "dpo" in phases:  # DPO starts from (and is referenced to) the gathered SFT model
+                ref_dir, model = _gather(trainer, work / "sft-model"), None
+                del trainer
+            elif shard:
+                final = trainer
+            elif "dpo" in phases and not own_reference:  # the reference is the SFT model, loaded from disk as its own copy
                 ref_dir = work / "sft-model"
                 _save(model, tok, ref_dir, {"phase": "sft"})
         if "dpo" in phases:
@@ -212,36 +255,48 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             # precompute_ref_log_probs: trl scores every pair with the untrained model once, before step 1.
             # Either way no second copy is loaded; otherwise the reference is loaded as its own copy.
             ref = None if own_reference else _load_lm(ref_dir)
-            args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, **track("dpo"), beta=cfg.dpo.beta, loss_type=list(cfg.dpo.loss_type),
-                         loss_weights=cfg.dpo.loss_weights, precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
-            trainer = DPOTrainer(model=model if model is not None else _load_lm(start), ref_model=ref, args=args,
+            args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, layout, **track("dpo"), beta=cfg.dpo.beta,
+                         loss_type=list(cfg.dpo.loss_type), loss_weights=cfg.dpo.loss_weights,
+                         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
+            trainer = DPOTrainer(model=model if model is not None else _load_lm(ref_dir), ref_model=ref, args=args,
                                  train_dataset=Dataset.from_list(pref_data), processing_class=tok,
                                  peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[_metrics_log("dpo", metrics)])
+            _check_strategy(trainer, layout.strategy)
             model = _fit("dpo", trainer, metrics, counts, timings)
             counts["dpo_reference"] = ("sft model" if "sft" in phases else "start model") + (
                 ", log-probs precomputed" if cfg.dpo.precompute_ref_log_probs else "")
+            final = trainer if shard else None
             del ref, trainer
         if "reward" in phases:
             set_seed(spec.seed)  # the new score head is random-initialised
             rm = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=torch.float32)
             rm.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-pad token
-            trainer = RewardTrainer(model=rm, args=_args(RewardConfig, "reward", cfg.reward, work, spec.seed, **track("reward")),
+            trainer = RewardTrainer(model=rm, args=_args(RewardConfig, "reward", cfg.reward, work, spec.seed, layout, **track("reward")),
                                     train_dataset=Dataset.from_list(pref_data), processing_class=tok,
                                     peft_config=_lora(cfg.lora, "SEQ_CLS"), callbacks=[_metrics_log("reward", metrics)])
+            _check_strategy(trainer, layout.strategy)
             model = _fit("reward", trainer, metrics, counts, timings)
+            final = trainer if shard else None
             counts["model_kind"] = "reward model (AutoModelForSequenceClassification, num_labels=1): for scoring, not generation"
         if model is None:  # nothing to train: pass the start model on so later stages still find one
             model = _load_lm(start)
             counts["model_unchanged"] = True
         counts.setdefault("model_kind", "policy (AutoModelForCausalLM)")
+        t = time.perf_counter()
+        out_dir = work / "model"
+        if final is not None:  # every process takes part in gathering the shards
+            _gather(final, out_dir)
+            del final
         if not is_main():  # every process holds the same weights; rank 0 alone writes them and the manifest
             return StageResult(outputs=[], counts=counts, timings=timings)
         counts["processes"] = world_size()
-        t = time.perf_counter()
-        out_dir = work / "model"
+        counts["strategy"] = layout.strategy
         record = {"start_model": spec.model, "seed": spec.seed, "config": cfg.model_dump(mode="json"),
                   "phases_run": phases, "phases_skipped": skipped}
-        _save(model, tok, out_dir, record)
+        if out_dir.is_dir():  # gathered: the weights, config and tokenizer are there; add the record
+            (out_dir / "cai_train.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        else:
+            _save(model, tok, out_dir, record)
         try:
             card = _card(spec, store, cfg, counts)
         except CaiError as e:  # the weights are what matters: a card that cannot read its inputs says so
