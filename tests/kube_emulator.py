@@ -413,8 +413,8 @@ class FakeCluster:
             for path in [*mounts.values(), env["HOME"]]:
                 os.makedirs(path, exist_ok=True)
             cmd = container["command"]
-            if cmd[0] == "torchrun":  # the image's launcher; the rendezvous Service's pod-0 name is this host
-                argv = [sys.executable, "-m", "torch.distributed.run", *(_on_loopback(a) for a in cmd[1:])]
+            if cmd[0] == "cai-torchrun":  # the image's launcher; the rendezvous Service's pod-0 name is this host
+                argv = [sys.executable, "-m", "jobs.launch", *(_on_loopback(a) for a in cmd[1:])]
             else:
                 assert cmd[0] == "cai"  # the image's console script
                 argv = [sys.executable, "-m", "jobs.cli", *cmd[1:]]

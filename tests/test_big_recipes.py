@@ -44,7 +44,7 @@ def test_8b_full_fine_tune_on_one_8_gpu_node():
     train = stage_job(docs, "train")
     pod = train["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"][:3] == ["torchrun", "--standalone", "--nproc-per-node=8"]
+    assert container["command"][:3] == ["cai-torchrun", "--standalone", "--nproc-per-node=8"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and "subdomain" not in pod
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/dev/shm"}  # NCCL between the 8 GPUs
     generate = stage_job(docs, "generate")["spec"]
@@ -61,7 +61,7 @@ def test_70b_across_4_nodes_of_8_gpus():
     name, spec = train["metadata"]["name"], train["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
     assert spec["template"]["spec"]["containers"][0]["command"][:6] == [
-        "torchrun", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", f"--rdzv-endpoint={name}-0.{name}:29500",
+        "cai-torchrun", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", f"--rdzv-endpoint={name}-0.{name}:29500",
         f"--rdzv-id={name}"]
     assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team"
     (service,) = [d for d in docs if d["kind"] == "Service"]
@@ -78,3 +78,28 @@ def test_70b_across_4_nodes_of_8_gpus():
 def test_a_sharded_strategy_on_pods_without_gpus_fails_before_anything_runs():
     with pytest.raises(ConfigError, match="strategy: fsdp on pods without GPUs"):
         render(load_run_config(EIGHT_B, ["kubernetes.stages.train.gpus=0", "train.distributed.processes=1"]), "s3://b/c")
+
+
+def test_the_readmes_bigger_models_configs_are_valid_and_match_the_recipes():
+    """The two YAML blocks of the README's "Bigger models" section are valid run configs, and the keys they
+    show agree with the recipe files they abbreviate."""
+    import re
+
+    from jobs.config import RunConfig
+
+    readme = (RECIPES.parent / "README.md").read_text()
+    section = readme.split("## Bigger models", 1)[1].split("\n## ", 1)[0]
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    assert len(blocks) == 2
+
+    def leaves(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    for block, path in zip(blocks, (EIGHT_B, SEVENTY_B)):
+        RunConfig.model_validate(block)
+        recipe = leaves(yaml.safe_load(path.read_text()))
+        for key, value in leaves(block).items():
+            assert recipe.get(key) == value, f"{path.name}: {key} is {recipe.get(key)!r} there, {value!r} in the README"

@@ -78,8 +78,16 @@ def test_fsdp_that_accelerate_does_not_turn_on_fails_in_one_line(tmp_path, tiny_
     """On CPU processes accelerate ignores an FSDP plugin; the stage refuses rather than train whole copies."""
     from jobs.errors import StageFailed
 
-    with pytest.raises(StageFailed, match="fsdp did not take effect on cpu.*use strategy ddp on CPU"):
+    # exit 2 through the launcher (cai-torchrun): the pod failure policy fails a bad config at once, no retries
+    with pytest.raises(StageFailed, match=r"\(exit 2\): error: train.distributed.strategy: fsdp did not take effect on cpu.*"
+                                          "use strategy ddp on CPU"):
         trained(tmp_path, tiny_model_dir, 2, strategy="fsdp")
+
+
+def test_the_launcher_exits_with_the_workers_code():
+    from jobs.launch import exit_code
+
+    assert (exit_code(2), exit_code(1), exit_code(-9), exit_code(-15), exit_code(300)) == (2, 1, 137, 143, 1)
 
 
 def test_strategy_arguments_for_the_trainers():
@@ -178,7 +186,7 @@ def test_a_multi_gpu_train_job_runs_torchrun_one_process_per_gpu():
     job = to_dict(build_job(spec, "s3://b/runs/r/round-1/train/spec.json", k8s, namespace="ml"))
     kubernetes_validate.validate(job, "1.31.0", strict=True)
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "jobs.cli", "stage", "train",
+    assert container["command"] == ["cai-torchrun", "--standalone", "--nproc-per-node=4", "-m", "jobs.cli", "stage", "train",
                                     "--spec", "s3://b/runs/r/round-1/train/spec.json"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     wrong = spec.model_copy(update={"params": TrainConfig(distributed={"processes": 2}).model_dump(mode="json")})
@@ -218,7 +226,7 @@ def test_a_two_node_train_job_meets_at_pod_0_and_trains_the_same_model(tmp_path,
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == name
-    assert pod["containers"][0]["command"][:6] == ["torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+    assert pod["containers"][0]["command"][:6] == ["cai-torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
                                                    f"--rdzv-endpoint={name}-0.{name}:29500", f"--rdzv-id={name}"]
     services = kmock.resource("", "v1", "services")
     assert cluster.requests(kmock.action.CREATE, services) == 1 and not cluster.objects(services)  # created, then deleted
@@ -253,7 +261,7 @@ def test_cai_render_shows_the_multi_node_job_and_its_service(tmp_path):
     assert spec["podFailurePolicy"]["rules"][0] == {"action": "FailJob", "onExitCodes": {
         "containerName": "stage", "operator": "NotIn", "values": [0]}}  # one failed pod fails the run
     container = spec["template"]["spec"]["containers"][0]
-    assert container["command"][:6] == ["torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+    assert container["command"][:6] == ["cai-torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
                                         f"--rdzv-endpoint={name}-0.{name}:29500", f"--rdzv-id={name}"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and spec["template"]["spec"]["subdomain"] == name
     with pytest.raises(ValueError, match="only train spans nodes"):

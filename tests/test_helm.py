@@ -457,7 +457,7 @@ def test_stage_jobs_from_the_rendered_config_request_gpus(gpu_render: str, tmp_p
     job = to_dict(build_job(spec, f"{config.store}/runs/prod-abc/round-1/train/spec.json", config.kubernetes, namespace=NS))
     pod = job["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
-    assert pod["containers"][0]["command"][:3] == ["torchrun", "--standalone", "--nproc-per-node=4"]  # one process per GPU
+    assert pod["containers"][0]["command"][:3] == ["cai-torchrun", "--standalone", "--nproc-per-node=4"]  # one process per GPU
     assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert (pod["serviceAccountName"], pod["priorityClassName"]) == ("cai-stage", "batch-high")
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"

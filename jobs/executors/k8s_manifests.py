@@ -293,7 +293,7 @@ def pod_command(spec: StageSpec, spec_uri: str, res: StageResources, job: str = 
     if processes == 1 and nodes == 1:
         return stage_command(spec.stage, spec_uri)
     args = launcher(processes, nodes, rendezvous_endpoint(job), rendezvous_id=job)
-    return ["torchrun", *args, "-m", "jobs.cli", *stage_command(spec.stage, spec_uri)[1:]]
+    return ["cai-torchrun", *args, "-m", "jobs.cli", *stage_command(spec.stage, spec_uri)[1:]]
 
 
 def build_rendezvous_service(job: m.V1Job) -> m.V1Service:

@@ -114,7 +114,7 @@ class LocalExecutor:
         # `cai` resolved through this interpreter, so a venv's console script and `python -m` agree
         argv = [self.python, "-m", "jobs.cli", *cmd[1:]]
         if launcher:
-            argv = [self.python, "-m", "torch.distributed.run", *launcher, "-m", "jobs.cli", *cmd[1:]]
+            argv = [self.python, "-m", "jobs.launch", *launcher, "-m", "jobs.cli", *cmd[1:]]  # torchrun, its worker's exit code
         tail: deque[str] = deque(maxlen=200)
         lines: list[str] = []
         live = live_log_path(spec_uri)
