@@ -18,8 +18,8 @@ def make_executor(config, store, executor: str | None = None):
     from .k8s_manifests import check_pod_fragments, check_train_layout
     from .kubernetes import KubernetesExecutor
 
-    if "train" in config.stages:  # before the lock
-        check_train_layout(config.train.distributed.processes, config.kubernetes.stages["train"].gpus, config.train.distributed.strategy)
+    check_train_layout(config.train.distributed.processes, config.kubernetes.stages["train"].gpus,  # before the lock
+                       config.train.distributed.strategy)
     check_pod_fragments(config.kubernetes)
     if not store.uri.startswith("s3://"):
         print(f"[cai] warning: store {store.uri} is a local directory; stage pods can read it only if it is mounted "
