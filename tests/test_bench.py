@@ -452,3 +452,20 @@ def test_scale_refuses_a_store_without_the_run(tmp_path, capsys):
 
     assert scale.main(["--store", str(tmp_path), "--run-id", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: --store ")
+
+
+# --------------------------------------------------------------------------- gpu_train
+
+def test_gpu_train_bench_runs_every_side_through_the_stages_trainers(tmp_path):
+    from bench import gpu_train
+
+    out = tmp_path / "gpu_train.json"
+    assert gpu_train.main(["--model", "tiny", "--device", "cpu", "--batch", "2", "--prompt-tokens", "8", "--completion-tokens", "8",
+                           "--steps", "2", "--warmup", "1", "--peak-tflops", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["side"] for r in res["runs"]] == list(gpu_train.SIDES)
+    for r in res["runs"]:
+        assert r["steps"] == 2 and r["tokens_per_s"] > 0  # timed steps after the warm-up, from the trainers' own steps
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12, rel=1e-2, abs=1e-4)
+    assert res["runs"][0]["ratio_vs_torch_sft"] == 1.0
+    assert gpu_train.main(["--sides", "nope", "--out", str(out)]) == 2

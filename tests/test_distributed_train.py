@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,9 +62,11 @@ def test_fsdp_over_two_gloo_processes_trains_the_same_model_as_one(tmp_path, tin
     monkeypatch.setenv("CAI_TEST_FSDP_ON_CPU", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(FSDP_ON_CPU), os.environ.get("PYTHONPATH")) if p))
     one, _ = trained(tmp_path / "one", tiny_model_dir, 1, method)
-    scratch = set(Path(tempfile.gettempdir()).glob("cai-train-*"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the stage processes' temporary directory: this test's own
     two, manifest = trained(tmp_path / "two", tiny_model_dir, 2, method, strategy="fsdp", efficient=efficient)
-    assert set(Path(tempfile.gettempdir()).glob("cai-train-*")) <= scratch  # the node's shared scratch is gone
+    assert not list(scratch.glob("cai-train-*"))  # the node's shared scratch is gone
     assert changed(start_weights, two)
     assert manifest["counts"]["processes"] == 2 and manifest["counts"]["strategy"] == "fsdp"
     saved = Path(tmp_path / "two" / "runs/t/round-1/train/model")
@@ -74,6 +75,7 @@ def test_fsdp_over_two_gloo_processes_trains_the_same_model_as_one(tmp_path, tin
         torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU accelerate does turn FSDP on")
 def test_fsdp_that_accelerate_does_not_turn_on_fails_in_one_line(tmp_path, tiny_model_dir):
     """On CPU processes accelerate ignores an FSDP plugin; the stage refuses rather than train whole copies."""
     from jobs.errors import StageFailed
@@ -126,6 +128,7 @@ def test_deepspeed_without_the_package_is_one_line_and_with_it_the_trainers_take
     from jobs.stages.train import _args
 
     cfg = TrainConfig(distributed={"strategy": "deepspeed"})
+    monkeypatch.setattr("jobs.stages.train._device_args", lambda: {"use_cpu": True, "bf16": False, "gradient_checkpointing": False})
     with pytest.raises(ConfigError, match="deepspeed needs GPUs: accelerate runs DeepSpeed only on accelerators"):
         _args(SFTConfig, "sft", cfg.sft, tmp_path, 0, cfg.distributed)  # this machine: CPU
     monkeypatch.setattr("jobs.stages.train._device_args", lambda: {"use_cpu": False, "bf16": False, "gradient_checkpointing": True})
@@ -232,6 +235,31 @@ def test_a_two_node_train_job_meets_at_pod_0_and_trains_the_same_model(tmp_path,
     assert cluster.requests(kmock.action.CREATE, services) == 1 and not cluster.objects(services)  # created, then deleted
     manifest = json.loads((Path(store.root) / manifest_key(spec)).read_text())
     assert manifest["counts"]["processes"] == 2
+    two = weights(AutoModelForCausalLM.from_pretrained(store.local_dir(f"{spec.output}/model")))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4)
+
+
+def test_fsdp_across_two_pods_sends_the_gathered_sft_model_to_the_other_pod(tmp_path, tiny_model_dir, cluster_factory):
+    """nodes: 2 under FSDP, SFT then DPO: the gathered SFT model exists on rank 0 alone, so rank 0 sends it to
+    pod 1's scratch (each pod has its own /tmp here, as on a cluster) before DPO loads it there. Were it not
+    sent, pod 1 would start DPO from a directory without weights, and the model would not equal one process's."""
+    from kube_emulator import EXECUTE
+    from kube_emulator import executor as make_executor
+    from transformers import AutoModelForCausalLM
+
+    one, _ = trained(tmp_path / "one", tiny_model_dir, 1, "sft+dpo")
+    cluster = cluster_factory(lambda job, i, attempt: EXECUTE)
+    cfg = TrainConfig(method="sft+dpo", sft=SFTSection(epochs=1, batch_size=4, max_length=128, learning_rate=1e-4),
+                      dpo=DPOSection(epochs=1, batch_size=4, max_length=128, learning_rate=1e-4), distributed={"strategy": "fsdp"})
+    store, spec = plan_train(tmp_path / "two", tiny_model_dir, cfg, prefs=PREFS[:4])
+    env = [{"name": "PYTHONPATH", "value": str(FSDP_ON_CPU)}, {"name": "CAI_TEST_FSDP_ON_CPU", "value": "1"},
+           {"name": "TMPDIR", "value": "/tmp"}]  # /tmp: each emulated pod's own emptyDir
+    # gpus: 1 so the plan accepts FSDP; the emulated pods run on this machine's CPU (the shim turns FSDP on there)
+    make_executor(cluster, store, stages={"train": {"gpus": 1, "nodes": 2, "cpu": "1", "memory": "4Gi"}},
+                  extra_env=env).run("train", store.uri_for(spec.spec_key))
+    manifest = json.loads((Path(store.root) / manifest_key(spec)).read_text())
+    assert (manifest["counts"]["processes"], manifest["counts"]["strategy"]) == (2, "fsdp")
     two = weights(AutoModelForCausalLM.from_pretrained(store.local_dir(f"{spec.output}/model")))
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4)

@@ -48,3 +48,4 @@ def test_a_wheel_installed_outside_the_repo_has_the_constitutions_and_renders(tm
     rendered = run(str(venv / "bin" / "cai"), "render", "-c", str(config), "--store", "s3://bucket/cai", cwd=work, env=env).stdout
     assert "kind: Job" in rendered and "cai-jobs/run: packaged-" in rendered
     assert run(str(venv / "bin" / "cai"), "--version", cwd=work, env=env).stdout.strip() == "cai-jobs 0.1.0"
+    assert (venv / "bin" / "cai-torchrun").is_file()  # what multi-GPU train pods run (jobs/launch.py)

@@ -272,6 +272,9 @@ def check_train_layout(processes: int, gpus: int, strategy: str = "ddp") -> None
     if strategy != "ddp" and not gpus:
         raise ConfigError(f"config: train.distributed.strategy: {strategy} on pods without GPUs (kubernetes.stages.train.gpus: 0); "
                           "accelerate shards a model only on GPUs: give the train stage GPUs, or use strategy ddp")
+    if strategy != "ddp" and processes != gpus:  # the shards are the processes: an idle GPU would hold none
+        raise ConfigError(f"config: train.distributed.processes: {processes} process(es) on {gpus} GPU(s) per pod under strategy "
+                          f"{strategy}; set it to kubernetes.stages.train.gpus ({gpus}), one process per GPU")
 
 
 def train_nodes(spec: StageSpec, res: StageResources) -> int:

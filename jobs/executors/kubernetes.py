@@ -229,12 +229,17 @@ class KubernetesExecutor:
         layout = train.distributed
         for stage in config.stages:
             res = self.k8s.stages[stage]
-            shards = res.gpus * res.nodes if stage == "train" and sharded(layout) else 1
+            shards = layout.processes * res.nodes if stage == "train" and sharded(layout) else 1
+            zero = (layout.deepspeed.config or {}).get("zero_optimization") or {}  # a whole user config wins over the keys
             offload = (layout.fsdp.cpu_offload if layout.strategy == "fsdp" else
+                       bool(zero.get("offload_optimizer") or zero.get("offload_param")) if layout.deepspeed.config else
                        layout.deepspeed.offload_optimizer or layout.deepspeed.offload_params)
-            full = layout.fsdp.reshard_after_forward if layout.strategy == "fsdp" else layout.deepspeed.stage == 3
+            full = (layout.fsdp.reshard_after_forward if layout.strategy == "fsdp" else
+                    zero.get("stage", layout.deepspeed.stage) == 3)
             need, how = needed_gib(stage, params, weight, lora=train.lora.enabled, dpo_reference=reference, shards=shards,
-                                   full_shard=full, offload=offload, layers=int(model_config.get("num_hidden_layers") or 1))
+                                   full_shard=full, offload=offload, layers=int(model_config.get("num_hidden_layers") or 1),
+                                   embeddings=int(model_config.get("vocab_size") or 0) * int(model_config.get("hidden_size") or 0)
+                                   * (1 if model_config.get("tie_word_embeddings") else 2))
             check_fits(stage, need, how, res.gpus, res.gpu_memory_gib)
 
     # --- submit / adopt ---------------------------------------------------------------------------

@@ -11,13 +11,14 @@ What the rows are (which answer SFT learns, which pairs DPO keeps) is decided in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import LoraSection, StageSpec, TrainConfig
-from ..distributed import barrier, is_main, local_rank, node_scratch, sharded, strategy_args, world_size
+from ..distributed import barrier, is_main, node_scratch, share_with_every_node, sharded, strategy_args, world_size
 from ..errors import CaiError, ConfigError
 from ..models import resolve_model
 from ..schema import parse_data
@@ -78,11 +79,13 @@ def _args(cls, phase: str, section, work: Path, seed: int, distributed=None, rep
                           f"(nodes x processes per node); make it a multiple of {world_size()}")
     layout = strategy_args(distributed) if distributed is not None else {}
     device = _device_args()
-    if "deepspeed" in layout and device["use_cpu"]:  # accelerate turns DeepSpeed off under use_cpu, after ZeRO-3 loading began
-        raise ConfigError("train.distributed.strategy: deepspeed needs GPUs: accelerate runs DeepSpeed only on accelerators, "
-                          "not on CPU processes; use strategy ddp on CPU")
-    if layout:  # every node's first process writes the gathered model, so each node can load it for the next phase
-        layout["save_on_each_node"] = True
+    if "deepspeed" in layout:
+        if device["use_cpu"]:  # accelerate turns DeepSpeed off under use_cpu, after ZeRO-3 loading began
+            raise ConfigError("train.distributed.strategy: deepspeed needs GPUs: accelerate runs DeepSpeed only on accelerators, "
+                              "not on CPU processes; use strategy ddp on CPU")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("train.distributed.strategy: deepspeed is not installed in this image; install cai-jobs[deepspeed] "
+                              "in the train image, or use strategy fsdp")
     try:
         return cls(
             output_dir=str(work / phase), num_train_epochs=section.epochs, learning_rate=section.learning_rate,
@@ -92,11 +95,11 @@ def _args(cls, phase: str, section, work: Path, seed: int, distributed=None, rep
             eval_strategy="no", report_to=list(report_to) if report_to else "none", run_name=run_name,
             disable_tqdm=True, **{**device, **layout, **extra},
         )
-    except ImportError as e:  # transformers imports deepspeed when the config asks for it
+    except ImportError as e:  # installed but not importable with this torch (a version mismatch)
         if "deepspeed" not in str(e).lower():
             raise
-        raise ConfigError("train.distributed.strategy: deepspeed is not installed in this image; install cai-jobs[deepspeed] "
-                          "in the train image, or use strategy fsdp") from e
+        raise ConfigError(f"train.distributed.strategy: deepspeed does not import ({str(e).splitlines()[0]}); rebuild the train "
+                          "image with cai-jobs[deepspeed] against its torch") from e
 
 
 def _check_strategy(trainer, strategy: str) -> None:
@@ -107,15 +110,30 @@ def _check_strategy(trainer, strategy: str) -> None:
                           "shards a model only on GPUs and other accelerators, not on CPU processes; use strategy ddp on CPU")
 
 
-def _gather(trainer, path: Path) -> Path:
+def _gather(trainer, path: Path, every_node: bool = False) -> Path:
     """Every process: the sharded weights gathered into one plain HF directory (weights, config, tokenizer),
-    written by each node's first process; returns once all of them can read it."""
+    written by rank 0, and with `every_node` copied to each other node's scratch (the gathered state dict
+    exists on rank 0 alone); returns once every process that needs it can read it."""
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     trainer.save_model(str(path))
-    if local_rank() == 0:
+    if is_main():
         (path / "training_args.bin").unlink(missing_ok=True)  # a pickle of the trainer's arguments: not part of the model
     barrier()
+    if every_node:
+        share_with_every_node(path)
     return path
+
+
+def _free(trainer) -> None:
+    """Release a finished sharded trainer's shards and optimizer state before the next phase loads its models."""
+    import gc
+
+    import torch
+
+    trainer.accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _lora(cfg: LoraSection, task_type: str):
@@ -243,7 +261,8 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             model = _fit("sft", trainer, metrics, counts, timings)
             counts["sft_loss_on"] = "assistant answer (prompt/completion)"
             if shard and "dpo" in phases:  # DPO starts from (and is referenced to) the gathered SFT model
-                ref_dir, model = _gather(trainer, work / "sft-model"), None
+                ref_dir, model = _gather(trainer, work / "sft-model", every_node=True), None
+                _free(trainer)
                 del trainer
             elif shard:
                 final = trainer
@@ -254,10 +273,11 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             # The reference is the model DPO starts from. LoRA: trl scores it with the adapters disabled.
             # precompute_ref_log_probs: trl scores every pair with the untrained model once, before step 1.
             # Either way no second copy is loaded; otherwise the reference is loaded as its own copy.
-            ref = None if own_reference else _load_lm(ref_dir)
+            # the arguments first: under ZeRO-3 they make every model below load already partitioned
             args = _args(DPOConfig, "dpo", cfg.dpo, work, spec.seed, layout, **track("dpo"), beta=cfg.dpo.beta,
                          loss_type=list(cfg.dpo.loss_type), loss_weights=cfg.dpo.loss_weights,
                          precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
+            ref = None if own_reference else _load_lm(ref_dir)
             trainer = DPOTrainer(model=model if model is not None else _load_lm(ref_dir), ref_model=ref, args=args,
                                  train_dataset=Dataset.from_list(pref_data), processing_class=tok,
                                  peft_config=_lora(cfg.lora, "CAUSAL_LM"), callbacks=[_metrics_log("dpo", metrics)])
@@ -269,9 +289,10 @@ def run(spec: StageSpec, store: ArtifactStore, engine=None) -> StageResult:
             del ref, trainer
         if "reward" in phases:
             set_seed(spec.seed)  # the new score head is random-initialised
+            args = _args(RewardConfig, "reward", cfg.reward, work, spec.seed, layout, **track("reward"))  # before loading (ZeRO-3)
             rm = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=torch.float32)
             rm.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-pad token
-            trainer = RewardTrainer(model=rm, args=_args(RewardConfig, "reward", cfg.reward, work, spec.seed, layout, **track("reward")),
+            trainer = RewardTrainer(model=rm, args=args,
                                     train_dataset=Dataset.from_list(pref_data), processing_class=tok,
                                     peft_config=_lora(cfg.lora, "SEQ_CLS"), callbacks=[_metrics_log("reward", metrics)])
             _check_strategy(trainer, layout.strategy)
