@@ -25,7 +25,7 @@ DOCKERFILE = REPO / "Dockerfile"
 STAGES = ("generate", "judge", "train", "evaluate")
 TARGETS = ("controller", *STAGES)
 VLLM_STAGES = ("generate", "judge", "evaluate")
-EXTRAS = {"controller": {"k8s", "s3"}, "generate": {"s3"}, "judge": {"s3"}, "evaluate": {"s3", "train", "eval"}, "train": {"train", "s3"}}
+EXTRAS = {"controller": {"k8s", "s3"}, "generate": {"s3"}, "judge": {"s3"}, "evaluate": {"s3", "train", "eval"}, "train": {"train", "s3", "deepspeed"}}
 UID = 10001
 #: how a runtime stage installs the wheel: the one file the wheel stage wrote, with extras
 WHEEL_INSTALL = re.compile(r'pip install (?P<opts>[^&]*?)"\$\(ls /tmp/dist/cai_jobs-\*\.whl\)\[(?P<extras>[a-z0-9,]+)\]"')
