@@ -69,3 +69,42 @@ class AttemptStore:
     def put_dir(self, src: Path, key: str, link: bool = False) -> None:
         self._check(key)
         self._store.put_dir(src, key, link=link)
+
+
+class WorkerView:
+    """The store as a torchrun worker (rank > 0) of an engine stage sees it: reads pass through, writes go nowhere.
+
+    Over several pods every process runs the whole stage on the same inputs, because vLLM's external
+    launcher needs each of them to make the same engine calls in the same order; all of them then hold
+    the same outputs, and rank 0 alone writes them. A stage never reads back what it wrote, so a worker
+    that drops its writes computes exactly what rank 0 computes."""
+
+    def __init__(self, store: Any):
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        pass
+
+    def write_text(self, key: str, text: str) -> None:
+        pass
+
+    def write_json(self, key: str, obj: Any) -> None:
+        pass
+
+    def write_jsonl(self, key: str, rows: Iterable[dict]) -> int:
+        return sum(1 for _ in rows)
+
+    @contextlib.contextmanager
+    def open_writer(self, key: str) -> Iterator[Any]:
+        import io
+
+        yield io.StringIO()
+
+    def put_dir(self, src: Path, key: str, link: bool = False) -> None:
+        pass
+
+    def delete(self, key: str) -> None:
+        pass

@@ -425,8 +425,11 @@ class StageResources(StrictModel):
 
     image: str | None = Field(None, description="Full image reference; null = `<image_repository>-<stage>:<image_tag>`.")
     gpus: int = Field(1, ge=0, description="`nvidia.com/gpu` request and limit per pod.")
-    nodes: int = Field(1, ge=1, le=256, description="train only: pods (nodes) of one training run, an Indexed Job whose pods meet "
-                       "through torchrun's c10d rendezvous at pod 0 (a headless Service); one failed pod fails them all.")
+    nodes: int = Field(1, ge=1, le=256, description="Pods (nodes) of one run of the stage: an Indexed Job whose pods meet through "
+                       "torchrun's c10d rendezvous at pod 0 (a headless Service); one failed pod fails them all. train: data or "
+                       "sharded training over every GPU of every pod. generate/judge/evaluate (engine.backend: vllm): one model "
+                       "over every GPU, tensor parallel within a pod and pipeline parallel across pods, for a model too big for "
+                       "one node; data parallel stays `shards`.")
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="Memory of one of those GPUs (80 for an H100 80GB). Set, a model that cannot fit fails at plan time "
         "with one line (jobs/memory.py estimates it from config.json); null = not checked.",
@@ -504,9 +507,6 @@ class KubernetesConfig(StrictModel):
     @classmethod
     def _every_stage(cls, value: dict[str, StageResources]) -> dict[str, StageResources]:
         """Tuning one stage keeps the defaults of the others, so a Job can be built for every stage a run has."""
-        for name, res in value.items():
-            if res.nodes > 1 and name != "train":
-                raise ValueError(f"{name}.nodes: only train spans nodes; {name} scales out with {name}.shards (data parallel)")
         return {**_default_stage_resources(), **value}
 
 
@@ -578,6 +578,31 @@ class RunConfig(StrictModel):
         if len(set(stages)) != len(stages):
             raise ValueError("a stage is listed twice; list each stage once")
         return stages
+
+    @model_validator(mode="after")
+    def _engine_over_nodes(self) -> "RunConfig":
+        """An engine stage over several pods: vLLM spans every process, and every process runs the whole stage."""
+        for name in ("generate", "judge", "evaluate"):
+            res = self.kubernetes.stages[name]
+            if res.nodes == 1:
+                continue
+            where = f"kubernetes.stages.{name}.nodes: {res.nodes}"
+            if self.engine.backend != "vllm":
+                raise ValueError(f"{where} needs engine.backend: vllm (one model over several pods is vLLM's pipeline parallelism), "
+                                 f"not {self.engine.backend}; set engine.backend: vllm, or nodes: 1")
+            if getattr(self, name).shards > 1:
+                raise ValueError(f"{where} with {name}.shards: {getattr(self, name).shards}: the pods of a multi-node stage run one "
+                                 f"model together; set {name}.shards: 1, or nodes: 1 for data-parallel shards of a model that fits one pod")
+            if self.engine.tensor_parallel not in ("auto", res.gpus or 1):
+                raise ValueError(f"{where}: engine.tensor_parallel: {self.engine.tensor_parallel}, but the pod's processes (one per GPU, "
+                                 f"{res.gpus or 1}) split each layer; set engine.tensor_parallel: auto")
+            extras = [k for k, v in (("harness", self.evaluate.harness), ("depth_probe", self.evaluate.depth_probe)) if v is not None]
+            if self.evaluate.classifier is not None and self.evaluate.classifier.format == "sequence-classification":
+                extras.append("classifier (sequence-classification)")
+            if name == "evaluate" and extras:
+                raise ValueError(f"{where} with evaluate.{', evaluate.'.join(extras)}: these run a transformers model in one process, "
+                                 "which cannot span pods; run them on one node (nodes: 1) or drop them")
+        return self
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results; the store and the round budget do not

@@ -36,6 +36,33 @@ def train_processes(stage: str, params: dict) -> int:
     return int((params.get("distributed") or {}).get("processes", 1)) if stage == "train" else 1
 
 
+def train_strategy(stage: str, params: dict) -> str:
+    """`train.distributed.strategy` of a train spec; `ddp` (nothing sharded) for every other stage."""
+    return str((params.get("distributed") or {}).get("strategy", "ddp")) if stage == "train" else "ddp"
+
+
+def launch_layout(stage: str, params: dict, gpus: int, nodes: int) -> int:
+    """Processes per pod of one stage's launch (torchrun when more than one, or more than one pod).
+
+    train: `train.distributed.processes`. The engine stages on one pod: one process, whose vLLM spawns
+    its own tensor-parallel workers over the pod's GPUs. On several pods: one process per GPU (one per
+    CPU pod), and vLLM splits the model over all of them (`engine_parallel`)."""
+    if stage == "train":
+        return train_processes(stage, params)
+    return max(gpus, 1) if nodes > 1 else 1
+
+
+def engine_parallel() -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes of an engine stage under torchrun: the processes of one pod split
+    each layer (fast links inside a node), the pods split the layers between them (one hop per step across
+    nodes). (1, 1) outside torchrun."""
+    world = world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world <= 1 or local <= 0 or world % local:
+        return 1, 1
+    return local, world // local
+
+
 def launcher(processes: int, nodes: int = 1, rendezvous: str | None = None, rendezvous_id: str = "cai") -> list[str]:
     """The torchrun arguments before `-m jobs.cli ...`: standalone on one node; on several, c10d
     rendezvous at `rendezvous` (host:port of node 0's pod), which assigns every process its rank."""
@@ -103,6 +130,21 @@ def strategy_args(section: Any) -> dict[str, Any]:
     if section.strategy == "deepspeed":
         return {"deepspeed": deepspeed_config(section.deepspeed)}
     return {}
+
+
+def memory_layout(section: Any) -> tuple[bool, bool]:
+    """(full_shard, offload) of `train.distributed` for the memory estimate: whether the weights stay sharded
+    between forward passes (FSDP reshard_after_forward, ZeRO-3), and whether state lives in host memory.
+    A whole user DeepSpeed config wins over the `deepspeed.*` keys, as it does in `deepspeed_config`."""
+    if section.strategy == "fsdp":
+        return section.fsdp.reshard_after_forward, section.fsdp.cpu_offload
+    if section.strategy == "deepspeed":
+        o = section.deepspeed
+        if o.config is not None:
+            zero = o.config.get("zero_optimization") or {}
+            return zero.get("stage", o.stage) == 3, bool(zero.get("offload_optimizer") or zero.get("offload_param"))
+        return o.stage == 3, o.offload_optimizer or o.offload_params
+    return False, False
 
 
 @contextlib.contextmanager

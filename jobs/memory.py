@@ -6,7 +6,8 @@ into a run. The estimate is deliberately simple and conservative:
 - parameters of a decoder-only transformer from its shapes (embeddings, attention with grouped KV heads,
   a gated MLP or its experts, norms); SmolLM2-135M comes out at 134.5M, Llama-3.1-8B at 8.03B;
 - inference (generate, judge, evaluate): the weights in the engine's dtype, spread over the pod's GPUs
-  (tensor parallel), must leave at least a quarter of the memory for the KV cache and activations;
+  (tensor parallel) and its pods (pipeline parallel), must leave at least a quarter of the memory for
+  the KV cache and activations;
 - training with DDP: every GPU holds the whole model in mixed precision with Adam: 16 bytes per
   parameter (bf16 weights and gradients, fp32 master weights and two moments), plus 2 bytes for a DPO
   reference model unless its log-probs are precomputed or LoRA serves as the reference; LoRA trains
@@ -27,6 +28,7 @@ from .errors import ConfigError
 GIB = 1 << 30
 INFERENCE_SHARE = 0.75  # of the GPUs' memory the weights may take; the rest is KV cache and activations
 TRAIN_SHARE = 0.9  # of one GPU's memory the training state may take; the rest is activations
+NODE_GPUS = 8  # GPUs of one common node (HGX/DGX): beyond them a model needs more pods
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 
 
@@ -73,8 +75,9 @@ def needed_gib(stage: str, params: int, weight_bytes: int, lora: bool = False, d
     return gib, how
 
 
-def check_fits(stage: str, need: float, how: str, gpus: int, gpu_memory_gib: float | None) -> None:
-    """Raise a one-line ConfigError when a stage's estimate cannot fit its GPUs; no GPUs or unknown memory: no check."""
+def check_fits(stage: str, need: float, how: str, gpus: int, gpu_memory_gib: float | None, nodes: int = 1) -> None:
+    """Raise a one-line ConfigError when a stage's estimate cannot fit its GPUs (`gpus` per pod; an engine stage
+    over `nodes` pods splits the weights over all of them); no GPUs or unknown memory: no check."""
     if not gpus or not gpu_memory_gib:
         return
     if stage == "train":
@@ -84,8 +87,12 @@ def check_fits(stage: str, need: float, how: str, gpus: int, gpu_memory_gib: flo
                               f"{gpu_memory_gib:g} GiB GPUs; use train.distributed.strategy fsdp or deepspeed (shards it over "
                               "the GPUs of every node), train.lora.enabled, train.dpo.precompute_ref_log_probs, or more GPUs or nodes")
         return
-    room = gpus * gpu_memory_gib * INFERENCE_SHARE
+    room = nodes * gpus * gpu_memory_gib * INFERENCE_SHARE
     if need > room:
-        raise ConfigError(f"config: kubernetes.stages.{stage}: about {need:.0f} GiB of weights ({how}) do not fit {gpus} x "
-                          f"{gpu_memory_gib:g} GiB GPUs with room for the KV cache; raise kubernetes.stages.{stage}.gpus "
-                          f"(tensor parallel) to at least {int(-(-need // (gpu_memory_gib * INFERENCE_SHARE)))}")
+        least = int(-(-need // (gpu_memory_gib * INFERENCE_SHARE)))
+        pods = f"{nodes} pods x " if nodes > 1 else ""
+        fix = (f"raise kubernetes.stages.{stage}.gpus (tensor parallel) to at least {least}" if least <= NODE_GPUS and nodes == 1 else
+               f"use at least {least} GPUs in all: kubernetes.stages.{stage}.gpus (tensor parallel, up to a node's) times "
+               f".nodes (pipeline parallel across pods, engine.backend: vllm), e.g. gpus: {NODE_GPUS}, nodes: {-(-least // NODE_GPUS)}")
+        raise ConfigError(f"config: kubernetes.stages.{stage}: about {need:.0f} GiB of weights ({how}) do not fit {pods}{gpus} x "
+                          f"{gpu_memory_gib:g} GiB GPUs with room for the KV cache; {fix}")

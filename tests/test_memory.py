@@ -17,12 +17,14 @@ SMOLLM2_135M = {"hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152
 LLAMA_31_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
                "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 LLAMA_31_70B = {**LLAMA_31_8B, "hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672, "num_attention_heads": 64}
+LLAMA_31_405B = {**LLAMA_31_8B, "hidden_size": 16384, "num_hidden_layers": 126, "intermediate_size": 53248, "num_attention_heads": 128}
 
 
 def test_parameter_counts_match_the_published_sizes():
     assert parameter_count(SMOLLM2_135M) == 134_515_008  # SmolLM2-135M
     assert round(parameter_count(LLAMA_31_8B) / 1e9, 2) == 8.03  # Llama-3.1-8B
     assert round(parameter_count(LLAMA_31_70B) / 1e9, 1) == 70.6  # Llama-3.1-70B
+    assert round(parameter_count(LLAMA_31_405B) / 1e9) == 406  # Llama-3.1-405B (405.9B)
 
 
 def test_the_bundled_models_own_config_counts_what_its_weights_hold(bundled_model_dir):
@@ -62,6 +64,22 @@ def test_a_70b_model_needs_tensor_parallel_gpus_to_generate():
     with pytest.raises(ConfigError, match=r"kubernetes.stages.generate: about 131 GiB of weights .* raise kubernetes.stages.generate.gpus \(tensor parallel\) to at least 3"):
         check(RunConfig(stages=["generate"], kubernetes=cluster(generate=(1, 80))), LLAMA_31_70B)
     check(RunConfig(stages=["generate"], kubernetes=cluster(generate=(4, 80))), LLAMA_31_70B)
+
+
+def test_a_405b_model_needs_a_second_node_to_generate():
+    """756 GiB of bf16 weights: more than 8 x 80 GB can hold with room for the KV cache, so the fix names nodes;
+    two pods (pipeline parallel, vLLM) hold it."""
+    vllm = {"engine": {"backend": "vllm"}}
+    with pytest.raises(ConfigError) as e:
+        check(RunConfig(stages=["generate"], kubernetes=cluster(generate=(8, 80)), **vllm), LLAMA_31_405B)
+    msg = str(e.value)
+    assert "about 756 GiB of weights" in msg and "do not fit 8 x 80 GiB GPUs" in msg and "\n" not in msg
+    assert "use at least 13 GPUs in all" in msg and "e.g. gpus: 8, nodes: 2" in msg
+    two = {"stages": {"generate": {"gpus": 8, "gpu_memory_gib": 80, "nodes": 2}}}
+    check(RunConfig(stages=["generate"], kubernetes=two, **vllm), LLAMA_31_405B)
+    two["stages"]["generate"]["gpus"] = 4  # 2 x 4 x 80 GB: too small still, and the message counts both pods
+    with pytest.raises(ConfigError, match=r"do not fit 2 pods x 4 x 80 GiB GPUs"):
+        check(RunConfig(stages=["generate"], kubernetes=two, **vllm), LLAMA_31_405B)
 
 
 def test_no_gpu_memory_given_means_no_check():

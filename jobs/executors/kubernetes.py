@@ -216,7 +216,7 @@ class KubernetesExecutor:
     # --- plan-time checks --------------------------------------------------------------------------
     def check_fits(self, config: Any, model_config: dict[str, Any]) -> None:
         """Each stage's estimated GPU memory against its pods' GPUs (where kubernetes.stages.*.gpu_memory_gib is set)."""
-        from ..distributed import sharded
+        from ..distributed import memory_layout, sharded
         from ..memory import check_fits, dtype_bytes, needed_gib, parameter_count
 
         try:
@@ -227,20 +227,16 @@ class KubernetesExecutor:
         train = config.train
         reference = train.method in ("sft+dpo", "dpo") and not train.dpo.precompute_ref_log_probs
         layout = train.distributed
+        full, offload = memory_layout(layout)
+        layers = int(model_config.get("num_hidden_layers") or 1)
+        embeddings = (int(model_config.get("vocab_size") or 0) * int(model_config.get("hidden_size") or 0)
+                      * (1 if model_config.get("tie_word_embeddings") else 2))
         for stage in config.stages:
             res = self.k8s.stages[stage]
             shards = layout.processes * res.nodes if stage == "train" and sharded(layout) else 1
-            zero = (layout.deepspeed.config or {}).get("zero_optimization") or {}  # a whole user config wins over the keys
-            offload = (layout.fsdp.cpu_offload if layout.strategy == "fsdp" else
-                       bool(zero.get("offload_optimizer") or zero.get("offload_param")) if layout.deepspeed.config else
-                       layout.deepspeed.offload_optimizer or layout.deepspeed.offload_params)
-            full = (layout.fsdp.reshard_after_forward if layout.strategy == "fsdp" else
-                    zero.get("stage", layout.deepspeed.stage) == 3)
             need, how = needed_gib(stage, params, weight, lora=train.lora.enabled, dpo_reference=reference, shards=shards,
-                                   full_shard=full, offload=offload, layers=int(model_config.get("num_hidden_layers") or 1),
-                                   embeddings=int(model_config.get("vocab_size") or 0) * int(model_config.get("hidden_size") or 0)
-                                   * (1 if model_config.get("tie_word_embeddings") else 2))
-            check_fits(stage, need, how, res.gpus, res.gpu_memory_gib)
+                                   full_shard=full, offload=offload, layers=layers, embeddings=embeddings)
+            check_fits(stage, need, how, res.gpus, res.gpu_memory_gib, nodes=res.nodes)
 
     # --- submit / adopt ---------------------------------------------------------------------------
     def submit(self, job: Any, spec: StageSpec) -> None:

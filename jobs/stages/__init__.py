@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
 
-from ..attempts import AttemptStore, Superseded
+from ..attempts import AttemptStore, Superseded, WorkerView
 from ..config import StageSpec
 from ..distributed import is_main
 from ..errors import ConfigError, StageFailed
@@ -53,6 +53,8 @@ def run_stage(name: str, spec_uri: str, engine=None, shard: int | None = None) -
     spec, store = load_spec(spec_uri)
     if spec.stage != name:
         raise ConfigError(f"{spec_uri}: stage: spec is for {spec.stage!r}, not {name!r}; run `cai stage {spec.stage}`")
+    if not is_main():  # a torchrun worker: rank 0 writes the outputs, the others compute alike (engine stages) or their share
+        store = WorkerView(store)
     if is_complete(store, spec):
         log(name, f"already complete ({store.uri_for(manifest_key(spec))}); skipping")
         return False
