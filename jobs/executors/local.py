@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..distributed import launcher, train_processes
-from ..errors import StageFailed
+from ..errors import StageFailed, reported_line
 
 # Exit codes shared with the Kubernetes podFailurePolicy: config errors are not worth retrying.
 EXIT_CONFIG = 2
@@ -153,10 +153,7 @@ class LocalExecutor:
             err.log = "".join(lines)
             raise err
         if code != 0:
-            # the stage's own `error: ...` line; under torchrun it comes before the launcher's failure summary
-            last = next((l for l in reversed(tail) if l.startswith("error: ")), None) or next(
-                (l for l in reversed(tail) if l.strip()), "no output")
-            err = StageFailed(f"stage {stage}{' ' + prefix.strip() if prefix else ''} failed (exit {code}): {last}")
+            err = StageFailed(f"stage {stage}{' ' + prefix.strip() if prefix else ''} failed (exit {code}): {reported_line(tail)}")
             err.log = "".join(lines)
             raise err
         return "".join(lines)

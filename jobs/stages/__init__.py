@@ -53,8 +53,6 @@ def run_stage(name: str, spec_uri: str, engine=None, shard: int | None = None) -
     spec, store = load_spec(spec_uri)
     if spec.stage != name:
         raise ConfigError(f"{spec_uri}: stage: spec is for {spec.stage!r}, not {name!r}; run `cai stage {spec.stage}`")
-    if not is_main():  # a torchrun worker: rank 0 writes the outputs, the others compute alike (engine stages) or their share
-        store = WorkerView(store)
     if is_complete(store, spec):
         log(name, f"already complete ({store.uri_for(manifest_key(spec))}); skipping")
         return False
@@ -66,11 +64,20 @@ def run_stage(name: str, spec_uri: str, engine=None, shard: int | None = None) -
         if is_complete(store, part):
             log(name, f"shard {index + 1}/{count} already complete; skipping")
             return False
-        store.delete(manifest_key(part))
+        if is_main():
+            store.delete(manifest_key(part))
         log(name, f"shard {index + 1}/{count}")
-        return _execute(name, part, store, lambda: module.run(part, AttemptStore(store, part), engine=engine, shard=(index, count)))
-    store.delete(manifest_key(spec))  # a stale manifest from another spec must not outlive a crash
-    return _execute(name, spec, store, lambda: module.run(spec, AttemptStore(store, spec), engine=engine))
+        return _execute(name, part, store, lambda: module.run(part, writer(store, part), engine=engine, shard=(index, count)))
+    if is_main():
+        store.delete(manifest_key(spec))  # a stale manifest from another spec must not outlive a crash
+    return _execute(name, spec, store, lambda: module.run(spec, writer(store, spec), engine=engine))
+
+
+def writer(store: ArtifactStore, spec: StageSpec) -> AttemptStore | WorkerView:
+    """What a stage writes through: this attempt's view of the store; for a torchrun worker (rank > 0) one
+    that drops every write, because rank 0 writes the outputs (an engine stage's workers compute the same,
+    a train stage's hold their share of the same model)."""
+    return AttemptStore(store, spec) if is_main() else WorkerView(store)
 
 
 def merge_stage(name: str, spec_uri: str) -> bool:
