@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from jobs.memory import parameter_count  # noqa: E402 - plain Python: the device image has no pydantic
 from bench.common import RESULTS, command_line, format_table, log, machine_info, machine_line, now_iso, ratio, write_json_atomic  # noqa: E402
 from bench.gpu import MODELS  # noqa: E402
 from bench.train import flops_per_token, mfu, peak_tflops_for  # noqa: E402
@@ -158,17 +159,10 @@ def run_side(side: str, shape: dict[str, Any], device: str, batch: int, prompt: 
     seconds = sum(timed)
     trained = batch * length * len(timed) * (2 if method == "dpo" else 1)  # DPO trains chosen and rejected
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    params = _params(shape)
+    params = parameter_count(shape)  # the tied embedding once; Qwen2's q/k/v biases left out
     return {"side": side, "method": method, "batch": batch, "seq": length, "steps": len(timed), "seconds": round(seconds, 4),
             "tokens_per_s": round(trained / seconds, 1) if seconds else None, "params": params,
             "flops_per_token": flops_per_token(method, params, lora=False), "peak_mem_gib": round(peak_mem, 2) if peak_mem else None}
-
-
-def _params(shape: dict[str, Any]) -> int:
-    """N from the shapes (jobs/memory.py's count: the tied embedding once; Qwen2's q/k/v biases left out)."""
-    from jobs.memory import parameter_count
-
-    return parameter_count(shape)
 
 
 def main(argv: list[str] | None = None) -> int:
