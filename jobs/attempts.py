@@ -99,12 +99,30 @@ class WorkerView:
 
     @contextlib.contextmanager
     def open_writer(self, key: str) -> Iterator[Any]:
-        import io
-
-        yield io.StringIO()
+        yield _Sink()
 
     def put_dir(self, src: Path, key: str, link: bool = False) -> None:
         pass
 
     def delete(self, key: str) -> None:
+        pass
+
+    def create_only(self, key: str, data: bytes) -> bool:
+        raise RuntimeError(f"{key}: a torchrun worker (rank > 0) never takes part in the store's coordination")
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        return self.create_only(key, data)
+
+
+class _Sink:
+    """A text file that keeps nothing: a worker's copy of the rows rank 0 writes."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for _ in lines:
+            pass
+
+    def flush(self) -> None:
         pass

@@ -16,6 +16,7 @@ import yaml
 
 from pydantic import Field, field_validator, model_validator
 
+from .distributed import launch_layout
 from .errors import ConfigError
 from .schema import StrictModel, load_file, parse_data, read_structured
 
@@ -593,9 +594,10 @@ class RunConfig(StrictModel):
             if getattr(self, name).shards > 1:
                 raise ValueError(f"{where} with {name}.shards: {getattr(self, name).shards}: the pods of a multi-node stage run one "
                                  f"model together; set {name}.shards: 1, or nodes: 1 for data-parallel shards of a model that fits one pod")
-            if self.engine.tensor_parallel not in ("auto", res.gpus or 1):
+            processes = launch_layout(name, {}, res.gpus, res.nodes)
+            if self.engine.tensor_parallel not in ("auto", processes):
                 raise ValueError(f"{where}: engine.tensor_parallel: {self.engine.tensor_parallel}, but the pod's processes (one per GPU, "
-                                 f"{res.gpus or 1}) split each layer; set engine.tensor_parallel: auto")
+                                 f"{processes}) split each layer; set engine.tensor_parallel: auto")
             extras = [k for k, v in (("harness", self.evaluate.harness), ("depth_probe", self.evaluate.depth_probe)) if v is not None]
             if self.evaluate.classifier is not None and self.evaluate.classifier.format == "sequence-classification":
                 extras.append("classifier (sequence-classification)")

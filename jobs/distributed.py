@@ -56,10 +56,15 @@ def engine_parallel() -> tuple[int, int]:
     """(tensor, pipeline) parallel sizes of an engine stage under torchrun: the processes of one pod split
     each layer (fast links inside a node), the pods split the layers between them (one hop per step across
     nodes). (1, 1) outside torchrun."""
+    from .errors import ConfigError
+
     world = world_size()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if world <= 1 or local <= 0 or world % local:
+    if world <= 1:
         return 1, 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if local <= 0 or world % local:
+        raise ConfigError(f"engine: WORLD_SIZE={world} with LOCAL_WORLD_SIZE={local or 'unset'}: an engine stage over several pods "
+                          "needs the same number of processes in every pod; launch it with cai-torchrun --nproc-per-node")
     return local, world // local
 
 

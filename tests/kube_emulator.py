@@ -270,7 +270,7 @@ class FakeCluster:
             return  # no Kueue here to admit it
         deadline = time.monotonic() + spec.get("activeDeadlineSeconds", 10**9)
         indexed = spec.get("completionMode") == "Indexed"
-        if indexed and spec["template"]["spec"].get("subdomain"):  # a gang (multi-node train): every index at once
+        if indexed and spec["template"]["spec"].get("subdomain"):  # a gang (multi-node): every index at once
             self._run_gang(job, ns, name, deadline)
             return
         counts = {"failed": 0, "succeeded": 0}

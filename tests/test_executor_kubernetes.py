@@ -285,6 +285,21 @@ def test_a_job_deleted_before_it_finished_is_a_failure_unless_its_outputs_are_co
     assert ex.run("generate", uri) == ""
 
 
+def test_a_failed_multi_pod_job_whose_outputs_are_complete_is_done(tmp_path, cluster_factory):
+    """Each pod of a 2-pod stage checks on its own whether the stage is done; when another attempt finishes it
+    in between, rank 0 skips and the other pod fails waiting for it. The outputs stand: not a failure. A single
+    pod that fails stays a failure whatever the store holds (its own error is what to report)."""
+    cluster = cluster_factory(lambda job, i, attempt: PodRun(exit_code=1, log="rendezvous timed out"))
+    store = LocalStore(tmp_path / "store")
+    spec, uri = planted_spec(store)
+    with pytest.raises(StageFailed, match="rendezvous timed out"):
+        executor(cluster, store, stages={"generate": {"nodes": 2, "gpus": 0}}).run("generate", uri)
+    write_manifest(store, spec, build_manifest(spec, store, [], {}, {}, now_iso()))
+    assert executor(cluster, store, stages={"generate": {"nodes": 2, "gpus": 0}}).run("generate", uri) == ""
+    with pytest.raises(StageFailed, match="rendezvous timed out"):
+        executor(cluster, store, stages={"generate": {"gpus": 0}}).run("generate", uri)
+
+
 def test_unreachable_api_server_is_one_line(tmp_path):
     from kubernetes import client
 

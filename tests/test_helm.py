@@ -463,6 +463,22 @@ def test_stage_jobs_from_the_rendered_config_request_gpus(gpu_render: str, tmp_p
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
 
 
+def test_the_chart_runs_generate_across_two_nodes(helm: Path, tmp_path: Path) -> None:
+    """stages.generate.nodes passes the chart's schema and reaches the controller's config: its generate Job is
+    2 pods of 8 GPUs, each under torchrun (vLLM pipeline parallel across them)."""
+    from jobs.config import StageSpec
+    from jobs.executors.k8s_manifests import build_job, to_dict
+
+    objs = docs(template(helm, "--set", "stages.generate.nodes=2", "--set", "stages.generate.gpus=8",
+                         "--set", "run.engine.backend=vllm"))
+    config = load_run_config(run_yaml(objs), tmp_path)
+    assert config.kubernetes.stages["generate"].nodes == 2
+    spec = StageSpec(stage="generate", run_id="r", round=1, store=config.store, output="runs/r/round-1/generate", model=config.model)
+    job = to_dict(build_job(spec, f"{config.store}/runs/r/round-1/generate/spec.json", config.kubernetes, namespace=NS))
+    assert job["spec"]["completions"] == 2
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["cai-torchrun", "--nnodes=2", "--nproc-per-node=8"]
+
+
 def test_inline_constitution_goes_to_the_config_map(helm: Path, tmp_path: Path) -> None:
     source = REPO / "constitutions" / "telehealth.yaml"
     objs = docs(template(helm, "--set-file", f"constitution.inline={source}"))

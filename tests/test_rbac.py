@@ -43,7 +43,7 @@ CONTROLLER_NEEDS = {
     ("batch", "jobs", "delete"): "replace a failed Job of the same spec; remove a Job whose image cannot be pulled",
     ("", "pods", "list"): "find a Job's pods by the cai-jobs/job label",
     ("", "pods/log", "get"): "copy each pod's log into the store",
-    ("", "services", "create"): "a multi-node train Job's headless Service (its pods' rendezvous)",
+    ("", "services", "create"): "a multi-node Job's headless Service (its pods' rendezvous)",
     ("", "services", "delete"): "remove that Service once the Job has finished",
 }
 # `cai submit`, with the caller's own credentials (README, "On a cluster").

@@ -162,7 +162,8 @@ def forget_cpu_shm(root: Path = SHM_DIR) -> list[str]:
     A pod's /dev/shm is its own, but a retried stage on a host with a shared one (docker --ipc=host, the
     test cluster) would not start again. Once the engine is up, every process of the launch has joined
     the segments (its start ends in collectives over them), and memory stays mapped until it is unmapped,
-    so the names can go then; a launch that fails to start unlinks them at exit."""
+    so the names can go then; a launch that fails to start unlinks them at exit. It takes every such name
+    on this /dev/shm: two launches sharing one would collide on the names anyway."""
     gone = []
     for path in root.glob("*-cpushm_*"):
         try:
@@ -234,6 +235,22 @@ class VLLMEngine:
               f"{f' x{pipeline_parallel} (pipeline parallel)' if pipeline_parallel > 1 else ''}"
               f"{' (compiled)' if compiled and self.device == 'cpu' else ''}, ready in {self.start_seconds:.1f}s",
               file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Give the model's memory back before a stage loads its next engine. Under the external launcher the
+        engine lives in this process (no worker processes whose exit would free the GPU), and vLLM's start
+        checks the free memory against its share; the process group stays up for the next engine."""
+        import gc
+
+        self.llm = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
         return render_conversation(self.tokenizer, conversation, add_generation_prompt)

@@ -32,7 +32,7 @@ HF_HOME = f"{CACHE_DIR}/hf"  # the controller's Hub downloads, in its cache empt
 HUB_OFFLINE = "HF_HUB_OFFLINE"  # in every stage pod's env (pod_env); never in the controller's
 HF_TOKEN_KEY = "HF_TOKEN"  # the key in kubernetes.hf_token_secret
 HF_TOKEN_DIR = "/var/run/secrets/cai/hf"  # where the controller pod mounts it, read-only
-RDZV_PORT = 29500  # torchrun's c10d rendezvous on pod 0 of a multi-node train Job
+RDZV_PORT = 29500  # torchrun's c10d rendezvous on pod 0 of a multi-node Job
 SPEC_HASH = "cai-jobs/spec-hash"
 INPUTS_HASH = "cai-jobs/inputs-hash"  # the spec and its inputs' content digests: a Job is adopted only with both equal
 SPEC_URI = "cai-jobs/spec-uri"
@@ -294,7 +294,7 @@ def pod_command(spec: StageSpec, spec_uri: str, res: StageResources, job: str = 
 
 
 def build_rendezvous_service(job: m.V1Job) -> m.V1Service:
-    """The headless Service of a multi-node train Job: DNS names for its pods (`<job>-<index>.<job>`),
+    """The headless Service of a multi-node Job: DNS names for its pods (`<job>-<index>.<job>`),
     published before they are ready, so pod 0's rendezvous is reachable while the others start."""
     name = job.metadata.name
     return m.V1Service(
@@ -466,14 +466,14 @@ def build_service_account(k8s: KubernetesConfig, namespace: str | None = None) -
 
 def controller_rules() -> list[m.V1PolicyRule]:
     """What the controller sends, nothing more (tests/test_rbac.py records it): create, poll and
-    delete stage Jobs, list their pods, read pod logs, create and delete a multi-node train Job's
+    delete stage Jobs, list their pods, read pod logs, create and delete a multi-node Job's
     headless Service. It polls, so no watch; the kubelet mounts its
     ConfigMap and the run lock lives in the store, so no configmaps or leases."""
     return [
         m.V1PolicyRule(api_groups=["batch"], resources=["jobs"], verbs=["create", "get", "delete"]),
         m.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["list"]),
         m.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
-        m.V1PolicyRule(api_groups=[""], resources=["services"], verbs=["create", "delete"]),  # multi-node train rendezvous
+        m.V1PolicyRule(api_groups=[""], resources=["services"], verbs=["create", "delete"]),  # multi-node rendezvous
     ]
 
 

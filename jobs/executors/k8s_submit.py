@@ -89,7 +89,7 @@ def render(config: RunConfig, store_uri: str, run_id: str | None = None, namespa
                  build_config_map(run_id, run_yaml, constitution, k8s, ns), build_controller_job(run_id, store_uri, k8s, ns)]
     for spec, uri in specs:
         job = build_job(spec, uri, config.kubernetes, ns)
-        if job.spec.template.spec.subdomain:  # a multi-node train Job: the executor creates its Service first
+        if job.spec.template.spec.subdomain:  # a multi-node Job: the executor creates its Service first
             objs.append(build_rendezvous_service(job))
         objs.append(job)
     return to_yaml(objs, notes)

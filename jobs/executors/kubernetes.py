@@ -188,7 +188,7 @@ class KubernetesExecutor:
     def run(self, stage: str, spec_uri: str) -> str:
         spec = self._load_spec(spec_uri)
         job = build_job(spec, spec_uri, self.k8s, namespace=self.namespace, inputs_hash=inputs_digest(self.store, spec))
-        gang = job.spec.template.spec.subdomain is not None  # a multi-node train Job: its pods meet at pod 0
+        gang = job.spec.template.spec.subdomain is not None  # a multi-node Job: its pods meet at pod 0
         if gang:
             self._create_service(build_rendezvous_service(job))
         self.submit(job, spec)
@@ -203,7 +203,11 @@ class KubernetesExecutor:
             raise
         if gang:
             self._delete_service(job.metadata.name)
-        if outcome.state == "failed":
+        if outcome.state == "failed" and gang and self._outputs_complete(spec):
+            # each pod decides on its own whether the stage is already done: when another attempt finished it
+            # in between, rank 0 skips while its peers wait for it and fail, but the outputs stand
+            log(f"job {self.namespace}/{job.metadata.name}: failed, but the stage's outputs are complete (another attempt); done")
+        elif outcome.state == "failed":
             raise StageFailed(failure_message(spec, outcome.job, outcome.pods, outcome.logs, self.k8s))
         if outcome.state == "gone" and not self._outputs_complete(spec):
             raise StageFailed(f"stage {stage} failed: job {self.namespace}/{job.metadata.name} was deleted before it finished; re-run to submit it again")

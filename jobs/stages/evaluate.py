@@ -213,7 +213,8 @@ def run(spec: StageSpec, store: ArtifactStore, engine: Engine | None = None, sha
     if engine is not None or judge_ref == spec.model:
         judge = policy
     else:
-        del policy  # one model in memory at a time
+        getattr(policy, "close", lambda: None)()  # one model in memory at a time (vLLM: its GPU memory too)
+        del policy
         gc.collect()
         judge = load_engine(spec.engine, resolve_model(judge_ref, store))
     timings["judge_load_s"] = time.perf_counter() - t
