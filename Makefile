@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all bench clean-store install-vllm test-vllm images browser
+.PHONY: install demo test test-all test-slow bench clean-store install-vllm test-vllm images browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ test: $(STAMP) $(HELM) $(CHECKOV) browser
 
 test-all: PYTEST_ARGS =
 test-all: test
+
+test-slow: PYTEST_ARGS = -m slow
+test-slow: test
 
 # Quick sizes, about 20 minutes on 2 quiet cores in all; results in bench/results/*.json (bench/README.md).
 bench: $(STAMP)

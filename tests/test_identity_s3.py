@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CONFIG = """
 name: identity
 model: s3://{bucket}/models/tiny/
@@ -62,6 +64,7 @@ def skipped(stderr: str) -> set[str]:
     return {m.group(1) for m in re.finditer(r"\[cai\] (.+?): already complete, skipped", stderr)}
 
 
+@pytest.mark.slow  # ~130 s of real stages against SeaweedFS: `make test-slow`, and in CI when time allows
 def test_identity_follows_content_on_s3(tmp_path, tiny_model_dir, s3_server, s3_bucket):
     s3 = s3_server.admin()
     upload_model(s3, s3_bucket, tiny_model_dir)
