@@ -139,17 +139,6 @@ def test_score_equals_the_transformers_engine(vllm_fp32, hf_fp32):
     assert all(math.isfinite(s) and s < 0 for s in ours)
 
 
-def test_scoring_one_step_at_a_time_equals_prompt_logprobs(vllm_fp32, monkeypatch):
-    """Under pipeline parallelism `score` reads each continuation token's log-prob from a sampled step (prompt
-    log-probs fail on the first stage there); the figures are the prompt log-probs' own."""
-    prompt = vllm_fp32.render(CONVS[0])
-    conts = ["The capital of France is Paris.", " Paris", "Bananas are blue."]
-    direct = vllm_fp32.score([prompt] * len(conts), conts)
-    monkeypatch.setattr(vllm_fp32, "pipeline_parallel", 2)
-    stepped = vllm_fp32.score([prompt] * len(conts), conts)
-    assert stepped == pytest.approx(direct, abs=1e-4)
-
-
 def test_stats_count_calls_tokens_and_steps(vllm_fp32):
     st = vllm_fp32.stats
     before = (st.calls, st.sequences, st.prompt_tokens, st.generated_tokens, st.seconds)

