@@ -311,12 +311,17 @@ class FakeCluster:
 
     def _run_gang(self, job: dict, ns: str, name: str, deadline: float) -> None:
         """All pods of an Indexed Job side by side, as the Job controller starts them with parallelism =
-        completions; the first that fails a FailJob rule fails the Job (the others are left to end)."""
+        completions; the first that fails fails the Job, and the others are stopped (as the gang's pod failure
+        policy has the Job controller delete them)."""
         n = job["spec"].get("completions", 1)
         results: list = [None] * n
 
+        peer_failed = threading.Event()  # the Job controller deletes the gang's other pods once one fails
+
         def one(i: int) -> None:
-            results[i] = self._run_pod(job, i, 0, deadline)
+            results[i] = self._run_pod(job, i, 0, deadline, peer_failed)
+            if results[i] is not None and results[i][0] != 0:
+                peer_failed.set()
 
         threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
         for t in threads:
@@ -327,9 +332,11 @@ class FakeCluster:
             return
         failed = [r for r in results if r[0] != 0]
         self._patch(JOBS, ns, name, {"status": {"succeeded": n - len(failed), "failed": len(failed)}})
-        ctype, reason = ("Failed", "PodFailurePolicy") if failed else ("Complete", None)
+        reason, message = (("DeadlineExceeded", "Job was active longer than specified deadline") if any(r[2] for r in results)
+                           else ("PodFailurePolicy", None) if failed else (None, None))
         self._patch(JOBS, ns, name, {"status": {"active": 0, "conditions": [
-            {"type": ctype, "status": "True", "reason": reason, "message": None, "lastTransitionTime": now()}]}})
+            {"type": "Failed" if failed else "Complete", "status": "True", "reason": reason, "message": message,
+             "lastTransitionTime": now()}]}})
 
     @staticmethod
     def _fail_job_rule(spec: dict, code: int) -> bool:
@@ -339,7 +346,8 @@ class FakeCluster:
                 return True
         return False
 
-    def _run_pod(self, job: dict, index: int | None, attempt: int, deadline: float) -> tuple[int, bool, bool] | None:
+    def _run_pod(self, job: dict, index: int | None, attempt: int, deadline: float,
+                 peer_failed: threading.Event | None = None) -> tuple[int, bool, bool] | None:
         meta, ns = job["metadata"], job["metadata"]["namespace"]
         suffix = uuid.uuid4().hex[:5]
         pod = f"{meta['name']}-{index}-{suffix}" if index is not None else f"{meta['name']}-{suffix}"
@@ -370,7 +378,14 @@ class FakeCluster:
             "name": container["name"], "image": container["image"], "imageID": "", "ready": True, "restartCount": 0,
             "state": {"running": {"startedAt": now()}}}]}})
         if behaviour == EXECUTE:
-            code, text = self._execute(container, index)
+            def stop() -> bool:
+                return self._job(ns, meta["name"]) is None or (peer_failed is not None and peer_failed.is_set())
+
+            code, text, timed_out = self._execute(container, index, min(deadline, time.monotonic() + EXECUTE_CAP_S), stop)
+            if timed_out:
+                self.logs[(ns, pod)] = text
+                self._finish(ns, pod, container, 137, "Error", False)
+                return 137, False, True
             reason, disrupted = ("Completed" if code == 0 else "Error"), False
         else:
             start = time.monotonic()
@@ -400,8 +415,11 @@ class FakeCluster:
             "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now()}}}]}})
 
     @staticmethod
-    def _execute(container: dict, index: int | None) -> tuple[int, str]:
-        """What a kubelet does with the container: its command, its env (plus the image's PATH/HOME)."""
+    def _execute(container: dict, index: int | None, deadline: float, stop: Callable[[], bool]) -> tuple[int, str, bool]:
+        """What a kubelet does with the container: its command, its env (plus the image's PATH/HOME), in a
+        session of its own. Like a container's cgroup, the whole session is killed when the pod ends early: at
+        the deadline (then `timed_out`), or when `stop()` says the Job is gone or a gang peer failed. The log
+        is a file, so no leftover process can hold a pipe open and block the pod from finishing."""
         with tempfile.TemporaryDirectory() as root:
             mounts = {m["mountPath"]: os.path.join(root, m["name"]) for m in container.get("volumeMounts", [])}
             env = {"PATH": os.environ["PATH"], "HOME": os.path.join(root, "home")}
@@ -418,8 +436,59 @@ class FakeCluster:
             else:
                 assert cmd[0] == "cai"  # the image's console script
                 argv = [sys.executable, "-m", "jobs.cli", *cmd[1:]]
-            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-            return proc.returncode, proc.stdout + proc.stderr
+            with open(os.path.join(root, "pod.log"), "w+") as log:
+                proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                timed_out = False
+                while proc.poll() is None:
+                    if time.monotonic() >= deadline or stop():
+                        timed_out = time.monotonic() >= deadline
+                        _kill_session(proc)
+                        break
+                    time.sleep(0.05)
+                _kill_session(proc)  # what a finished launcher left behind goes with its container
+                log.seek(0)
+                text = log.read()
+            if timed_out:
+                text += f"\n[emulator] pod killed at its deadline (activeDeadlineSeconds, at most {EXECUTE_CAP_S:.0f} s here)\n"
+            return proc.returncode, text, timed_out
+
+
+EXECUTE_CAP_S = float(os.environ.get("CAI_TEST_POD_TIMEOUT_S", "1200"))  # no EXECUTE pod outlives this, whatever its Job says
+
+
+def _kill_session(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to every process of the pod's session, SIGKILL to what is left after the grace period
+    (terminationGracePeriodSeconds), as the kubelet does to a container's cgroup."""
+    import signal
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+        if not _session_alive(proc):
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        until = time.monotonic() + wait_s
+        while time.monotonic() < until and _session_alive(proc):
+            time.sleep(0.05)
+    proc.wait()
+
+
+def _session_alive(proc: subprocess.Popen) -> bool:
+    """Whether any process of the session `proc` leads still runs (zombies do not count: an orphan's may
+    wait for a reaper that never comes)."""
+    proc.poll()  # reaps the leader once it exits
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == proc.pid and fields[0] != "Z":  # fields: state, ppid, pgrp, session, ...
+            return True
+    return False
 
 
 RENDEZVOUS_PORTS: dict[str, int] = {}  # rendezvous endpoint -> the loopback port standing in for it

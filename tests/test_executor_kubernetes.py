@@ -214,6 +214,37 @@ def test_deadline_exceeded(tmp_path, cluster_factory):
     assert list(stored_logs(store, spec).values()) == ["still going\n"]
 
 
+def gang_pod_0_runs(other: PodRun):
+    """A 2-pod gang: pod 0 really runs its torchrun launcher, which waits at the rendezvous for pod 1; pod 1
+    does what the test says."""
+    return lambda job, i, attempt: EXECUTE if i == 0 else other
+
+
+def test_a_failed_gang_pod_stops_the_others_at_once(tmp_path, cluster_factory):
+    """Under the gang's pod failure policy one failed pod fails the Job, and the Job controller deletes the
+    rest: pod 0's launcher, left waiting for a peer that will never come, is stopped with its whole process
+    tree (as the kubelet kills a container's cgroup) instead of waiting out its rendezvous timeout."""
+    cluster = cluster_factory(gang_pod_0_runs(PodRun(exit_code=1, log="error: pod 1 failed on purpose\n", seconds=1)))
+    store = LocalStore(tmp_path / "store")
+    spec, uri = planted_spec(store, stage="train")
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed, match="PodFailurePolicy"):
+        executor(cluster, store, stages={"train": {"gpus": 0, "nodes": 2}}).run("train", uri)
+    assert time.monotonic() - t0 < 60  # torchrun alone would wait 600 s for its peer
+    assert len(cluster.pods_started) == 2
+
+
+def test_a_gang_past_its_deadline_is_stopped_with_its_processes(tmp_path, cluster_factory):
+    """activeDeadlineSeconds ends a multi-node Job whose pods still run, launchers and all: DeadlineExceeded."""
+    cluster = cluster_factory(gang_pod_0_runs(PodRun(seconds=60, log="waiting\n")))
+    store = LocalStore(tmp_path / "store")
+    spec, uri = planted_spec(store, stage="train")
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed, match=r"DeadlineExceeded: ran longer than activeDeadlineSeconds=3"):
+        executor(cluster, store, stages={"train": {"gpus": 0, "nodes": 2, "active_deadline_seconds": 3}}).run("train", uri)
+    assert time.monotonic() - t0 < 60
+
+
 def test_image_pull_failure_fails_fast_with_the_image_and_deletes_the_job(tmp_path, cluster_factory):
     cluster = cluster_factory(lambda job, i, attempt: PodRun(waiting="ImagePullBackOff"))
     store = LocalStore(tmp_path / "store")
