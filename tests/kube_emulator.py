@@ -318,8 +318,10 @@ class FakeCluster:
 
         peer_failed = threading.Event()  # the Job controller deletes the gang's other pods once one fails
 
+        cores = _exclusive_cores(job["spec"]["template"]["spec"]["containers"][0], n)
+
         def one(i: int) -> None:
-            results[i] = self._run_pod(job, i, 0, deadline, peer_failed)
+            results[i] = self._run_pod(job, i, 0, deadline, peer_failed, cores[i] if cores else None)
             if results[i] is not None and results[i][0] != 0:
                 peer_failed.set()
 
@@ -347,7 +349,7 @@ class FakeCluster:
         return False
 
     def _run_pod(self, job: dict, index: int | None, attempt: int, deadline: float,
-                 peer_failed: threading.Event | None = None) -> tuple[int, bool, bool] | None:
+                 peer_failed: threading.Event | None = None, cores: set[int] | None = None) -> tuple[int, bool, bool] | None:
         meta, ns = job["metadata"], job["metadata"]["namespace"]
         suffix = uuid.uuid4().hex[:5]
         pod = f"{meta['name']}-{index}-{suffix}" if index is not None else f"{meta['name']}-{suffix}"
@@ -381,7 +383,7 @@ class FakeCluster:
             def stop() -> bool:
                 return self._job(ns, meta["name"]) is None or (peer_failed is not None and peer_failed.is_set())
 
-            code, text, timed_out = self._execute(container, index, min(deadline, time.monotonic() + EXECUTE_CAP_S), stop)
+            code, text, timed_out = self._execute(container, index, min(deadline, time.monotonic() + EXECUTE_CAP_S), stop, cores)
             if timed_out:
                 self.logs[(ns, pod)] = text
                 self._finish(ns, pod, container, 137, "Error", False)
@@ -415,9 +417,10 @@ class FakeCluster:
             "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now()}}}]}})
 
     @staticmethod
-    def _execute(container: dict, index: int | None, deadline: float, stop: Callable[[], bool]) -> tuple[int, str, bool]:
+    def _execute(container: dict, index: int | None, deadline: float, stop: Callable[[], bool],
+                 cores: set[int] | None = None) -> tuple[int, str, bool]:
         """What a kubelet does with the container: its command, its env (plus the image's PATH/HOME), in a
-        session of its own. Like a container's cgroup, the whole session is killed when the pod ends early: at
+        session of its own, on `cores` alone when given (the static CPU manager's exclusive cores). Like a container's cgroup, the whole session is killed when the pod ends early: at
         the deadline (then `timed_out`), or when `stop()` says the Job is gone or a gang peer failed. The log
         is a file, so no leftover process can hold a pipe open and block the pod from finishing."""
         with tempfile.TemporaryDirectory() as root:
@@ -437,6 +440,8 @@ class FakeCluster:
                 assert cmd[0] == "cai"  # the image's console script
                 argv = [sys.executable, "-m", "jobs.cli", *cmd[1:]]
             with open(os.path.join(root, "pod.log"), "w+") as log:
+                if cores:  # taskset, not preexec_fn: the gang's pods start from threads
+                    argv = ["taskset", "--cpu-list", ",".join(map(str, sorted(cores))), *argv]
                 proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 timed_out = False
                 while proc.poll() is None:
@@ -451,6 +456,18 @@ class FakeCluster:
             if timed_out:
                 text += f"\n[emulator] pod killed at its deadline (activeDeadlineSeconds, at most {EXECUTE_CAP_S:.0f} s here)\n"
             return proc.returncode, text, timed_out
+
+
+def _exclusive_cores(container: dict, pods: int) -> list[set[int]] | None:
+    """Each of a gang's pods its own cores, as the kubelet's static CPU manager gives a Guaranteed pod with an
+    integer CPU request: without it, every pod's processes pin their threads to all of this machine's cores
+    and the pods, which on a cluster run on separate nodes, fight over them. None where they do not fit."""
+    cpu = str(container.get("resources", {}).get("requests", {}).get("cpu", ""))
+    mine = sorted(os.sched_getaffinity(0))
+    if not cpu.isdigit() or int(cpu) < 1 or int(cpu) * pods > len(mine):
+        return None
+    c = int(cpu)
+    return [set(mine[i * c:(i + 1) * c]) for i in range(pods)]
 
 
 EXECUTE_CAP_S = float(os.environ.get("CAI_TEST_POD_TIMEOUT_S", "1200"))  # no EXECUTE pod outlives this, whatever its Job says
