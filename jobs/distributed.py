@@ -77,6 +77,21 @@ def launcher(processes: int, nodes: int = 1, rendezvous: str | None = None, rend
             f"--rdzv-id={rendezvous_id}"]
 
 
+GROUP, LEADER = "{group}", "{leader}"  # filled in each pod by `fill_group`
+
+
+def fill_group(args: list[str], index: int) -> list[str]:
+    """A pod's launch arguments with its group filled in. Shards of a multi-node stage are groups of
+    `--nnodes` pods in one Indexed Job: pod `index` is in group `index // nnodes`, whose first pod (the
+    leader, index `group * nnodes`) hosts the group's rendezvous; the group number is also its shard. One
+    pod template serves every pod, so the pod fills these in from its JOB_COMPLETION_INDEX."""
+    if not any(GROUP in a or LEADER in a for a in args):
+        return list(args)
+    nodes = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--nnodes=")), 1)
+    group = index // nodes
+    return [a.replace(GROUP, str(group)).replace(LEADER, str(group * nodes)) for a in args]
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -4,10 +4,14 @@ torchrun exits 1 whatever its workers exit with. A stage's bad input exits 2, an
 failure policy fails at once on 2 (a retry cannot fix a config); through plain torchrun the Job would
 retry it `backoffLimit` times on every GPU of the pod. A worker killed by a signal exits 128 + the signal,
 as a shell reports it.
+
+The pods of a sharded multi-node stage are groups of `--nnodes`; each pod fills its group into the
+arguments first (`jobs.distributed.fill_group`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -22,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from .distributed import fill_group
+    from .sharding import INDEX_ENV
+
+    argv = fill_group(sys.argv[1:] if argv is None else argv, int(os.environ.get(INDEX_ENV, "0")))
+    args = get_args_parser().parse_args(argv)
     try:
         run(args)
     except ChildFailedError as e:

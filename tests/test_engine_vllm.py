@@ -312,6 +312,34 @@ def test_generate_over_two_pods_pipeline_parallel_writes_what_one_process_writes
     assert json.loads((pp_out / "stage.json").read_text())["counts"]["generated_tokens"] > 0
 
 
+def test_two_shards_over_two_pods_each_run_as_a_group_and_merge_to_one_process_outputs(tmp_path, bundled_model_dir, hf_fp32, cluster_factory):
+    """generate with shards: 2 and nodes: 2: one Indexed Job of 4 pods. Pods 0-1 meet at pod 0 and run shard
+    0, pods 2-3 meet at pod 2 and run shard 1, each group one model over its two pods (pipeline parallel),
+    each group's rank 0 writing its shard. The merged outputs equal one process's (transformers, fp32)."""
+    from kube_emulator import EXECUTE, JOBS
+    from kube_emulator import executor as make_executor
+
+    from jobs.stages import merge_stage
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "groups", "model": str(bundled_model_dir), "engine": {"backend": "vllm", "dtype": "float32"},
+        "data": {"train": [{"source": "bundled:red-team", "limit": 1}, {"source": "bundled:helpful", "limit": 1}]},
+        "generate": {"revision_rounds": 1, "few_shot": 1, "max_new_tokens": 16, "critique_max_new_tokens": 12}}))
+    store, spec = plan_generate(config, tmp_path / "groups", generate__shards=2)
+    cluster = cluster_factory(lambda job, i, attempt: EXECUTE)
+    make_executor(cluster, store, stages={"generate": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "6Gi"}}).run(
+        "generate", store.uri_for(spec.spec_key))
+    (job,) = cluster.objects(JOBS).values()
+    assert (job["spec"]["completions"], len(cluster.pods_started)) == (4, 4)
+    logs = [log for _, log in sorted(cluster.logs.items())]
+    assert [sum("x2 (pipeline parallel)" in log for log in logs)] == [4], logs[-1][-3000:]
+    assert [sum(f"[generate] shard {s}/2" in log for log in logs) for s in (1, 2)] == [2, 2], logs[-1][-3000:]
+    assert sum("[generate] done in" in log for log in logs) == 2  # one writer per group
+    assert merge_stage("generate", store.uri_for(spec.spec_key)) is True
+    same_as_transformers(Path(store.root) / spec.output, config, tmp_path / "hf", hf_fp32)
+
+
 def test_judge_over_two_pods_pipeline_parallel_gives_one_process_verdicts(tmp_path, bundled_model_dir, vllm_fp32, cluster_factory):
     """The judge reads log-probs, which only the last pipeline stage computes: over 2 pods, rank 0 (the first
     stage, the one that writes) must still get them. Its preferences equal one process's, pair for pair."""

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from ..config import KubernetesConfig, StageResources, StageSpec, canonical_hash
 from ..errors import ConfigError
-from ..distributed import launch_layout, launcher, train_strategy
+from ..distributed import GROUP, LEADER, launch_layout, launcher, train_strategy
 from ..sharding import shard_count
 from .local import EXIT_CONFIG, pod_env, stage_command
 
@@ -277,20 +277,26 @@ def check_train_layout(processes: int, gpus: int, strategy: str = "ddp") -> None
                           f"{strategy}; set it to kubernetes.stages.train.gpus ({gpus}), one process per GPU")
 
 
-def rendezvous_endpoint(job: str) -> str:
+def rendezvous_endpoint(job: str, leader: str = "0") -> str:
     """Pod 0 of an Indexed Job is `<job>-0`; with the Job's headless Service as subdomain it resolves."""
-    return f"{job}-0.{job}:{RDZV_PORT}"
+    return f"{job}-{leader}.{job}:{RDZV_PORT}"
 
 
 def pod_command(spec: StageSpec, spec_uri: str, res: StageResources, job: str = "") -> list[str]:
     """`cai stage ...`; under torchrun (`cai-torchrun`) where the stage has several processes per pod
-    (`launch_layout`) or several pods, which meet through c10d rendezvous at pod 0."""
+    (`launch_layout`) or several pods, which meet through c10d rendezvous at pod 0. A sharded stage over
+    several pods is one group of pods per shard, each meeting at its own first pod (`fill_group`)."""
     processes = launch_layout(spec.stage, spec.params, res.gpus, res.nodes)
     check_train_layout(processes, res.gpus, train_strategy(spec.stage, spec.params))
+    command = stage_command(spec.stage, spec_uri)
     if processes == 1 and res.nodes == 1:
-        return stage_command(spec.stage, spec_uri)
-    args = launcher(processes, res.nodes, rendezvous_endpoint(job), rendezvous_id=job)
-    return ["cai-torchrun", *args, "-m", "jobs.cli", *stage_command(spec.stage, spec_uri)[1:]]
+        return command
+    if res.nodes > 1 and shard_count(spec.params) > 1:
+        args = launcher(processes, res.nodes, rendezvous_endpoint(job, LEADER), rendezvous_id=f"{job}-{GROUP}")
+        command = [*command, "--shard", GROUP]
+    else:
+        args = launcher(processes, res.nodes, rendezvous_endpoint(job), rendezvous_id=job)
+    return ["cai-torchrun", *args, "-m", "jobs.cli", *command[1:]]
 
 
 def build_rendezvous_service(job: m.V1Job) -> m.V1Service:
@@ -357,7 +363,7 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
         volumes=volumes,
         subdomain=name if nodes > 1 else None,  # `<job>-<index>.<job>`: the rendezvous Service's DNS names
     )
-    shards = max(shard_count(spec.params), nodes)  # a multi-node Job: one pod per node, indexed like shards
+    pods = shard_count(spec.params) * nodes  # a multi-node stage: a group of `nodes` pods per shard, one Indexed Job
     return m.V1Job(
         api_version="batch/v1",
         kind="Job",
@@ -367,9 +373,9 @@ def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: 
                          **checkov_skips(container.image, k8s, cpu_limit=False, api_token=False)},
         ),
         spec=m.V1JobSpec(
-            completion_mode="Indexed" if shards > 1 else "NonIndexed",
-            completions=shards,
-            parallelism=shards,
+            completion_mode="Indexed" if pods > 1 else "NonIndexed",
+            completions=pods,
+            parallelism=pods,
             backoff_limit=k8s.backoff_limit,
             pod_failure_policy=_gang_failure_policy() if nodes > 1 else _pod_failure_policy([EXIT_CONFIG]),
             active_deadline_seconds=res.active_deadline_seconds,
