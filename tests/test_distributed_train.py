@@ -295,24 +295,31 @@ def test_cai_render_shows_the_multi_node_job_and_its_service(tmp_path):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and spec["template"]["spec"]["subdomain"] == name
 
 
-def test_an_engine_stage_over_two_nodes_renders_one_torchrun_launch_per_pod():
-    """generate over 2 pods of 8 GPUs (a model too big for one node): torchrun in every pod, one process per
-    GPU, rendezvous at pod 0; vLLM then runs tensor parallel 8 within a pod and pipeline parallel 2 across
-    them. The plan fits a 405B model there (not on one node), and every manifest is strict-valid."""
+def rendered_generate(settings: dict) -> tuple[dict, list[str]]:
+    """`cai render` of a generate-only run with these settings, every manifest strict-valid: (the generate
+    Job, the names of the Services)."""
     import kubernetes_validate
     import yaml
 
     from jobs.config import RunConfig
     from jobs.executors.k8s_submit import render
 
-    config = RunConfig.model_validate({"stages": ["generate"], "engine": {"backend": "vllm"}, "kubernetes": {"stages": {
-        "generate": {"gpus": 8, "nodes": 2, "memory": "1000Gi", "gpu_memory_gib": 80}}}})
+    config = RunConfig.model_validate({"stages": ["generate"], "engine": {"backend": "vllm"}, **settings})
     docs = [d for d in yaml.safe_load_all(render(config, "s3://bucket/cai", namespace="ml")) if d]
     for doc in docs:
         kubernetes_validate.validate(doc, "1.31.0", strict=True)
     job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"]["cai-jobs/stage"] == "generate")
+    return job, [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+
+
+def test_an_engine_stage_over_two_nodes_renders_one_torchrun_launch_per_pod():
+    """generate over 2 pods of 8 GPUs (a model too big for one node): torchrun in every pod, one process per
+    GPU, rendezvous at pod 0; vLLM then runs tensor parallel 8 within a pod and pipeline parallel 2 across
+    them. The plan fits a 405B model there (not on one node), and every manifest is strict-valid."""
+    job, services = rendered_generate({"kubernetes": {"stages": {
+        "generate": {"gpus": 8, "nodes": 2, "memory": "1000Gi", "gpu_memory_gib": 80}}}})
     name = job["metadata"]["name"]
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == [name]
+    assert services == [name]
     assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["operator"] == "NotIn"
     pod = job["spec"]["template"]["spec"]

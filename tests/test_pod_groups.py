@@ -6,6 +6,7 @@ pods is in tests/test_engine_vllm.py (only vLLM spans pods)."""
 from __future__ import annotations
 
 from jobs.distributed import GROUP, LEADER, fill_group
+from test_distributed_train import rendered_generate
 
 LAUNCH = ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", f"--rdzv-endpoint=job-{LEADER}.job:29500",
           f"--rdzv-id=job-{GROUP}", "-m", "jobs.cli", "stage", "generate", "--spec", "s3://b/spec.json", "--shard", GROUP]
@@ -37,20 +38,10 @@ def test_cai_torchrun_fills_the_group_in_before_torchrun_reads_it(monkeypatch):
 def test_shards_of_a_multi_node_stage_render_one_job_of_groups():
     """generate with shards: 3 over 2 pods of 8 GPUs each: 6 pods in one strict-valid Indexed Job, one
     rendezvous Service, one failed pod fails them all; the command carries the group placeholders."""
-    import kubernetes_validate
-    import yaml
-
-    from jobs.config import RunConfig
-    from jobs.executors.k8s_submit import render
-
-    config = RunConfig.model_validate({"stages": ["generate"], "engine": {"backend": "vllm"}, "generate": {"shards": 3},
+    job, services = rendered_generate({"generate": {"shards": 3},
                                        "kubernetes": {"stages": {"generate": {"gpus": 8, "nodes": 2, "memory": "1000Gi"}}}})
-    docs = [d for d in yaml.safe_load_all(render(config, "s3://bucket/cai", namespace="ml")) if d]
-    for doc in docs:
-        kubernetes_validate.validate(doc, "1.31.0", strict=True)
-    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"]["cai-jobs/stage"] == "generate")
     name = job["metadata"]["name"]
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == [name]
+    assert services == [name]
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 6, 6)
     assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["operator"] == "NotIn"
