@@ -85,11 +85,22 @@ def fill_group(args: list[str], index: int) -> list[str]:
     `--nnodes` pods in one Indexed Job: pod `index` is in group `index // nnodes`, whose first pod (the
     leader, index `group * nnodes`) hosts the group's rendezvous; the group number is also its shard. One
     pod template serves every pod, so the pod fills these in from its JOB_COMPLETION_INDEX."""
-    if not any(GROUP in a or LEADER in a for a in args):
+    if not grouped(args):
         return list(args)
     nodes = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--nnodes=")), 1)
     group = index // nodes
-    return [a.replace(GROUP, str(group)).replace(LEADER, str(group * nodes)) for a in args]
+    return [a.replace(GROUP, str(group)).replace(LEADER, str(group * nodes)) if _fillable(args, i) else a
+            for i, a in enumerate(args)]
+
+
+def grouped(args: list[str]) -> bool:
+    """Whether a launch's arguments name a group (a sharded stage over several pods)."""
+    return any(_fillable(args, i) and (GROUP in a or LEADER in a) for i, a in enumerate(args))
+
+
+def _fillable(args: list[str], i: int) -> bool:
+    """Only the rendezvous arguments and the `--shard` value hold placeholders (never a spec's URI)."""
+    return args[i].startswith("--rdzv-") or (i > 0 and args[i - 1] == "--shard")
 
 
 def local_rank() -> int:

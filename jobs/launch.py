@@ -26,10 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from .distributed import fill_group
+    from .distributed import fill_group, grouped
     from .sharding import INDEX_ENV
 
-    argv = fill_group(sys.argv[1:] if argv is None else argv, int(os.environ.get(INDEX_ENV, "0")))
+    argv = sys.argv[1:] if argv is None else argv
+    if grouped(argv):
+        index = os.environ.get(INDEX_ENV, "")
+        if not index.isdigit():
+            print(f"error: {INDEX_ENV}: {index or 'not set'}; a sharded stage over several pods runs in an Indexed Job, "
+                  f"which sets it in every pod (run the Job, not its pod template)", file=sys.stderr, flush=True)
+            return 2
+        argv = fill_group(argv, int(index))
     args = get_args_parser().parse_args(argv)
     try:
         run(args)

@@ -384,13 +384,19 @@ class FakeCluster:
             "name": container["name"], "image": container["image"], "imageID": "", "ready": True, "restartCount": 0,
             "state": {"running": {"startedAt": now()}}}]}})
         if behaviour == EXECUTE:
-            def stop() -> bool:
-                return self._job(ns, meta["name"]) is None or (peer_failed is not None and peer_failed.is_set())
+            def gone() -> bool:  # deleted, or replaced by a Job of the same name
+                try:
+                    current = self._job(ns, meta["name"])
+                except (Stopped, TimeoutError):
+                    return True
+                return current is None or current["metadata"].get("uid") != meta["uid"]
 
             shm = os.path.join(self.shm_root, meta["uid"], shm_group(container, index, pod))
             os.makedirs(shm, exist_ok=True)
-            code, text, timed_out = self._execute(template["spec"], index, min(deadline, time.monotonic() + EXECUTE_CAP_S), stop,
-                                                  cores, shm)
+            code, text, timed_out = self._execute(template["spec"], index, min(deadline, time.monotonic() + EXECUTE_CAP_S),
+                                                  lambda: gone() or (peer_failed is not None and peer_failed.is_set()), cores, shm, pod)
+            if gone():
+                return None
             if timed_out:
                 self.logs[(ns, pod)] = text
                 self._finish(ns, pod, container, 137, "Error", False)
@@ -425,16 +431,17 @@ class FakeCluster:
 
     @staticmethod
     def _execute(pod: dict, index: int | None, deadline: float, stop: Callable[[], bool],
-                 cores: set[int] | None = None, shm: str | None = None) -> tuple[int, str, bool]:
+                 cores: set[int] | None = None, shm: str | None = None, name: str = "pod") -> tuple[int, str, bool]:
         """What a kubelet does with the pod's container: its command, its env (plus the image's PATH/HOME), in
         a session of its own, on `cores` alone when given (the static CPU manager's exclusive cores), with the
         directory `shm` as its /dev/shm where this machine allows (`shm_prefix`). Like a container's cgroup, the whole session is killed when the pod ends early: at
         the deadline (then `timed_out`), or when `stop()` says the Job is gone or a gang peer failed. The log
-        is a file, so no leftover process can hold a pipe open and block the pod from finishing."""
+        is a file, so no leftover process can hold a pipe open and block the pod from finishing. The pod's
+        processes are told apart by an env marker: torchrun starts its workers in sessions of their own."""
         container = pod["containers"][0]
         with tempfile.TemporaryDirectory() as root:
             mounts = {m["mountPath"]: os.path.join(root, m["name"]) for m in container.get("volumeMounts", [])}
-            env = {"PATH": os.environ["PATH"], "HOME": os.path.join(root, "home")}
+            env = {"PATH": os.environ["PATH"], "HOME": os.path.join(root, "home"), POD_MARKER: f"{name}-{uuid.uuid4().hex[:8]}"}
             for var in container.get("env", []):
                 assert "valueFrom" not in var, "EXECUTE pods resolve literal env values only"
                 env[var["name"]] = mounts.get(var["value"], var["value"])
@@ -444,7 +451,7 @@ class FakeCluster:
                 os.makedirs(path, exist_ok=True)
             cmd = container["command"]
             if cmd[0] == "cai-torchrun":  # the image's launcher; the rendezvous Service's pod names are this host
-                argv = [sys.executable, "-m", "jobs.launch", *(_on_loopback(a) for a in fill_group(cmd[1:], index or 0))]
+                argv = [sys.executable, "-m", "jobs.launch", *(_on_loopback(a, index or 0, cmd) for a in cmd[1:])]
             else:
                 assert cmd[0] == "cai"  # the image's console script
                 argv = [sys.executable, "-m", "jobs.cli", *cmd[1:]]
@@ -454,18 +461,20 @@ class FakeCluster:
                 argv = shm_prefix(shm) + argv
                 proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 timed_out = False
-                while proc.poll() is None:
-                    if time.monotonic() >= deadline or stop():
-                        timed_out = time.monotonic() >= deadline
-                        _kill_session(proc)
-                        break
-                    time.sleep(0.05)
-                _kill_session(proc)  # what a finished launcher left behind goes with its container
+                try:
+                    while proc.poll() is None:
+                        if time.monotonic() >= deadline or stop():
+                            timed_out = time.monotonic() >= deadline
+                            break
+                        time.sleep(0.05)
+                finally:  # stopped early, failed here, or done: nothing of the pod outlives it (its cgroup)
+                    _kill_pod(proc, env[POD_MARKER])
                 log.seek(0)
                 text = log.read()
             if timed_out:
                 text += f"\n[emulator] pod killed at its deadline (activeDeadlineSeconds, at most {EXECUTE_CAP_S:.0f} s here)\n"
-            return proc.returncode, text, timed_out
+            code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # a container killed by signal N
+            return code, text, timed_out
 
 
 SHM_WRAPPER = 'mount --bind "$0" /dev/shm && exec "$@"'
@@ -522,52 +531,63 @@ def _exclusive_cores(container: dict, pods: int) -> list[set[int]] | None:
 EXECUTE_CAP_S = float(os.environ.get("CAI_TEST_POD_TIMEOUT_S", "1200"))  # no EXECUTE pod outlives this, whatever its Job says
 
 
-def _kill_session(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to every process of the pod's session, SIGKILL to what is left after the grace period
-    (terminationGracePeriodSeconds), as the kubelet does to a container's cgroup."""
+POD_MARKER = "CAI_EMULATED_POD"  # in every process of an EXECUTE pod's tree, workers in other sessions too
+
+
+def _kill_pod(proc: subprocess.Popen, marker: str, grace_s: float = 45.0) -> None:
+    """SIGTERM to the pod's launcher and every process carrying its marker, SIGKILL to what is left after
+    the grace period (terminationGracePeriodSeconds; more than torchrun's 30 s for its workers), as the
+    kubelet stops a container's cgroup."""
     import signal
 
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
-        if not _session_alive(proc):
+        pids = _pod_pids(proc, marker)
+        if not pids:
             break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         until = time.monotonic() + wait_s
-        while time.monotonic() < until and _session_alive(proc):
+        while time.monotonic() < until and _pod_pids(proc, marker):
             time.sleep(0.05)
     proc.wait()
 
 
-def _session_alive(proc: subprocess.Popen) -> bool:
-    """Whether any process of the session `proc` leads still runs (zombies do not count: an orphan's may
-    wait for a reaper that never comes)."""
-    proc.poll()  # reaps the leader once it exits
+def _pod_pids(proc: subprocess.Popen, marker: str) -> list[int]:
+    """The pod's live processes: those whose environment has its marker (zombies do not count: an orphan's
+    may wait for a reaper that never comes)."""
+    proc.poll()  # reaps the launcher once it exits
+    needle = f"{POD_MARKER}={marker}".encode()
+    found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except (OSError, IndexError):
             continue
-        if int(fields[3]) == proc.pid and fields[0] != "Z":  # fields: state, ppid, pgrp, session, ...
-            return True
-    return False
+    return found
 
 
 _PORTS_LOCK = threading.Lock()
 RENDEZVOUS_PORTS: dict[str, int] = {}  # rendezvous endpoint -> the loopback port standing in for it
 
 
-def _on_loopback(arg: str) -> str:
+def _on_loopback(arg: str, index: int, cmd: list[str]) -> str:
     """`--rdzv-endpoint=<job>-0.<job>:29500` -> `127.0.0.1:<a free port, the same for every pod that names
-    it>`: what the headless Service's DNS name resolves to for pods that all run on this machine. The pod
-    fills its group in first (`fill_group`, as cai-torchrun does), so each group of pods gets its own port."""
+    it>`: what the headless Service's DNS name resolves to for pods that all run on this machine. A group's
+    endpoint (`<job>-{leader}...`) is resolved for this pod's group, so each group gets its own port; the
+    rest of the group placeholders are cai-torchrun's to fill in."""
     if not arg.startswith("--rdzv-endpoint="):
         return arg
-    endpoint = arg.split("=", 1)[1]
+    endpoint = fill_group([arg, *(a for a in cmd if a.startswith("--nnodes="))], index)[0].split("=", 1)[1]
     with _PORTS_LOCK:  # a gang's pods start at once, from threads: one port per endpoint, not one per pod
         if endpoint not in RENDEZVOUS_PORTS:
             import socket

@@ -312,6 +312,14 @@ def test_generate_over_two_pods_pipeline_parallel_writes_what_one_process_writes
     assert json.loads((pp_out / "stage.json").read_text())["counts"]["generated_tokens"] > 0
 
 
+def _shm_isolation() -> tuple[bool, str]:
+    from kube_emulator import shm_isolation
+
+    return shm_isolation()
+
+
+@pytest.mark.skipif(not _shm_isolation()[0], reason=f"each group of emulated pods needs a /dev/shm of its own (a mount "
+                    f"namespace, which takes root): {_shm_isolation()[1]}")
 def test_two_shards_over_two_pods_each_run_as_a_group_and_merge_to_one_process_outputs(tmp_path, bundled_model_dir, hf_fp32, cluster_factory):
     """generate with shards: 2 and nodes: 2: one Indexed Job of 4 pods. Pods 0-1 meet at pod 0 and run shard
     0, pods 2-3 meet at pod 2 and run shard 1, each group one model over its two pods (pipeline parallel),

@@ -228,10 +228,26 @@ def test_a_failed_gang_pod_stops_the_others_at_once(tmp_path, cluster_factory):
     store = LocalStore(tmp_path / "store")
     spec, uri = planted_spec(store, stage="train")
     t0 = time.monotonic()
-    with pytest.raises(StageFailed, match="PodFailurePolicy"):
+    with pytest.raises(StageFailed, match=r"PodFailurePolicy.*: error: pod 1 failed on purpose$"):  # the cause, not the stopped peer
         executor(cluster, store, stages={"train": {"gpus": 0, "nodes": 2}}).run("train", uri)
     assert time.monotonic() - t0 < 60  # torchrun alone would wait 600 s for its peer
     assert len(cluster.pods_started) == 2
+    assert not emulated_pod_processes()
+
+
+def emulated_pod_processes() -> list[int]:
+    """Processes of any EXECUTE pod still alive (each carries the emulator's marker in its environment)."""
+    from kube_emulator import POD_MARKER
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if any(v.startswith(f"{POD_MARKER}=".encode()) for v in f.read().split(b"\0")):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
 
 
 def test_a_gang_past_its_deadline_is_stopped_with_its_processes(tmp_path, cluster_factory):
@@ -243,6 +259,7 @@ def test_a_gang_past_its_deadline_is_stopped_with_its_processes(tmp_path, cluste
     with pytest.raises(StageFailed, match=r"DeadlineExceeded: ran longer than activeDeadlineSeconds=3"):
         executor(cluster, store, stages={"train": {"gpus": 0, "nodes": 2, "active_deadline_seconds": 3}}).run("train", uri)
     assert time.monotonic() - t0 < 60
+    assert not emulated_pod_processes()
 
 
 def test_image_pull_failure_fails_fast_with_the_image_and_deletes_the_job(tmp_path, cluster_factory):

@@ -20,6 +20,8 @@ def test_each_pod_fills_in_its_group_its_leader_and_its_shard():
         ("--rdzv-id=job-2", "2")] * 2
     plain = ["--nnodes=2", "--rdzv-endpoint=job-0.job:29500", "--rdzv-id=job"]
     assert fill_group(plain, 3) == plain  # one group: nothing to fill in
+    odd = [*LAUNCH[:-3], "s3://b/{group}/spec.json", "--shard", GROUP]
+    assert fill_group(odd, 2)[-3:] == ["s3://b/{group}/spec.json", "--shard", "1"]  # a URI is never rewritten
 
 
 def test_cai_torchrun_fills_the_group_in_before_torchrun_reads_it(monkeypatch):
@@ -33,6 +35,8 @@ def test_cai_torchrun_fills_the_group_in_before_torchrun_reads_it(monkeypatch):
     assert main(LAUNCH) == 0
     assert (seen["rdzv_endpoint"], seen["rdzv_id"], seen["nnodes"]) == ("job-2.job:29500", "job-1", "2")
     assert seen["training_script_args"][-2:] == ["--shard", "1"]
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    assert main(LAUNCH) == 2  # without its index a pod would run another group's shard: one line, exit 2
 
 
 def test_shards_of_a_multi_node_stage_render_one_job_of_groups():

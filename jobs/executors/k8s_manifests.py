@@ -278,7 +278,8 @@ def check_train_layout(processes: int, gpus: int, strategy: str = "ddp") -> None
 
 
 def rendezvous_endpoint(job: str, leader: str = "0") -> str:
-    """Pod 0 of an Indexed Job is `<job>-0`; with the Job's headless Service as subdomain it resolves."""
+    """Pod `leader` (0, or a group's first pod) of an Indexed Job is `<job>-<leader>`; with the Job's
+    headless Service as subdomain it resolves."""
     return f"{job}-{leader}.{job}:{RDZV_PORT}"
 
 
@@ -322,7 +323,8 @@ def _gang_failure_policy() -> m.V1PodFailurePolicy:
 
 
 def build_job(spec: StageSpec, spec_uri: str, k8s: KubernetesConfig, namespace: str | None = None, inputs_hash: str | None = None) -> m.V1Job:
-    """The batch/v1 Job that runs one StageSpec; sharded specs become Indexed Jobs (one pod per shard).
+    """The batch/v1 Job that runs one StageSpec; sharded or multi-node specs become Indexed Jobs (one pod per
+    shard, or a group of `nodes` pods per shard).
     `inputs_hash` (the spec with its inputs' content digests) is what an existing Job of the same name
     must also carry to be adopted: `cai render` has no store to digest, so it leaves it out."""
     res = k8s.stages[spec.stage]

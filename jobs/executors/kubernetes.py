@@ -116,6 +116,21 @@ def termination(pod: Any) -> tuple[str, int | None]:
     return "", None
 
 
+def first_cause(failed: list[Any]) -> Any:
+    """The pod of a gang that failed on its own, not one stopped after it (killed by a signal, 128+N, when
+    the Job controller removed the gang): the first to finish among those."""
+    def finished(pod: Any) -> Any:
+        for s in _containers(pod):
+            t = s.state and s.state.terminated
+            if t and t.finished_at:
+                return t.finished_at
+        return None
+
+    own = [p for p in failed if not 128 < (termination(p)[1] or 0) < 160] or failed
+    timed = [p for p in own if finished(p) is not None]
+    return min(timed, key=finished) if timed else own[0]
+
+
 def pod_summary(pod: Any) -> str:
     phase = (pod.status and pod.status.phase) or "Pending"
     reason, code = termination(pod)
@@ -134,7 +149,7 @@ def failure_message(spec: StageSpec, job: Any, pods: list[Any], logs: dict[str, 
     _, reason, message = job_state(job)
     res, where = k8s.stages[spec.stage], f"kubernetes.stages.{spec.stage}"
     failed = [p for p in pods if termination(p)[1] not in (None, 0)]
-    last = failed[-1] if failed else None
+    last = (first_cause(failed) if res.nodes > 1 else failed[-1]) if failed else None
     tail = f": {reported_line(logs.get(last.metadata.name, '').splitlines())}" if last is not None else ""
     if any(termination(p)[0] == "OOMKilled" for p in pods):
         why = f"OOMKilled at the memory limit {res.memory}; raise {where}.memory"
@@ -188,7 +203,7 @@ class KubernetesExecutor:
     def run(self, stage: str, spec_uri: str) -> str:
         spec = self._load_spec(spec_uri)
         job = build_job(spec, spec_uri, self.k8s, namespace=self.namespace, inputs_hash=inputs_digest(self.store, spec))
-        gang = job.spec.template.spec.subdomain is not None  # a multi-node Job: its pods meet at pod 0
+        gang = job.spec.template.spec.subdomain is not None  # a multi-node Job: its pods meet at pod 0 (or their group's first)
         if gang:
             self._create_service(build_rendezvous_service(job))
         self.submit(job, spec)
