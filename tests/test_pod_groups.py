@@ -54,3 +54,15 @@ def test_shards_of_a_multi_node_stage_render_one_job_of_groups():
                            f"--rdzv-endpoint={name}-{LEADER}.{name}:29500", f"--rdzv-id={name}-{GROUP}"]
     assert command[-2:] == ["--shard", GROUP]
     assert fill_group(command[1:], 5)[3] == f"--rdzv-endpoint={name}-4.{name}:29500"
+
+
+def test_more_pods_than_an_indexed_job_may_have_are_refused():
+    import re
+
+    import pytest
+
+    from jobs.config import RunConfig
+
+    with pytest.raises(ValueError, match=re.escape("generate.shards: 1000: 128000 pods, over the 100000 completions")):
+        RunConfig.model_validate({"engine": {"backend": "vllm"}, "generate": {"shards": 1000},
+                                  "kubernetes": {"stages": {"generate": {"gpus": 8, "nodes": 128}}}})
